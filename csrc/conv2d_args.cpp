@@ -1,0 +1,164 @@
+#include "conv2d_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace fastconv {
+namespace {
+
+void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  const bool cpu_ok = dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16;
+  const bool cuda_ok = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16;
+  TORCH_CHECK_TYPE(t.is_cuda() ? cuda_ok : cpu_ok, op, ": ", name, " has dtype ", dt,
+                   "; supported dtypes are float32, float16, bfloat16", t.is_cuda() ? "" : " and float64",
+                   " on ", t.device().type(), " (float64 is CPU-only)");
+}
+
+void check_same_dtype(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                      const char* b_name) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " (", a.scalar_type(), ") and ",
+                   b_name, " (", b.scalar_type(), ") must have the same dtype");
+}
+
+void check_rank4(const char* op, const at::Tensor& t, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": expected ", name, " to be 4-D ", layout, ", got a ", t.dim(),
+                    "-D tensor of shape ", t.sizes());
+}
+
+void check_size4(const char* op, at::IntArrayRef size, const char* name) {
+  TORCH_CHECK_VALUE(size.size() == 4, op, ": ", name, " must have 4 entries, got ", size);
+  for (auto v : size) TORCH_CHECK_VALUE(v >= 0, op, ": ", name, " must be non-negative, got ", size);
+}
+
+void check_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups) {
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    ": stride, padding and dilation must have 2 entries each, got ", stride, ", ", padding,
+                    ", ", dilation);
+  for (auto v : stride) TORCH_CHECK_VALUE(v > 0, op, ": stride must be positive, got ", stride);
+  for (auto v : padding) TORCH_CHECK_VALUE(v >= 0, op, ": padding must be non-negative, got ", padding);
+  for (auto v : dilation) TORCH_CHECK_VALUE(v > 0, op, ": dilation must be positive, got ", dilation);
+  TORCH_CHECK_VALUE(groups > 0, op, ": groups must be positive, got ", groups);
+}
+
+// Fills every field of the problem from the activation and filter sizes and checks their consistency.
+Conv2dProblem make_problem(const char* op, at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  check_params(op, stride, padding, dilation, groups);
+  Conv2dProblem pb{};
+  pb.N = input_size[0];
+  pb.C = input_size[1];
+  pb.H = input_size[2];
+  pb.W = input_size[3];
+  pb.K = weight_size[0];
+  pb.R = weight_size[2];
+  pb.S = weight_size[3];
+  pb.stride_h = stride[0];
+  pb.stride_w = stride[1];
+  pb.pad_h = padding[0];
+  pb.pad_w = padding[1];
+  pb.dil_h = dilation[0];
+  pb.dil_w = dilation[1];
+  pb.groups = groups;
+  TORCH_CHECK_VALUE(pb.C % groups == 0, op, ": groups (", groups, ") must divide the input channels (", pb.C,
+                    ")");
+  TORCH_CHECK_VALUE(pb.K % groups == 0, op, ": groups (", groups, ") must divide the output channels (", pb.K,
+                    ")");
+  TORCH_CHECK_VALUE(weight_size[1] * groups == pb.C, op, ": weight of shape ", weight_size, " with groups=",
+                    groups, " expects ", weight_size[1] * groups, " input channels, but the input has ", pb.C);
+  TORCH_CHECK_VALUE(pb.R > 0 && pb.S > 0, op, ": the filter must have at least one tap, got shape ",
+                    weight_size);
+  const int64_t eff_r = pb.dil_h * (pb.R - 1) + 1, eff_s = pb.dil_w * (pb.S - 1) + 1;
+  TORCH_CHECK_VALUE(pb.H + 2 * pb.pad_h >= eff_r && pb.W + 2 * pb.pad_w >= eff_s, op,
+                    ": padded input (", pb.H + 2 * pb.pad_h, " x ", pb.W + 2 * pb.pad_w,
+                    ") is smaller than the dilated kernel (", eff_r, " x ", eff_s, ")");
+  pb.P = conv_output_extent(pb.H, pb.pad_h, pb.dil_h, pb.R, pb.stride_h);
+  pb.Q = conv_output_extent(pb.W, pb.pad_w, pb.dil_w, pb.S, pb.stride_w);
+  return pb;
+}
+
+void check_output_shape(const char* op, const Conv2dProblem& pb, const at::Tensor& grad_output) {
+  const std::vector<int64_t> expected{pb.N, pb.K, pb.P, pb.Q};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expected), op, ": grad_output has shape ",
+                    grad_output.sizes(), " but the convolution's output shape is ", at::IntArrayRef(expected));
+}
+
+}  // namespace
+
+Conv2dProblem check_conv2d_fprop(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_rank4(op, input, "input", "(N, C, H, W)");
+  check_rank4(op, weight, "weight", "(K, C / groups, R, S)");
+  check_floating(op, input, "input");
+  check_same_dtype(op, input, "input", weight, "weight");
+  Conv2dProblem pb = make_problem(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_same_dtype(op, input, "input", b, "bias");
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == pb.K, op, ": bias must be 1-D with ", pb.K,
+                      " elements (one per output channel), got shape ", b.sizes());
+  }
+  return pb;
+}
+
+Conv2dProblem check_conv2d_dgrad(const char* op, const at::Tensor& grad_output, const at::Tensor& weight,
+                                 at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
+  check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)");
+  check_rank4(op, weight, "weight", "(K, C / groups, R, S)");
+  check_floating(op, grad_output, "grad_output");
+  check_same_dtype(op, grad_output, "grad_output", weight, "weight");
+  check_size4(op, input_size, "input_size");
+  Conv2dProblem pb = make_problem(op, input_size, weight.sizes(), stride, padding, dilation, groups);
+  check_output_shape(op, pb, grad_output);
+  return pb;
+}
+
+Conv2dProblem check_conv2d_wgrad(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                 at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
+  check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)");
+  check_rank4(op, input, "input", "(N, C, H, W)");
+  check_floating(op, grad_output, "grad_output");
+  check_same_dtype(op, grad_output, "grad_output", input, "input");
+  check_size4(op, weight_size, "weight_size");
+  Conv2dProblem pb = make_problem(op, input.sizes(), weight_size, stride, padding, dilation, groups);
+  check_output_shape(op, pb, grad_output);
+  return pb;
+}
+
+void check_bias_grad(const char* op, const at::Tensor& grad_output) {
+  check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)");
+  check_floating(op, grad_output, "grad_output");
+}
+
+void check_devices(const char* op, c10::DeviceType backend, std::initializer_list<NamedTensor> tensors) {
+  const NamedTensor* first = nullptr;
+  for (const NamedTensor& t : tensors) {
+    if (t.tensor == nullptr) continue;
+    TORCH_CHECK_VALUE(t.tensor->device().type() == backend, op, ": ", t.name, " is on ", t.tensor->device(),
+                      ", but this is the ", c10::DeviceTypeName(backend), " implementation: every tensor must be on ",
+                      c10::DeviceTypeName(backend, /*lower_case=*/true));
+    if (first == nullptr) {
+      first = &t;
+    } else {
+      TORCH_CHECK_VALUE(t.tensor->device() == first->tensor->device(), op, ": ", first->name, " is on ",
+                        first->tensor->device(), " but ", t.name, " is on ", t.tensor->device(),
+                        "; every tensor must be on one device");
+    }
+  }
+}
+
+at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b) {
+  const bool cl = a.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                  b.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+}  // namespace fastconv

@@ -1,0 +1,43 @@
+// Argument checks shared by the CPU and CUDA host wrappers of every conv2d op: each validates its
+// arguments here and gets back the Conv2dProblem its kernels run. Errors are Python ValueError /
+// TypeError with a message naming the problem (the Python fakes in fastconv/ops.py raise the same).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "conv2d_problem.h"
+
+namespace fastconv {
+
+// Forward: input (N, C, H, W), weight (K, C / groups, R, S), optional bias (K).
+Conv2dProblem check_conv2d_fprop(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// dgrad: grad_output (N, K, P, Q) and weight; input_size is the (N, C, H, W) of the forward input.
+Conv2dProblem check_conv2d_dgrad(const char* op, const at::Tensor& grad_output, const at::Tensor& weight,
+                                 at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups);
+
+// wgrad: grad_output (N, K, P, Q) and input; weight_size is the (K, C / groups, R, S) of the filter.
+Conv2dProblem check_conv2d_wgrad(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                 at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups);
+
+void check_bias_grad(const char* op, const at::Tensor& grad_output);
+
+// Every named tensor on one device, of the kind the op's backend serves (a CUDA op reached with a CPU
+// tensor raises here, before any launch). Null entries (an absent bias) are skipped.
+struct NamedTensor {
+  const char* name;
+  const at::Tensor* tensor;
+};
+void check_devices(const char* op, c10::DeviceType backend, std::initializer_list<NamedTensor> tensors);
+
+// channels_last if any of the tensors suggests it (torch's rule for its own conv outputs), else NCHW.
+at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b);
+
+Strides4 strides_of(const at::Tensor& t);
+
+}  // namespace fastconv

@@ -1,0 +1,96 @@
+// Conv2dProblem: the sizes of one 2-D convolution and the index math every fastconv kernel shares.
+//
+// Names follow CUTLASS: activation N x C x H x W, filter K x (C/groups) x R x S, output N x K x P x Q.
+// Output position (p, q) reads, through filter tap (r, s), the input position
+//     h = p * stride_h - pad_h + r * dil_h,    w = q * stride_w - pad_w + s * dil_w
+// and positions outside [0, H) x [0, W) read zero (the padding).
+//
+// This header is plain C++ that nvcc, g++ and NVRTC all accept (no torch headers): the CPU twins and the
+// CUDA kernels call the same functions, so the CPU tests exercise the index math the GPU runs.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define FASTCONV_HD __host__ __device__ __forceinline__
+#else
+#define FASTCONV_HD inline
+#endif
+
+namespace fastconv {
+
+// Element strides of a 4-D tensor in (n, c, h, w) order, whatever its memory format. Offsets are 64-bit:
+// a channels_last activation of a few GiB already has offsets beyond 2^31.
+struct Strides4 {
+  int64_t n, c, h, w;
+  FASTCONV_HD int64_t offset(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
+};
+
+// Output extent of one spatial dimension (the formula of torch.nn.Conv2d's documentation).
+FASTCONV_HD int64_t conv_output_extent(int64_t in, int64_t pad, int64_t dil, int64_t taps, int64_t stride) {
+  return (in + 2 * pad - dil * (taps - 1) - 1) / stride + 1;
+}
+
+// Floor division for a possibly negative numerator and a positive denominator.
+FASTCONV_HD int64_t floor_div(int64_t a, int64_t b) {
+  return (a >= 0) ? a / b : -((-a + b - 1) / b);
+}
+
+struct Conv2dProblem {
+  int64_t N, C, H, W;  // activation
+  int64_t K, R, S;     // filter: K output channels of C / groups input channels, R x S taps
+  int64_t P, Q;        // output
+  int64_t pad_h, pad_w;
+  int64_t stride_h, stride_w;
+  int64_t dil_h, dil_w;
+  int64_t groups;
+
+  FASTCONV_HD int64_t C_per_group() const { return C / groups; }
+  FASTCONV_HD int64_t K_per_group() const { return K / groups; }
+
+  // Input row / column read by output row p (column q) through tap r (s); may lie in the padding.
+  FASTCONV_HD int64_t input_row(int64_t p, int64_t r) const { return p * stride_h - pad_h + r * dil_h; }
+  FASTCONV_HD int64_t input_col(int64_t q, int64_t s) const { return q * stride_w - pad_w + s * dil_w; }
+
+  // dgrad's inverse: the output row that reads input row h through tap r, or -1 if none does (the tap
+  // falls between strides or outside the output).
+  FASTCONV_HD int64_t output_row(int64_t h, int64_t r) const {
+    return inverse_tap(h + pad_h - r * dil_h, stride_h, P);
+  }
+  FASTCONV_HD int64_t output_col(int64_t w, int64_t s) const {
+    return inverse_tap(w + pad_w - s * dil_w, stride_w, Q);
+  }
+
+  // The output rows p in [*begin, *end) whose tap r reads a row inside the input (not padding). The CPU
+  // twins loop over exactly these rows, so their inner loops need no bounds checks.
+  FASTCONV_HD void valid_output_rows(int64_t r, int64_t* begin, int64_t* end) const {
+    valid_range(r * dil_h - pad_h, stride_h, H, P, begin, end);
+  }
+  FASTCONV_HD void valid_output_cols(int64_t s, int64_t* begin, int64_t* end) const {
+    valid_range(s * dil_w - pad_w, stride_w, W, Q, begin, end);
+  }
+
+  // Multiply-adds of the forward pass (each is two floating-point operations).
+  FASTCONV_HD int64_t macs() const { return N * K * P * Q * C_per_group() * R * S; }
+
+ private:
+  FASTCONV_HD static int64_t inverse_tap(int64_t t, int64_t stride, int64_t extent) {
+    if (t < 0 || t % stride != 0) return -1;
+    const int64_t o = t / stride;
+    return o < extent ? o : -1;
+  }
+  // Solve 0 <= o * stride + offset < in for o in [0, out).
+  FASTCONV_HD static void valid_range(int64_t offset, int64_t stride, int64_t in, int64_t out,
+                                      int64_t* begin, int64_t* end) {
+    int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+    int64_t hi = floor_div(in - 1 - offset, stride) + 1;
+    if (hi > out) hi = out;
+    if (lo > hi) lo = hi;
+    *begin = lo;
+    *end = hi;
+  }
+};
+
+}  // namespace fastconv

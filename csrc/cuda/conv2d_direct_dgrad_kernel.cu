@@ -1,0 +1,164 @@
+// Direct convolution, gradient of the input (dgrad):
+//     dx[n, c, h, w] = sum over the group's k and taps r, s of w[k, c % Cg, r, s] * dy[n, k, p, q]
+// where (p, q) is the output position that read (h, w) through tap (r, s): h + pad_h - r * dil_h must be a
+// non-negative multiple of stride_h below P * stride_h (Conv2dProblem::output_row), and likewise for w.
+// Each dx element is gathered by one thread (no atomics), so results are deterministic.
+//
+// Tiling mirrors fprop with the roles of input and output swapped: a block owns one image, one group, a
+// tile of up to 16 x 16 input positions and CB input channels; each thread computes one position for CPT
+// consecutive channels. The block walks the group's output channels in steps of k_tile and stages the
+// filter slice w[k-step, c-block, :, :] in shared memory as [k][r][s][c] (CPT weights per 16-byte read).
+// grad_output values are read from global memory (neighbouring threads read neighbouring q, so the reads
+// coalesce for NCHW; the L1 serves the R * S re-reads). Staging a dy patch too is left for later: with
+// stride > 1 most taps fall between strides, and the im2col/implicit-GEMM paths are where speed lives.
+#include "kernel_utils.cuh"
+
+namespace fastconv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxTile = 16;
+constexpr int kMaxChannelStep = 16;
+
+struct DgradTiling {
+  int tile_h, tile_w;  // input-gradient tile per block
+  int c_lanes;         // thread lanes over input channels; the block covers CB = c_lanes * CPT channels
+  int k_tile;          // output channels staged per step
+  int64_t tiles_h, tiles_w, c_blocks, total_blocks;
+};
+
+template <int CPT>
+__device__ __forceinline__ void fma_block(float (&acc)[CPT], float v, const float* w) {
+  if constexpr (CPT % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < CPT; j += 4) {
+      const float4 w4 = *reinterpret_cast<const float4*>(w + j);
+      acc[j] += v * w4.x;
+      acc[j + 1] += v * w4.y;
+      acc[j + 2] += v * w4.z;
+      acc[j + 3] += v * w4.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) acc[j] += v * w[j];
+  }
+}
+
+template <typename T, int CPT>
+__global__ void __launch_bounds__(kThreads)
+conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict__ dy, Strides4 dys,
+                           const T* __restrict__ w, Strides4 ws, T* __restrict__ dx, Strides4 dxs) {
+  extern __shared__ float4 smem_f4[];
+  float* s_w = reinterpret_cast<float*>(smem_f4);  // [k_tile][R][S][CB]
+  const int CB = tl.c_lanes * CPT;
+  const int RS = static_cast<int>(pb.R * pb.S);
+  const int spatial = tl.tile_h * tl.tile_w;
+  const int lane_sp = threadIdx.x % spatial, lane_c = threadIdx.x / spatial;
+  const int th = lane_sp / tl.tile_w, tw = lane_sp % tl.tile_w;
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group();
+
+  for (int64_t blk = blockIdx.x; blk < tl.total_blocks; blk += gridDim.x) {
+    int64_t rest = blk;
+    const int64_t tile_w_idx = rest % tl.tiles_w;
+    rest /= tl.tiles_w;
+    const int64_t tile_h_idx = rest % tl.tiles_h;
+    rest /= tl.tiles_h;
+    const int64_t c_block = rest % tl.c_blocks;
+    rest /= tl.c_blocks;
+    const int64_t g = rest % pb.groups, n = rest / pb.groups;
+    const int64_t h = tile_h_idx * tl.tile_h + th, wcol = tile_w_idx * tl.tile_w + tw;
+    const int64_t c_first = c_block * CB;  // within the group
+    const bool active = h < pb.H && wcol < pb.W;
+
+    float acc[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) acc[j] = 0.f;
+
+    for (int64_t k0 = 0; k0 < Kg; k0 += tl.k_tile) {
+      const int k_count = static_cast<int>(Kg - k0 < tl.k_tile ? Kg - k0 : tl.k_tile);
+      for (int i = threadIdx.x; i < tl.k_tile * RS * CB; i += blockDim.x) {
+        const int cc = i % CB, rs = (i / CB) % RS, kk = i / (CB * RS);
+        const int64_t c = c_first + cc;
+        float v = 0.f;
+        if (c < Cg && kk < k_count) v = to_float(w[ws.offset(g * Kg + k0 + kk, c, rs / pb.S, rs % pb.S)]);
+        s_w[i] = v;
+      }
+      __syncthreads();
+
+      if (active) {
+        for (int r = 0; r < pb.R; ++r) {
+          const int64_t p = pb.output_row(h, r);
+          if (p < 0) continue;
+          for (int s = 0; s < pb.S; ++s) {
+            const int64_t q = pb.output_col(wcol, s);
+            if (q < 0) continue;
+            const T* dy_pq = dy + dys.offset(n, g * Kg + k0, p, q);
+            for (int kk = 0; kk < k_count; ++kk) {
+              const float v = to_float(dy_pq[kk * dys.c]);
+              fma_block<CPT>(acc, v, s_w + ((kk * RS) + r * pb.S + s) * CB + lane_c * CPT);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    if (active) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int64_t c = c_first + lane_c * CPT + j;
+        if (c < Cg) dx[dxs.offset(n, g * Cg + c, h, wcol)] = from_float<T>(acc[j]);
+      }
+    }
+  }
+}
+
+template <int CPT>
+DgradTiling choose_tiling(const Conv2dProblem& pb) {
+  DgradTiling tl{};
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group(), RS = pb.R * pb.S;
+  tl.tile_w = pow2_at_least(pb.W, kMaxTile);
+  tl.tile_h = pow2_at_least(pb.H, kMaxTile);
+  const int spatial = tl.tile_h * tl.tile_w;
+  const int64_t c_lanes_wanted = ceil_div(Cg, CPT);
+  tl.c_lanes = static_cast<int>(c_lanes_wanted < kThreads / spatial ? c_lanes_wanted : kThreads / spatial);
+  const int64_t budget = kSharedMemoryBudgetBytes / sizeof(float);
+  while (tl.c_lanes > 1 && RS * tl.c_lanes * CPT > budget) tl.c_lanes /= 2;
+  int64_t k_tile = budget / (RS * tl.c_lanes * CPT);
+  if (k_tile > kMaxChannelStep) k_tile = kMaxChannelStep;
+  if (k_tile > Kg) k_tile = Kg;
+  tl.k_tile = static_cast<int>(k_tile < 1 ? 1 : k_tile);
+  tl.tiles_h = ceil_div(pb.H, tl.tile_h);
+  tl.tiles_w = ceil_div(pb.W, tl.tile_w);
+  tl.c_blocks = ceil_div(Cg, static_cast<int64_t>(tl.c_lanes) * CPT);
+  tl.total_blocks = pb.N * pb.groups * tl.c_blocks * tl.tiles_h * tl.tiles_w;
+  return tl;
+}
+
+template <typename T, int CPT>
+cudaError_t launch_typed(const Conv2dProblem& pb, const T* dy, Strides4 dys, const T* w, Strides4 ws, T* dx,
+                         Strides4 dxs, cudaStream_t stream) {
+  const DgradTiling tl = choose_tiling<CPT>(pb);
+  const int threads = tl.tile_h * tl.tile_w * tl.c_lanes;
+  const size_t smem = static_cast<size_t>(tl.k_tile) * pb.R * pb.S * tl.c_lanes * CPT * sizeof(float);
+  conv2d_direct_dgrad_kernel<T, CPT><<<grid_for(tl.total_blocks), threads, smem, stream>>>(pb, tl, dy, dys, w, ws,
+                                                                                          dx, dxs);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_conv2d_direct_dgrad(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
+                                       const void* w, Strides4 ws, void* dx, Strides4 dxs, cudaStream_t stream) {
+  const bool wide = pb.C_per_group() >= 8 && pb.R * pb.S * 8 <= kMaxDirectFilterTaps;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* dyt = static_cast<const T*>(dy);
+    const T* wt = static_cast<const T*>(w);
+    T* dxt = static_cast<T*>(dx);
+    return wide ? launch_typed<T, 8>(pb, dyt, dys, wt, ws, dxt, dxs, stream)
+                : launch_typed<T, 1>(pb, dyt, dys, wt, ws, dxt, dxs, stream);
+  });
+}
+
+}  // namespace fastconv

@@ -1,0 +1,64 @@
+// Small device helpers shared by fastconv's kernels: element conversion to and from the fp32 in which
+// every kernel accumulates, tile-size arithmetic, and a deterministic block reduction.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "launch.h"
+
+namespace fastconv {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Smallest power of two >= v, capped at `cap` (a power of two).
+inline int pow2_at_least(int64_t v, int cap) {
+  int p = 1;
+  while (p < v && p < cap) p *= 2;
+  return p;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid for a kernel that loops over `blocks` logical blocks with a grid-stride loop.
+inline unsigned grid_for(int64_t blocks) {
+  const int64_t cap = 0x7fffffff;
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
+
+// Sum of v over the block, returned to every thread. `scratch` holds one float per warp. The order of
+// additions is fixed, so results are bitwise reproducible. Every thread of the block must call it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < warps; ++i) total += scratch[i];
+  return total;
+}
+
+// Calls body.template operator()<T>() with the CUDA element type for `dtype`.
+template <typename Body>
+cudaError_t dispatch_dtype(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::Float32: return body(float{});
+    case DType::Float16: return body(__half{});
+    case DType::BFloat16: return body(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastconv

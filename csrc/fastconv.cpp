@@ -1,0 +1,41 @@
+// fastconv's operator schemas, all in one place, and the Python module that loads them.
+//
+// Each algorithm is an op family: a forward op (fprop) and one op per backward step (dgrad: gradient of
+// the input; wgrad: gradient of the filter), with explicit shape arguments so that each is usable and
+// testable alone. The bias gradient is shared by every algorithm. CPU and CUDA implementations register
+// themselves in csrc/cpu/ and csrc/cuda/; fake (meta) implementations and autograd live in fastconv/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastconv, m) {
+  // Direct convolution: every output is the sum over input channels and filter taps, computed in place.
+  m.def(
+      "conv2d_direct(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_direct_dgrad(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "conv2d_direct_wgrad(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // Sum of grad_output over batch and space: the gradient of a per-channel bias.
+  m.def("conv2d_bias_grad(Tensor grad_output) -> Tensor");
+}
+
+// A plain extension module (no pybind11: it only has to exist so that `import fastconv._C` loads the
+// library and runs the registrations above).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastconv operators", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef FASTCONV_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,158 @@
+"""Argument checks of the conv2d ops, for the fake (meta) implementations.
+
+They mirror csrc/conv2d_args.cpp, which checks the same things for the real CPU and CUDA kernels, with
+the same exception types (ValueError for bad sizes and values, TypeError for dtypes) and messages;
+tests/test_conv2d_errors.py runs every bad input through both to keep them in step.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def conv_output_extent(size: int, pad: int, dil: int, taps: int, stride: int) -> int:
+    return (size + 2 * pad - dil * (taps - 1) - 1) // stride + 1
+
+
+def _check_floating(op: str, t: torch.Tensor, name: str) -> None:
+    # Fake tensors carry the device they stand for, so this matches the real op's check.
+    allowed = _CUDA_DTYPES if t.device.type == "cuda" else _CPU_DTYPES
+    if t.dtype not in allowed:
+        where = "" if t.device.type == "cuda" else " and float64"
+        raise TypeError(
+            f"{op}: {name} has dtype {t.dtype}; supported dtypes are float32, float16, bfloat16{where} "
+            f"on {t.device.type} (float64 is CPU-only)"
+        )
+
+
+def _check_same_dtype(op: str, a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: {a_name} ({a.dtype}) and {b_name} ({b.dtype}) must have the same dtype")
+
+
+def _check_rank4(op: str, t: torch.Tensor, name: str, layout: str) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{op}: expected {name} to be 4-D {layout}, got a {t.dim()}-D tensor of shape {list(t.shape)}")
+
+
+def check_devices(op: str, **tensors: torch.Tensor | None) -> None:
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t)
+        elif t.device != first[1].device:
+            raise ValueError(
+                f"{op}: {first[0]} is on {first[1].device} but {name} is on {t.device}; "
+                "every tensor must be on one device"
+            )
+
+
+def _check_params(op: str, stride, padding, dilation, groups: int) -> None:
+    if not (len(stride) == 2 and len(padding) == 2 and len(dilation) == 2):
+        raise ValueError(
+            f"{op}: stride, padding and dilation must have 2 entries each, got {list(stride)}, "
+            f"{list(padding)}, {list(dilation)}"
+        )
+    if any(v <= 0 for v in stride):
+        raise ValueError(f"{op}: stride must be positive, got {list(stride)}")
+    if any(v < 0 for v in padding):
+        raise ValueError(f"{op}: padding must be non-negative, got {list(padding)}")
+    if any(v <= 0 for v in dilation):
+        raise ValueError(f"{op}: dilation must be positive, got {list(dilation)}")
+    if groups <= 0:
+        raise ValueError(f"{op}: groups must be positive, got {groups}")
+
+
+def conv2d_output_shape(op: str, input_size: Sequence[int], weight_size: Sequence[int], stride, padding,
+                        dilation, groups: int) -> list[int]:
+    """The (N, K, P, Q) output shape, after checking that the sizes describe a valid convolution."""
+    _check_params(op, stride, padding, dilation, groups)
+    n, c, h, w = input_size
+    k, c_per_group, r, s = weight_size
+    if c % groups != 0:
+        raise ValueError(f"{op}: groups ({groups}) must divide the input channels ({c})")
+    if k % groups != 0:
+        raise ValueError(f"{op}: groups ({groups}) must divide the output channels ({k})")
+    if c_per_group * groups != c:
+        raise ValueError(
+            f"{op}: weight of shape {list(weight_size)} with groups={groups} expects "
+            f"{c_per_group * groups} input channels, but the input has {c}"
+        )
+    if r <= 0 or s <= 0:
+        raise ValueError(f"{op}: the filter must have at least one tap, got shape {list(weight_size)}")
+    eff_r, eff_s = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
+    if h + 2 * padding[0] < eff_r or w + 2 * padding[1] < eff_s:
+        raise ValueError(
+            f"{op}: padded input ({h + 2 * padding[0]} x {w + 2 * padding[1]}) is smaller than the dilated "
+            f"kernel ({eff_r} x {eff_s})"
+        )
+    return [
+        n,
+        k,
+        conv_output_extent(h, padding[0], dilation[0], r, stride[0]),
+        conv_output_extent(w, padding[1], dilation[1], s, stride[1]),
+    ]
+
+
+def check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups) -> list[int]:
+    check_devices(op, input=input, weight=weight, bias=bias)
+    _check_rank4(op, input, "input", "(N, C, H, W)")
+    _check_rank4(op, weight, "weight", "(K, C / groups, R, S)")
+    _check_floating(op, input, "input")
+    _check_same_dtype(op, input, "input", weight, "weight")
+    shape = conv2d_output_shape(op, input.shape, weight.shape, stride, padding, dilation, groups)
+    if bias is not None:
+        _check_same_dtype(op, input, "input", bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != shape[1]:
+            raise ValueError(
+                f"{op}: bias must be 1-D with {shape[1]} elements (one per output channel), got shape "
+                f"{list(bias.shape)}"
+            )
+    return shape
+
+
+def _check_size4(op: str, size, name: str) -> None:
+    if len(size) != 4:
+        raise ValueError(f"{op}: {name} must have 4 entries, got {list(size)}")
+    if any(v < 0 for v in size):
+        raise ValueError(f"{op}: {name} must be non-negative, got {list(size)}")
+
+
+def _check_grad_output_shape(op: str, grad_output: torch.Tensor, shape: list[int]) -> None:
+    if list(grad_output.shape) != shape:
+        raise ValueError(
+            f"{op}: grad_output has shape {list(grad_output.shape)} but the convolution's output shape is {shape}"
+        )
+
+
+def check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups) -> None:
+    check_devices(op, grad_output=grad_output, weight=weight)
+    _check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)")
+    _check_rank4(op, weight, "weight", "(K, C / groups, R, S)")
+    _check_floating(op, grad_output, "grad_output")
+    _check_same_dtype(op, grad_output, "grad_output", weight, "weight")
+    _check_size4(op, input_size, "input_size")
+    shape = conv2d_output_shape(op, input_size, weight.shape, stride, padding, dilation, groups)
+    _check_grad_output_shape(op, grad_output, shape)
+
+
+def check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups) -> None:
+    check_devices(op, grad_output=grad_output, input=input)
+    _check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)")
+    _check_rank4(op, input, "input", "(N, C, H, W)")
+    _check_floating(op, grad_output, "grad_output")
+    _check_same_dtype(op, grad_output, "grad_output", input, "input")
+    _check_size4(op, weight_size, "weight_size")
+    shape = conv2d_output_shape(op, input.shape, weight_size, stride, padding, dilation, groups)
+    _check_grad_output_shape(op, grad_output, shape)
+
+
+def check_bias_grad(op, grad_output) -> None:
+    _check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)")
+    _check_floating(op, grad_output, "grad_output")

@@ -1,0 +1,107 @@
+"""fastconv's functional API: drop-in replacements for ``torch.nn.functional`` ops."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .ops import CONV_OPS
+
+#: Every name ``algo=`` accepts. ``"auto"`` chooses per call (today: ``"direct"``, the only algorithm).
+CONV_ALGOS: tuple[str, ...] = ("auto",) + tuple(CONV_OPS)
+
+
+def check_algo(algo: str) -> None:
+    if algo not in CONV_ALGOS:
+        raise ValueError(f"fastconv: unknown algo {algo!r}; expected one of {CONV_ALGOS}")
+
+
+def _select_algo(algo: str) -> str:
+    return "direct" if algo == "auto" else algo
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = tuple(value)
+        if len(values) == 1:
+            values = values * 2
+    else:
+        values = (value, value)
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"fastconv.conv2d: {name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride, dilation) -> tuple[torch.Tensor, tuple[int, int]]:
+    """padding='same' as torch does it: half the dilated kernel on each side, and when that total is odd
+    the extra row/column of zeros goes at the bottom/right (an explicit pad of the input)."""
+    if any(s != 1 for s in stride):
+        raise ValueError("fastconv.conv2d: padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    begin = (total[0] // 2, total[1] // 2)
+    extra_h, extra_w = total[0] - 2 * begin[0], total[1] - 2 * begin[1]
+    if extra_h or extra_w:
+        input = F.pad(input, (0, extra_w, 0, extra_h))
+    return input, begin
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    algo: str = "auto",
+) -> torch.Tensor:
+    """2-D convolution with exactly :func:`torch.nn.functional.conv2d`'s semantics, on fastconv's kernels.
+
+    Args:
+        input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``; NCHW, channels_last or any strides.
+        weight: ``(K, C / groups, R, S)``.
+        bias: optional ``(K,)``.
+        stride, dilation: an int or a pair of ints, all positive.
+        padding: an int or a pair of non-negative ints (zeros on both sides), ``'valid'`` (none) or
+            ``'same'`` (output as large as the input; stride 1 only).
+        groups: splits the channels into independent groups (``groups == C`` is depthwise).
+        algo: one of :data:`CONV_ALGOS`.
+
+    The output has torch's memory format (channels_last if the input or the weight is). Supported dtypes
+    are float32, float16 and bfloat16, plus float64 on the CPU; fp16/bf16 accumulate in fp32.
+    Differentiable in every tensor argument, twice.
+    """
+    check_algo(algo)
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("fastconv.conv2d: input and weight must be tensors")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"fastconv.conv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D "
+            f"tensor of shape {list(input.shape)}"
+        )
+    if weight.dim() != 4:
+        raise ValueError(
+            f"fastconv.conv2d: expected a 4-D weight (K, C / groups, R, S), got a {weight.dim()}-D tensor of "
+            f"shape {list(weight.shape)}"
+        )
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            input, padding = _same_padding(input, weight, stride, dilation)
+        else:
+            raise ValueError(f"fastconv.conv2d: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    else:
+        padding = _pair(padding, "padding")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise ValueError(f"fastconv.conv2d: groups must be an int, got {groups!r}")
+    fprop = CONV_OPS[_select_algo(algo)].fprop
+    output = fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups)
+    return output.squeeze(0) if unbatched else output

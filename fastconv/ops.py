@@ -1,0 +1,147 @@
+"""Fake (meta) implementations and autograd of the fastconv:: ops.
+
+The schemas live in csrc/fastconv.cpp and the CPU/CUDA kernels in csrc/cpu and csrc/cuda. Here:
+
+* a fake implementation per op, so FakeTensor, ``torch.compile`` and ``torch.export`` see the output's
+  shape, dtype and memory format without running a kernel;
+* autograd, registered with ``torch.library.register_autograd`` (PyTorch wraps each registration in a
+  ``torch.autograd.Function``). Each convolution algorithm is an op family: fprop's backward calls the
+  family's dgrad and wgrad ops, and those are differentiable too (the derivative of each step is another
+  step of the same family), so double backward works.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from . import _checks
+
+_lib = torch.ops.fastconv
+
+
+class ConvOps(NamedTuple):
+    """The three ops of one convolution algorithm."""
+
+    fprop: torch._ops.OpOverload
+    dgrad: torch._ops.OpOverload
+    wgrad: torch._ops.OpOverload
+
+
+CONV_OPS: dict[str, ConvOps] = {
+    "direct": ConvOps(_lib.conv2d_direct.default, _lib.conv2d_direct_dgrad.default, _lib.conv2d_direct_wgrad.default),
+}
+
+bias_grad = _lib.conv2d_bias_grad.default
+
+
+def output_memory_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
+    """channels_last if either operand suggests it: the rule torch's own conv2d follows for its output."""
+    cl = torch.channels_last in (suggest_memory_format(a), suggest_memory_format(b))
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
+# ---- fake implementations ---------------------------------------------------------------------------
+
+
+def _register_fakes(name: str, ops: ConvOps) -> None:
+    @torch.library.register_fake(ops.fprop)
+    def _fprop_fake(input, weight, bias, stride, padding, dilation, groups):
+        shape = _checks.check_conv2d_fprop(f"fastconv::{name}", input, weight, bias, stride, padding, dilation, groups)
+        return _empty(shape, input, output_memory_format(input, weight))
+
+    @torch.library.register_fake(ops.dgrad)
+    def _dgrad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
+        _checks.check_conv2d_dgrad(f"fastconv::{name}_dgrad", grad_output, weight, input_size, stride, padding,
+                                   dilation, groups)
+        return _empty(input_size, grad_output, output_memory_format(grad_output, weight))
+
+    @torch.library.register_fake(ops.wgrad)
+    def _wgrad_fake(grad_output, input, weight_size, stride, padding, dilation, groups):
+        _checks.check_conv2d_wgrad(f"fastconv::{name}_wgrad", grad_output, input, weight_size, stride, padding,
+                                   dilation, groups)
+        return _empty(weight_size, grad_output, output_memory_format(grad_output, input))
+
+
+@torch.library.register_fake(bias_grad)
+def _bias_grad_fake(grad_output):
+    _checks.check_bias_grad("fastconv::conv2d_bias_grad", grad_output)
+    return grad_output.new_empty((grad_output.shape[1],))
+
+
+# ---- autograd --------------------------------------------------------------------------------------
+#
+# With y = fprop(x, w), gx = dgrad(gy, w) and gw = wgrad(gy, x), all bilinear:
+#   d/d(gy) <ggx, dgrad(gy, w)> = fprop(ggx, w)      d/dw <ggx, dgrad(gy, w)> = wgrad(gy, ggx)
+#   d/d(gy) <ggw, wgrad(gy, x)> = fprop(x, ggw)      d/dx <ggw, wgrad(gy, x)> = dgrad(gy, ggw)
+
+
+def _register_autograd(ops: ConvOps) -> None:
+    def fprop_setup(ctx, inputs, output):
+        input, weight, bias, *conv_args = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.conv_args = conv_args
+        ctx.has_bias = bias is not None
+
+    def fprop_backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = ops.dgrad(grad_output, weight, input.shape, *ctx.conv_args)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ops.wgrad(grad_output, input, weight.shape, *ctx.conv_args)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = bias_grad(grad_output)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+    def dgrad_setup(ctx, inputs, output):
+        grad_output, weight, input_size, *conv_args = inputs
+        ctx.save_for_backward(grad_output, weight)
+        ctx.conv_args = conv_args
+
+    def dgrad_backward(ctx, grad_grad_input):
+        grad_output, weight = ctx.saved_tensors
+        d_grad_output = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_grad_output = ops.fprop(grad_grad_input, weight, None, *ctx.conv_args)
+        if ctx.needs_input_grad[1]:
+            d_weight = ops.wgrad(grad_output, grad_grad_input, weight.shape, *ctx.conv_args)
+        return d_grad_output, d_weight, None, None, None, None, None
+
+    def wgrad_setup(ctx, inputs, output):
+        grad_output, input, weight_size, *conv_args = inputs
+        ctx.save_for_backward(grad_output, input)
+        ctx.conv_args = conv_args
+
+    def wgrad_backward(ctx, grad_grad_weight):
+        grad_output, input = ctx.saved_tensors
+        d_grad_output = d_input = None
+        if ctx.needs_input_grad[0]:
+            d_grad_output = ops.fprop(input, grad_grad_weight, None, *ctx.conv_args)
+        if ctx.needs_input_grad[1]:
+            d_input = ops.dgrad(grad_output, grad_grad_weight, input.shape, *ctx.conv_args)
+        return d_grad_output, d_input, None, None, None, None, None
+
+    torch.library.register_autograd(ops.fprop, fprop_backward, setup_context=fprop_setup)
+    torch.library.register_autograd(ops.dgrad, dgrad_backward, setup_context=dgrad_setup)
+    torch.library.register_autograd(ops.wgrad, wgrad_backward, setup_context=wgrad_setup)
+
+
+def _bias_grad_setup(ctx, inputs, output):
+    ctx.grad_output_shape = inputs[0].shape
+
+
+def _bias_grad_backward(ctx, grad_grad_bias):
+    return grad_grad_bias.view(1, -1, 1, 1).expand(ctx.grad_output_shape)
+
+
+torch.library.register_autograd(bias_grad, _bias_grad_backward, setup_context=_bias_grad_setup)
+
+for _name, _ops in CONV_OPS.items():
+    _register_fakes(f"conv2d_{_name}", _ops)
+    _register_autograd(_ops)

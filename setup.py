@@ -1,0 +1,83 @@
+"""Builds fastconv's extension, fastconv._C.
+
+The CUDA kernels are built whenever a CUDA toolkit (nvcc) and a CUDA build of torch are present, with or
+without a GPU; otherwise (or with FASTCONV_FORCE_CPU=1) the extension is CPU-only.
+
+Environment switches:
+  FASTCONV_CUDA_ARCH    architectures, e.g. "9.0" or "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST). Default: an
+                        explicit TORCH_CUDA_ARCH_LIST, else the visible GPU's, else "8.0;9.0".
+  FASTCONV_FORCE_CPU=1  skip the CUDA kernels.
+  MAX_JOBS              parallel compile jobs (honoured by torch's ninja build).
+  CUDA_HOME             the toolkit; defaults to /usr/local/cuda when nvcc is there.
+"""
+import glob
+import os
+
+# torch.utils.cpp_extension reads CUDA_HOME when imported; without a GPU it would guess /usr/local.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0"
+
+
+def want_cuda() -> bool:
+    if os.environ.get("FASTCONV_FORCE_CPU", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc")
+    )
+
+
+def set_cuda_archs() -> None:
+    if os.environ.get("FASTCONV_CUDA_ARCH"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTCONV_CUDA_ARCH"]
+    elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS  # no GPU to ask
+
+
+def pip_cuda_includes() -> list:
+    """Headers that torch's pip dependencies ship (cuBLAS, cuSPARSE, ...), which ATen's CUDA headers
+    include but a bare toolkit may lack."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include")))
+
+
+def sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+
+
+def make_extension():
+    cxx_flags = ["-O3"]  # torch adds its own -std
+    common = sources("*.cpp") + sources("cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not want_cuda():
+        print("fastconv: building the CPU-only extension (no CUDA toolkit or CPU-only torch)")
+        return CppExtension("fastconv._C", common, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    set_cuda_archs()
+    print(f"fastconv: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}")
+    nvcc_flags = ["-O3", "-lineinfo"]  # -lineinfo: Nsight Compute maps samples to source lines
+    return CUDAExtension(
+        "fastconv._C",
+        common + sources("cuda/*.cpp") + sources("cuda/*.cu"),
+        include_dirs=include_dirs + pip_cuda_includes(),
+        define_macros=[("FASTCONV_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="fastconv",
+    version="0.1.0",
+    description="Hand-written CUDA convolution kernels for PyTorch: direct conv, drop-in modules",
+    packages=["fastconv"],
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

@@ -1,0 +1,204 @@
+"""fastconv.functional.conv2d against torch.nn.functional.conv2d: forward, gradients, dtypes, layouts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from conftest import DEVICES, cuda
+from conv_cases import CASES, GRADCHECK_CASES
+from helpers import EPS, assert_close_to, rel_err
+from fastconv.functional import conv2d
+
+ALGOS = list(fastconv.CONV_ALGOS)
+
+
+def run_both(case, x, w, b, algo, grad_output=None):
+    """Output and (input, weight, bias) gradients from fastconv and from torch, on the same leaves."""
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = conv2d(x, w, b, **case.conv_kwargs(), algo=algo)
+    ref = F.conv2d(x, w, b, **case.conv_kwargs())
+    if grad_output is None:
+        grad_output = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, leaves, grad_output) if x.requires_grad else ()
+    ref_grads = torch.autograd.grad(ref, leaves, grad_output) if x.requires_grad else ()
+    return y, ref, grads, ref_grads
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_torch_float64_cpu(case, algo):
+    x, w, b = case.make(dtype=torch.float64, requires_grad=True)
+    y, ref, grads, ref_grads = run_both(case, x, w, b, algo)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert_close_to(y, ref, 1e-12, "output")
+    for name, g, rg in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close_to(g, rg, 1e-12, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_torch_float32(case, device):
+    """fp32 against torch's fp64 result on the same inputs (the fp32 kernels accumulate in fp32)."""
+    x, w, b = case.make(device=device, requires_grad=True)
+    y = conv2d(x, w, b, **case.conv_kwargs())
+    gy = torch.randn_like(y)
+    leaves = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad(y, leaves, gy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64 = leaves64[:2]
+    b64 = leaves64[2] if b is not None else None
+    ref = F.conv2d(x64, w64, b64, **case.conv_kwargs())
+    ref_grads = torch.autograd.grad(ref, leaves64, gy.double())
+    assert_close_to(y, ref.float(), 1e-5, "output")
+    for name, g, rg in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close_to(g, rg.float(), 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_low_precision_error_bounded_by_torchs(case, device, dtype):
+    """fp16/bf16: our error against an fp64 reference is at most twice torch's own at that dtype."""
+    x, w, b = case.make(device=device, dtype=dtype, requires_grad=True)
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = conv2d(x, w, b, **case.conv_kwargs())
+    ref = F.conv2d(x, w, b, **case.conv_kwargs())
+    assert y.dtype == dtype
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, gy)
+    ref_grads = torch.autograd.grad(ref, leaves, gy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    b64 = leaves64[2] if b is not None else None
+    exact = F.conv2d(leaves64[0], leaves64[1], b64, **case.conv_kwargs())
+    exact_grads = torch.autograd.grad(exact, leaves64, gy.double())
+    pairs = [("output", y, ref, exact)] + [
+        (f"grad {n}", g, rg, eg) for n, g, rg, eg in zip(("input", "weight", "bias"), grads, ref_grads, exact_grads)
+    ]
+    for what, ours, torchs, truth in pairs:
+        ours_err, torch_err = rel_err(ours, truth), rel_err(torchs, truth)
+        bound = max(2 * torch_err, 4 * EPS[dtype])
+        assert ours_err <= bound, f"{what}: error {ours_err:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g})"
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
+def test_gradcheck_and_gradgradcheck_float64(case):
+    x, w, b = case.make(dtype=torch.float64, requires_grad=True)
+    inputs = (x, w, b) if b is not None else (x, w)
+
+    def fn(*args):
+        return conv2d(*args, **case.conv_kwargs())
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("input_cl", [False, True], ids=["x_nchw", "x_cl"])
+@pytest.mark.parametrize("weight_cl", [False, True], ids=["w_nchw", "w_cl"])
+def test_channels_last_values_and_output_format(device, input_cl, weight_cl):
+    case = next(c for c in CASES if c.name == "groups2")
+    x, w, b = case.make(device=device)
+    if input_cl:
+        x = x.to(memory_format=torch.channels_last)
+    if weight_cl:
+        w = w.to(memory_format=torch.channels_last)
+    for t in (x, w, b):
+        t.requires_grad_()
+    y, ref, grads, ref_grads = run_both(case, x, w, b, "auto")
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        assert y.is_contiguous(memory_format=fmt) == ref.is_contiguous(memory_format=fmt)
+    assert_close_to(y, ref, 1e-4, "output")
+    for name, g, rg in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close_to(g, rg, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    """Transposed and sliced views, read through their strides (or copied) but never misread."""
+    x_big = torch.randn(2, 8, 11, 9, device=device)
+    x = x_big[:, ::2].transpose(2, 3).requires_grad_(False)  # (2, 4, 9, 11), non-contiguous
+    w = torch.randn(6, 2, 3, 5, device=device).transpose(2, 3)  # (6, 2, 5, 3), non-contiguous
+    b = torch.randn(12, device=device)[::2]  # strided bias
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
+    kwargs = dict(stride=(1, 2), padding=(2, 1), groups=2)
+    y = conv2d(x, w, b, **kwargs)
+    ref = F.conv2d(x, w, b, **kwargs)
+    gy = torch.randn_like(ref).transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous grad too
+    grads = torch.autograd.grad(y, (x, w, b), gy)
+    ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
+    assert_close_to(y, ref, 1e-4, "output")
+    for name, g, rg in zip(("input", "weight", "bias"), grads, ref_grads):
+        assert_close_to(g, rg, 1e-4, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_expanded_grad_output(device):
+    """grad_output of y.sum() is an expanded tensor with zero strides."""
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    conv2d(x, w, b, padding=1).sum().backward()
+    grads = [t.grad for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.conv2d(x, w, b, padding=1).sum().backward()
+    for g, t in zip(grads, (x, w, b)):
+        assert_close_to(g, t.grad, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch_gradients_are_zero(device):
+    x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(4, device=device, requires_grad=True)
+    y = conv2d(x, w, b, padding=1)
+    assert y.shape == (0, 4, 8, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_deterministic_cpu():
+    case = next(c for c in CASES if c.name == "many_c_steps")
+    x, w, b = case.make()
+    first = conv2d(x, w, b, **case.conv_kwargs())
+    assert all(torch.equal(first, conv2d(x, w, b, **case.conv_kwargs())) for _ in range(3))
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_bitwise_reproducible():
+    case = next(c for c in CASES if c.name == "many_c_steps")
+    x, w, b = case.make(device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(3):
+        y = conv2d(x, w, b, **case.conv_kwargs())
+        runs.append((y,) + torch.autograd.grad(y, (x, w, b), torch.ones_like(y)))
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56, 64, 3, 1), (8, 256, 14, 14, 512, 3, 2), (4, 3, 224, 224, 64, 7, 2)])
+def test_cuda_resnet_layer_shapes(shape):
+    """Realistic layers: many blocks, the grid-stride loop and full tiles."""
+    n, c, hw, _, k, r, stride = shape
+    x = torch.randn(n, c, hw, hw, device="cuda")
+    w = torch.randn(k, c, r, r, device="cuda") / (c * r * r) ** 0.5
+    y = conv2d(x, w, None, stride=stride, padding=r // 2)
+    ref = F.conv2d(x.double(), w.double(), None, stride=stride, padding=r // 2)
+    assert_close_to(y, ref.float(), 1e-5, "output")
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_uses_current_stream_and_device():
+    s = torch.cuda.Stream()
+    x = torch.randn(4, 8, 32, 32, device="cuda")
+    w = torch.randn(16, 8, 3, 3, device="cuda")
+    with torch.cuda.stream(s):
+        y = conv2d(x, w, padding=1)
+    s.synchronize()
+    assert_close_to(y, F.conv2d(x.double(), w.double(), padding=1).float(), 1e-5)

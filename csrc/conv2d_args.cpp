@@ -2,22 +2,43 @@
 
 #include <c10/util/Exception.h>
 
+#include <string>
+
 namespace fastconv {
 namespace {
+
+// Python's name of a dtype, so messages read the same from the C++ checks and the Python fakes.
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
 void check_floating(const char* op, const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   const bool cpu_ok = dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16;
   const bool cuda_ok = dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16;
-  TORCH_CHECK_TYPE(t.is_cuda() ? cuda_ok : cpu_ok, op, ": ", name, " has dtype ", dt,
+  TORCH_CHECK_TYPE(t.is_cuda() ? cuda_ok : cpu_ok, op, ": ", name, " has dtype ", py_dtype(dt),
                    "; supported dtypes are float32, float16, bfloat16", t.is_cuda() ? "" : " and float64",
                    " on ", t.device().type(), " (float64 is CPU-only)");
 }
 
 void check_same_dtype(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
                       const char* b_name) {
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " (", a.scalar_type(), ") and ",
-                   b_name, " (", b.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " (", py_dtype(a.scalar_type()), ") and ",
+                   b_name, " (", py_dtype(b.scalar_type()), ") must have the same dtype");
 }
 
 void check_rank4(const char* op, const at::Tensor& t, const char* name, const char* layout) {

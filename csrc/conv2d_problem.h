@@ -77,8 +77,15 @@ struct Conv2dProblem {
 
  private:
   FASTCONV_HD static int64_t inverse_tap(int64_t t, int64_t stride, int64_t extent) {
-    if (t < 0 || t % stride != 0) return -1;
-    const int64_t o = t / stride;
+    if (t < 0) return -1;
+    int64_t o;
+    if (t <= 0x7fffffff && stride <= 0x7fffffff) {
+      // 32-bit division: a GPU has no 64-bit divide instruction, and this runs once per filter tap.
+      o = static_cast<uint32_t>(t) / static_cast<uint32_t>(stride);
+    } else {
+      o = t / stride;
+    }
+    if (o * stride != t) return -1;
     return o < extent ? o : -1;
   }
   // Solve 0 <= o * stride + offset < in for o in [0, out).

@@ -13,10 +13,14 @@ conv2d_bias_grad_kernel(int64_t N, int64_t K, int64_t P, int64_t Q, const T* __r
                         T* __restrict__ db) {
   __shared__ float scratch[kThreads / 32];
   const int64_t PQ = P * Q;
+  const bool fits_32bit = PQ <= 0xffffffffLL;
   for (int64_t k = blockIdx.x; k < K; k += gridDim.x) {
     float acc = 0.f;
     for (int64_t n = 0; n < N; ++n) {
-      for (int64_t pq = threadIdx.x; pq < PQ; pq += blockDim.x) acc += to_float(dy[dys.offset(n, k, pq / Q, pq % Q)]);
+      for (int64_t pq = threadIdx.x; pq < PQ; pq += blockDim.x) {
+        const Split p_q = split_index(pq, Q, fits_32bit);
+        acc += to_float(dy[dys.offset(n, k, p_q.outer, p_q.inner)]);
+      }
     }
     const float total = block_sum(acc, scratch);
     if (threadIdx.x == 0) db[k] = from_float<T>(total);

@@ -51,7 +51,7 @@ conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict
   extern __shared__ float4 smem_f4[];
   float* s_w = reinterpret_cast<float*>(smem_f4);  // [k_tile][R][S][CB]
   const int CB = tl.c_lanes * CPT;
-  const int RS = static_cast<int>(pb.R * pb.S);
+  const int S = static_cast<int>(pb.S), RS = static_cast<int>(pb.R) * S;  // R*S fits: it is staged
   const int spatial = tl.tile_h * tl.tile_w;
   const int lane_sp = threadIdx.x % spatial, lane_c = threadIdx.x / spatial;
   const int th = lane_sp / tl.tile_w, tw = lane_sp % tl.tile_w;
@@ -80,7 +80,7 @@ conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict
         const int cc = i % CB, rs = (i / CB) % RS, kk = i / (CB * RS);
         const int64_t c = c_first + cc;
         float v = 0.f;
-        if (c < Cg && kk < k_count) v = to_float(w[ws.offset(g * Kg + k0 + kk, c, rs / pb.S, rs % pb.S)]);
+        if (c < Cg && kk < k_count) v = to_float(w[ws.offset(g * Kg + k0 + kk, c, rs / S, rs % S)]);
         s_w[i] = v;
       }
       __syncthreads();
@@ -95,7 +95,7 @@ conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict
             const T* dy_pq = dy + dys.offset(n, g * Kg + k0, p, q);
             for (int kk = 0; kk < k_count; ++kk) {
               const float v = to_float(dy_pq[kk * dys.c]);
-              fma_block<CPT>(acc, v, s_w + ((kk * RS) + r * pb.S + s) * CB + lane_c * CPT);
+              fma_block<CPT>(acc, v, s_w + ((kk * RS) + r * S + s) * CB + lane_c * CPT);
             }
           }
         }

@@ -60,7 +60,7 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
   extern __shared__ float4 smem_f4[];  // float4 so that the filter slice is 16-byte aligned
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int KB = tl.k_lanes * KPT;
-  const int RS = static_cast<int>(pb.R * pb.S);
+  const int S = static_cast<int>(pb.S), RS = static_cast<int>(pb.R) * S;  // R*S fits: it is staged
   float* s_w = smem;                          // [c_tile][R][S][KB]
   float* s_x = smem + tl.c_tile * RS * KB;    // [c_tile][patch_h][patch_w]
 
@@ -97,7 +97,7 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
         const int kk = i % KB, rs = (i / KB) % RS, c = i / (KB * RS);
         const int64_t k = k_first + kk;
         float v = 0.f;
-        if (k < Kg && c < c_count) v = to_float(w[ws.offset(g * Kg + k, c0 + c, rs / pb.S, rs % pb.S)]);
+        if (k < Kg && c < c_count) v = to_float(w[ws.offset(g * Kg + k, c0 + c, rs / S, rs % S)]);
         s_w[i] = v;
       }
       if constexpr (STAGE_INPUT) {
@@ -134,7 +134,7 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
                         ? to_float(x[xs.offset(n, g * Cg + c0 + c, h, ww)])
                         : 0.f;
               }
-              fma_block<KPT>(acc, v, s_w + ((c * RS) + r * pb.S + s) * KB + lane_k * KPT);
+              fma_block<KPT>(acc, v, s_w + ((c * RS) + r * S + s) * KB + lane_k * KPT);
             }
           }
         }

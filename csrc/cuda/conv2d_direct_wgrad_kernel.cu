@@ -12,20 +12,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// (n, p, q) of flat output index m; 32-bit division whenever the plane fits, which is always in practice.
 struct OutputIndex {
   int64_t n, p, q;
 };
-__device__ __forceinline__ OutputIndex split_output_index(int64_t m, int64_t P, int64_t Q) {
-  if (P * Q <= 0x7fffffff && m / (P * Q) <= 0x7fffffff) {
-    const unsigned PQ = static_cast<unsigned>(P * Q), Q32 = static_cast<unsigned>(Q);
-    const unsigned long long mm = static_cast<unsigned long long>(m);
-    const unsigned n = static_cast<unsigned>(mm / PQ), pq = static_cast<unsigned>(mm - static_cast<unsigned long long>(n) * PQ);
-    return {n, pq / Q32, pq % Q32};
-  }
-  const int64_t n = m / (P * Q), pq = m % (P * Q);
-  return {n, pq / Q, pq % Q};
-}
 
 template <typename T, int TAPS>
 __global__ void __launch_bounds__(kThreads)
@@ -34,6 +23,7 @@ conv2d_direct_wgrad_kernel(Conv2dProblem pb, int64_t tap_chunks, int64_t total_b
   __shared__ float scratch[kThreads / 32];
   const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group(), RS = pb.R * pb.S;
   const int64_t positions = pb.N * pb.P * pb.Q;
+  const bool fits_32bit = positions <= 0xffffffffLL;
 
   for (int64_t blk = blockIdx.x; blk < total_blocks; blk += gridDim.x) {
     const int64_t chunk = blk % tap_chunks, kc = blk / tap_chunks;
@@ -51,7 +41,9 @@ conv2d_direct_wgrad_kernel(Conv2dProblem pb, int64_t tap_chunks, int64_t total_b
     }
 
     for (int64_t m = threadIdx.x; m < positions; m += blockDim.x) {
-      const OutputIndex o = split_output_index(m, pb.P, pb.Q);
+      const Split n_pq = split_index(m, pb.P * pb.Q, fits_32bit);
+      const Split p_q = split_index(n_pq.inner, pb.Q, fits_32bit);
+      const OutputIndex o{n_pq.outer, p_q.outer, p_q.inner};
       const float g = to_float(dy[dys.offset(o.n, k, o.p, o.q)]);
 #pragma unroll
       for (int t = 0; t < TAPS; ++t) {

@@ -37,6 +37,20 @@ inline unsigned grid_for(int64_t blocks) {
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
 
+// Splits a flat index over an (outer, inner) grid: 32-bit division when the index fits (a GPU has no
+// 64-bit divide instruction; the 64-bit path is a call of dozens of instructions).
+struct Split {
+  int64_t outer, inner;
+};
+__device__ __forceinline__ Split split_index(int64_t i, int64_t inner_extent, bool fits_32bit) {
+  if (fits_32bit) {
+    const uint32_t ii = static_cast<uint32_t>(i), e = static_cast<uint32_t>(inner_extent);
+    const uint32_t o = ii / e;
+    return {o, ii - o * e};
+  }
+  return {i / inner_extent, i % inner_extent};
+}
+
 // Sum of v over the block, returned to every thread. `scratch` holds one float per warp. The order of
 // additions is fixed, so results are bitwise reproducible. Every thread of the block must call it.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

@@ -1,0 +1,56 @@
+"""conv2d throughput, fastconv against native torch (cuDNN on GPU), same inputs, same run.
+
+Each (layer, pass, dtype) is one pytest-benchmark group holding a `fastconv` and a `torch` row. The
+number in the table printed at the end is the median of event-timed calls (bench/timing.py), with
+GFLOP/s from the layer's forward FLOPs (fprop) or three times that (fprop + dgrad + wgrad).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastconv
+from conftest import DEVICE
+from shapes import CPU_LAYERS, GPU_LAYERS
+from timing import median_ms
+
+LAYERS = GPU_LAYERS if DEVICE == "cuda" else CPU_LAYERS
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+IMPLS = {
+    "fastconv": lambda x, w, layer: fastconv.functional.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups, algo="direct"),
+    "torch": lambda x, w, layer: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups),
+}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("pas", ["fprop", "fprop+bwd"])
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer.name)
+def test_conv2d(benchmark, record_row, layer, pas, dtype, impl):
+    torch.manual_seed(0)
+    x = torch.randn(layer.N, layer.C, layer.H, layer.W, device=DEVICE, dtype=dtype, requires_grad=pas != "fprop")
+    w = (torch.randn(layer.K, layer.C // layer.groups, layer.R, layer.S, device=DEVICE, dtype=dtype)
+         / (layer.C // layer.groups * layer.R * layer.S) ** 0.5).requires_grad_(pas != "fprop")
+    conv = IMPLS[impl]
+    if pas == "fprop":
+        def step():
+            with torch.no_grad():
+                return conv(x, w, layer)
+    else:
+        gy = torch.randn_like(conv(x, w, layer))
+
+        def step():
+            return torch.autograd.grad(conv(x, w, layer), (x, w), gy)
+
+    def synced_step():
+        step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    ms = median_ms(step, DEVICE, warmup=3, reps=20 if DEVICE == "cuda" else 5)
+    flops = layer.flops() * (1 if pas == "fprop" else 3)
+    info = dict(layer=layer.name, pas=pas, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms, gflops=flops / ms / 1e6)
+    benchmark.group = f"{layer.name}-{pas}-{info['dtype']}"
+    benchmark.extra_info.update(info, device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+                                torch=torch.__version__, cuda=torch.version.cuda)
+    benchmark.pedantic(synced_step, rounds=5 if DEVICE == "cuda" else 2, warmup_rounds=1)
+    record_row({**info, "pass": pas})

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one-shot device check, for a lent GPU machine (no network; torch, pytest, pytest-benchmark, ninja
+# preinstalled). Builds the extension for the visible GPU only, runs the whole test suite with the CUDA
+# tests active, compute-sanitizer (memcheck, and racecheck for the shared-memory kernels) on
+# scripts/sanitizer_smoke.py, then the benchmarks against native torch. Everything goes under $OUT as it
+# goes; a summary table is printed last. Each step has its own time limit; the whole fits 8 minutes on an
+# H100.    Usage (device tool):  bash scripts/device_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+SUMMARY=()
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  local last
+  last=$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-110)
+  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - start ))" "$last")")
+  echo "   rc=$rc: $last"
+  return $rc
+}
+
+{
+  date -u
+  git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: (no git)"
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
+  python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  which nvcc compute-sanitizer ncu
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+export FASTCONV_PYTHON=python3 FASTCONV_CUDA_ARCH=${cap:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+
+if step build 300 bash -c 'source scripts/setup_env.sh'; then
+  step tests 240 python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 python3 scripts/sanitizer_smoke.py
+  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 99 python3 scripts/sanitizer_smoke.py
+  step bench 240 env FASTCONV_BENCH_OUT="$OUT" python3 -m pytest bench -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_pytest_benchmark.json"
+fi
+
+echo
+echo "== summary ($(head -n 3 "$OUT/env.txt" | tail -n 1))"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+[ -f "$OUT/bench_conv2d.md" ] && cat "$OUT/bench_conv2d.md"
+exit 0

@@ -18,8 +18,8 @@ else
   if [ ! -x "$PY" ] || ! cmp -s requirements-dev.txt "$VENV/.fastconv-requirements"; then
     echo "fastconv: setting up $VENV (pinned torch and test tools; first run only)" >&2
     python3 -m venv "$VENV"
-    "$PY" -m pip install --quiet --upgrade pip >&2 || true
-    "$PY" -m pip install --quiet -r requirements-dev.txt >&2
+    # (this machine's pip configuration warns once per missing local index folder: noise, filtered out)
+    "$PY" -m pip install --quiet -r requirements-dev.txt 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2
     cp requirements-dev.txt "$VENV/.fastconv-requirements"
   fi
 fi

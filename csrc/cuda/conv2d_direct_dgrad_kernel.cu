@@ -27,23 +27,6 @@ struct DgradTiling {
   int64_t tiles_h, tiles_w, c_blocks, total_blocks;
 };
 
-template <int CPT>
-__device__ __forceinline__ void fma_block(float (&acc)[CPT], float v, const float* w) {
-  if constexpr (CPT % 4 == 0) {
-#pragma unroll
-    for (int j = 0; j < CPT; j += 4) {
-      const float4 w4 = *reinterpret_cast<const float4*>(w + j);
-      acc[j] += v * w4.x;
-      acc[j + 1] += v * w4.y;
-      acc[j + 2] += v * w4.z;
-      acc[j + 3] += v * w4.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < CPT; ++j) acc[j] += v * w[j];
-  }
-}
-
 template <typename T, int CPT>
 __global__ void __launch_bounds__(kThreads)
 conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict__ dy, Strides4 dys,
@@ -95,7 +78,7 @@ conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict
             const T* dy_pq = dy + dys.offset(n, g * Kg + k0, p, q);
             for (int kk = 0; kk < k_count; ++kk) {
               const float v = to_float(dy_pq[kk * dys.c]);
-              fma_block<CPT>(acc, v, s_w + ((kk * RS) + r * S + s) * CB + lane_c * CPT);
+              fma_row<CPT>(acc, v, s_w + ((kk * RS) + r * S + s) * CB + lane_c * CPT);
             }
           }
         }

@@ -35,23 +35,6 @@ struct FpropTiling {
   int64_t tiles_p, tiles_q, k_blocks, total_blocks;
 };
 
-template <int KPT>
-__device__ __forceinline__ void fma_block(float (&acc)[KPT], float v, const float* w) {
-  if constexpr (KPT % 4 == 0) {
-#pragma unroll
-    for (int j = 0; j < KPT; j += 4) {
-      const float4 w4 = *reinterpret_cast<const float4*>(w + j);
-      acc[j] += v * w4.x;
-      acc[j + 1] += v * w4.y;
-      acc[j + 2] += v * w4.z;
-      acc[j + 3] += v * w4.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < KPT; ++j) acc[j] += v * w[j];
-  }
-}
-
 template <typename T, int KPT, bool STAGE_INPUT>
 __global__ void __launch_bounds__(kThreads)
 conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict__ x, Strides4 xs,
@@ -134,7 +117,7 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
                         ? to_float(x[xs.offset(n, g * Cg + c0 + c, h, ww)])
                         : 0.f;
               }
-              fma_block<KPT>(acc, v, s_w + ((c * RS) + r * S + s) * KB + lane_k * KPT);
+              fma_row<KPT>(acc, v, s_w + ((c * RS) + r * S + s) * KB + lane_k * KPT);
             }
           }
         }

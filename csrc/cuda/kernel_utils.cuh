@@ -22,6 +22,25 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// acc[j] += v * w[j] for j < N: one input value against N consecutive staged weights (register blocking).
+// w must be 16-byte aligned when N is a multiple of 4: the weights are then read as float4 broadcasts.
+template <int N>
+__device__ __forceinline__ void fma_row(float (&acc)[N], float v, const float* w) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < N; j += 4) {
+      const float4 w4 = *reinterpret_cast<const float4*>(w + j);
+      acc[j] += v * w4.x;
+      acc[j + 1] += v * w4.y;
+      acc[j + 2] += v * w4.z;
+      acc[j + 3] += v * w4.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc[j] += v * w[j];
+  }
+}
+
 // Smallest power of two >= v, capped at `cap` (a power of two).
 inline int pow2_at_least(int64_t v, int cap) {
   int p = 1;

@@ -40,11 +40,14 @@ def set_cuda_archs() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS  # no GPU to ask
 
 
-def pip_cuda_includes() -> list:
+def pip_cuda_include_flags() -> list:
     """Headers that torch's pip dependencies ship (cuBLAS, cuSPARSE, ...), which ATen's CUDA headers
-    include but a bare toolkit may lack."""
+    include but a bare toolkit may lack. Searched after every -I directory (-idirafter), so the toolkit's
+    own headers always win and only the missing ones come from pip. Host compiler only: the .cu kernels
+    include no torch header."""
     site = os.path.dirname(os.path.dirname(torch.__file__))
-    return sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include")))
+    dirs = sorted(glob.glob(os.path.join(site, "nvidia", "cu[0-9]*", "include")))
+    return [flag for d in dirs for flag in ("-idirafter", d)]
 
 
 def sources(pattern: str) -> list:
@@ -64,9 +67,9 @@ def make_extension():
     return CUDAExtension(
         "fastconv._C",
         common + sources("cuda/*.cpp") + sources("cuda/*.cu"),
-        include_dirs=include_dirs + pip_cuda_includes(),
+        include_dirs=include_dirs,
         define_macros=[("FASTCONV_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags + pip_cuda_include_flags(), "nvcc": nvcc_flags},
     )
 
 

@@ -28,21 +28,25 @@ step() {  # step NAME SECONDS COMMAND...
 {
   date -u
   git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: (no git)"
-  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
-  python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
+  "${FASTCONV_PYTHON:-python3}" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
   which nvcc compute-sanitizer ncu
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
-export FASTCONV_PYTHON=python3 FASTCONV_CUDA_ARCH=${cap:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+# The GPU machines' python3 holds torch; FASTCONV_PYTHON overrides it (a dry run elsewhere).
+export FASTCONV_PYTHON=${FASTCONV_PYTHON:-python3} FASTCONV_CUDA_ARCH=${FASTCONV_CUDA_ARCH:-${cap:-9.0}} MAX_JOBS=${MAX_JOBS:-16}
+PY=$FASTCONV_PYTHON
+if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nvcc >/dev/null; then
+  export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
 
 if step build 300 bash -c 'source scripts/setup_env.sh'; then
-  step tests 240 python3 -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
-  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 python3 scripts/sanitizer_smoke.py
-  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 99 python3 scripts/sanitizer_smoke.py
-  step bench 240 env FASTCONV_BENCH_OUT="$OUT" python3 -m pytest bench -q -p no:cacheprovider \
+  step tests 240 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
+  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
+  step bench 240 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
 fi
 

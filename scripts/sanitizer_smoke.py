@@ -6,11 +6,13 @@ and checks each result against torch so that a silent wrong answer fails too. Ex
 and matched.
 """
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import fastconv
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's in-place build
+import fastconv  # noqa: E402
 
 CASES = [  # (input shape, weight shape, stride, padding, dilation, groups)
     ((2, 16, 13, 11), (24, 16, 3, 3), 1, 1, 1, 1),  # 8 channels per thread, staged input

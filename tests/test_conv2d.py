@@ -202,3 +202,20 @@ def test_cuda_uses_current_stream_and_device():
         y = conv2d(x, w, padding=1)
     s.synchronize()
     assert_close_to(y, F.conv2d(x.double(), w.double(), padding=1).float(), 1e-5)
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_more_than_2_31_elements():
+    """Offsets past 2^31 (64-bit index math): a 46341 x 46341 fp16 image, checked on its last rows."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    side = 46341  # side * side > 2**31
+    x = torch.randn(1, 1, side, side, device="cuda", dtype=torch.float16)
+    w = torch.randn(2, 1, 3, 3, device="cuda", dtype=torch.float16)
+    y = conv2d(x, w, padding=1)
+    tail = F.conv2d(x[:, :, -4:].float(), w.float(), padding=(0, 1))  # output rows side-3 and side-2
+    assert_close_to(y[:, :, -3:-1].float(), tail, 2e-3, "last rows")
+    gx = torch.ops.fastconv.conv2d_direct_dgrad(y, w, list(x.shape), [1, 1], [1, 1], [1, 1], 1)
+    gx_tail = torch.ops.fastconv.conv2d_direct_dgrad(y[:, :, -6:].contiguous(), w, [1, 1, 6, side], [1, 1], [1, 1], [1, 1], 1)
+    assert_close_to(gx[:, :, -5:-1].float(), gx_tail[:, :, 1:5].float(), 1e-3, "dgrad last rows")

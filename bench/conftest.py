@@ -13,6 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from timing import median_ms  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = []
 
@@ -24,8 +26,28 @@ def device_name() -> str:
 
 
 @pytest.fixture
-def record_row():
-    return ROWS.append
+def measure(benchmark):
+    """measure(step, name, pas, dtype, impl, work, unit): times `step` (bench/timing.py), records a table row
+    with the rate work / time (work in FLOPs for "GFLOP/s", bytes for "GB/s"), and runs pytest-benchmark's
+    own synchronised timing of the same step for its report."""
+
+    def run(step, name, pas, dtype, impl, work, unit):
+        ms = median_ms(step, DEVICE, warmup=3, reps=20 if DEVICE == "cuda" else 5)
+        # work is FLOPs for unit GFLOP/s, bytes for GB/s: work / (ms * 1e-3 s) / 1e9
+        row = dict(layer=name, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms, rate=work / ms / 1e6, unit=unit)
+        row["pass"] = pas
+        benchmark.group = f"{name}-{pas}-{row['dtype']}"
+        benchmark.extra_info.update(row, device=device_name(), torch=torch.__version__, cuda=torch.version.cuda)
+
+        def synced():
+            step()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+
+        benchmark.pedantic(synced, rounds=5 if DEVICE == "cuda" else 2, warmup_rounds=1)
+        ROWS.append(row)
+
+    return run
 
 
 def _table():
@@ -35,7 +57,7 @@ def _table():
     lines = [
         f"device: {device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}); median of timed calls",
         "",
-        "| layer | pass | dtype | fastconv ms | torch ms | fastconv GFLOP/s | torch GFLOP/s | torch time / fastconv time |",
+        "| op / shape | pass | dtype | fastconv ms | torch ms | fastconv rate | torch rate | torch time / fastconv time |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for (layer, pas, dtype), impls in by_key.items():
@@ -43,8 +65,8 @@ def _table():
         if not ours or not theirs:
             continue
         lines.append(
-            f"| {layer} | {pas} | {dtype} | {ours['ms']:.3f} | {theirs['ms']:.3f} | {ours['gflops']:.1f} | "
-            f"{theirs['gflops']:.1f} | {theirs['ms'] / ours['ms']:.2f} |"
+            f"| {layer} | {pas} | {dtype} | {ours['ms']:.3f} | {theirs['ms']:.3f} | {ours['rate']:.1f} {ours['unit']} | "
+            f"{theirs['rate']:.1f} {theirs['unit']} | {theirs['ms'] / ours['ms']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -65,5 +87,5 @@ def pytest_terminal_summary(terminalreporter):
     out = os.environ.get("FASTCONV_BENCH_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "bench_conv2d.md").write_text(table + "\n")
-        Path(out, "bench_conv2d.json").write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "rows": ROWS}, indent=1))
+        Path(out, "bench.md").write_text(table + "\n")
+        Path(out, "bench.json").write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "rows": ROWS}, indent=1))

@@ -51,3 +51,47 @@ CPU_LAYERS = [
     ConvLayer("small_stem_7x7s2", 1, 3, 64, 64, 16, 7, 7, 2, 3),
     ConvLayer("small_depthwise", 2, 32, 28, 28, 32, 3, 3, 1, 1, groups=32),
 ]
+
+
+class PoolShape(NamedTuple):
+    name: str
+    N: int
+    C: int
+    H: int
+    W: int
+    kernel: int
+    stride: int
+    padding: int = 0
+    ceil_mode: bool = False
+
+
+class ResidualShape(NamedTuple):
+    """residual/output (N, C, P, Q), shortcut (N, J, H, W), subsampled by stride."""
+
+    name: str
+    N: int
+    C: int
+    P: int
+    Q: int
+    J: int
+    H: int
+    W: int
+    stride: int = 1
+
+
+GPU_POOLS = [
+    PoolShape("resnet50_maxpool", 32, 64, 112, 112, 3, 2, 1),
+    PoolShape("alexnet_pool1", 32, 64, 55, 55, 3, 2),
+    PoolShape("big_k2", 32, 256, 112, 112, 2, 2),
+]
+CPU_POOLS = [PoolShape("small_k3s2", 2, 16, 56, 56, 3, 2, 1)]
+
+GPU_RESIDUALS = [
+    ResidualShape("resnet50_l1_add", 32, 256, 56, 56, 256, 56, 56),
+    ResidualShape("resnet50_l4_add", 32, 2048, 7, 7, 2048, 7, 7),
+    ResidualShape("cifar_downsample", 128, 32, 16, 16, 16, 32, 32, 2),
+]
+CPU_RESIDUALS = [
+    ResidualShape("small_add", 2, 32, 28, 28, 32, 28, 28),
+    ResidualShape("small_downsample", 2, 32, 14, 14, 16, 28, 28, 2),
+]

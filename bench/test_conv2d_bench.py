@@ -1,8 +1,8 @@
 """conv2d throughput, fastconv against native torch (cuDNN on GPU), same inputs, same run.
 
-Each (layer, pass, dtype) is one pytest-benchmark group holding a `fastconv` and a `torch` row. The
-number in the table printed at the end is the median of event-timed calls (bench/timing.py), with
-GFLOP/s from the layer's forward FLOPs (fprop) or three times that (fprop + dgrad + wgrad).
+Each (layer, pass, dtype) is one pytest-benchmark group holding a `fastconv` and a `torch` row; the table
+printed last uses the median of event-timed calls (bench/timing.py) and GFLOP/s from the layer's forward
+FLOPs (fprop) or three times that (fprop + dgrad + wgrad).
 """
 import pytest
 import torch
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import fastconv
 from conftest import DEVICE
 from shapes import CPU_LAYERS, GPU_LAYERS
-from timing import median_ms
 
 LAYERS = GPU_LAYERS if DEVICE == "cuda" else CPU_LAYERS
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
@@ -25,7 +24,7 @@ IMPLS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("pas", ["fprop", "fprop+bwd"])
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer.name)
-def test_conv2d(benchmark, record_row, layer, pas, dtype, impl):
+def test_conv2d(measure, layer, pas, dtype, impl):
     torch.manual_seed(0)
     x = torch.randn(layer.N, layer.C, layer.H, layer.W, device=DEVICE, dtype=dtype, requires_grad=pas != "fprop")
     w = (torch.randn(layer.K, layer.C // layer.groups, layer.R, layer.S, device=DEVICE, dtype=dtype)
@@ -41,16 +40,4 @@ def test_conv2d(benchmark, record_row, layer, pas, dtype, impl):
         def step():
             return torch.autograd.grad(conv(x, w, layer), (x, w), gy)
 
-    def synced_step():
-        step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
-    ms = median_ms(step, DEVICE, warmup=3, reps=20 if DEVICE == "cuda" else 5)
-    flops = layer.flops() * (1 if pas == "fprop" else 3)
-    info = dict(layer=layer.name, pas=pas, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms, gflops=flops / ms / 1e6)
-    benchmark.group = f"{layer.name}-{pas}-{info['dtype']}"
-    benchmark.extra_info.update(info, device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
-                                torch=torch.__version__, cuda=torch.version.cuda)
-    benchmark.pedantic(synced_step, rounds=5 if DEVICE == "cuda" else 2, warmup_rounds=1)
-    record_row({**info, "pass": pas})
+    measure(step, layer.name, pas, dtype, impl, layer.flops() * (1 if pas == "fprop" else 3), "GFLOP/s")

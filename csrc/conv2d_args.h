@@ -7,6 +7,7 @@
 #include <c10/core/Device.h>
 
 #include "conv2d_problem.h"
+#include "tensor_checks.h"
 
 namespace fastconv {
 
@@ -27,17 +28,7 @@ Conv2dProblem check_conv2d_wgrad(const char* op, const at::Tensor& grad_output, 
 
 void check_bias_grad(const char* op, const at::Tensor& grad_output);
 
-// Every named tensor on one device, of the kind the op's backend serves (a CUDA op reached with a CPU
-// tensor raises here, before any launch). Null entries (an absent bias) are skipped.
-struct NamedTensor {
-  const char* name;
-  const at::Tensor* tensor;
-};
-void check_devices(const char* op, c10::DeviceType backend, std::initializer_list<NamedTensor> tensors);
-
 // channels_last if any of the tensors suggests it (torch's rule for its own conv outputs), else NCHW.
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b);
-
-Strides4 strides_of(const at::Tensor& t);
 
 }  // namespace fastconv

@@ -38,6 +38,17 @@ FASTCONV_HD int64_t floor_div(int64_t a, int64_t b) {
   return (a >= 0) ? a / b : -((-a + b - 1) / b);
 }
 
+// Output extent of one spatial dimension of a pooling window (torch's rule): with ceil_mode the last
+// window may hang over the end, but it must start inside the input or its left padding.
+FASTCONV_HD int64_t pool_output_extent(int64_t in, int64_t pad, int64_t dil, int64_t taps, int64_t stride,
+                                       bool ceil_mode) {
+  const int64_t span = in + 2 * pad - dil * (taps - 1) - 1;
+  int64_t out = floor_div(span + (ceil_mode ? stride - 1 : 0), stride) + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) --out;
+  return out;
+}
+
+// Also the geometry of a pooling window (max_pool2d): K = C, groups = C, R x S the window, no filter.
 struct Conv2dProblem {
   int64_t N, C, H, W;  // activation
   int64_t K, R, S;     // filter: K output channels of C / groups input channels, R x S taps

@@ -1,6 +1,6 @@
 // fastconv's operator schemas, all in one place, and the Python module that loads them.
 //
-// Each algorithm is an op family: a forward op (fprop) and one op per backward step (dgrad: gradient of
+// Each convolution algorithm is an op family: a forward op (fprop) and one op per backward step (dgrad: gradient of
 // the input; wgrad: gradient of the filter), with explicit shape arguments so that each is usable and
 // testable alone. The bias gradient is shared by every algorithm. CPU and CUDA implementations register
 // themselves in csrc/cpu/ and csrc/cuda/; fake (meta) implementations and autograd live in fastconv/ops.py.
@@ -20,6 +20,21 @@ TORCH_LIBRARY(fastconv, m) {
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
   // Sum of grad_output over batch and space: the gradient of a per-channel bias.
   m.def("conv2d_bias_grad(Tensor grad_output) -> Tensor");
+
+  // Max pooling: the output and the flat h * W + w index of each maximum in its plane (torch's convention).
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size, int[2] kernel_size, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+
+  // Residual add: relu?(residual + the shortcut subsampled by `stride` and zero-padded in channels).
+  m.def("residual_add(Tensor residual, Tensor shortcut, int stride, bool relu) -> Tensor");
+  // `output` is the forward's when it applied a ReLU (its mask), else None.
+  m.def(
+      "residual_add_backward(Tensor grad_output, Tensor? output, SymInt[4] shortcut_size, int stride) "
+      "-> (Tensor, Tensor)");
 }
 
 // A plain extension module (no pybind11: it only has to exist so that `import fastconv._C` loads the

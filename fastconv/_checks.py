@@ -156,3 +156,109 @@ def check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dil
 def check_bias_grad(op, grad_output) -> None:
     _check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)")
     _check_floating(op, grad_output, "grad_output")
+
+
+# ---- max_pool2d ---------------------------------------------------------------------------------------
+
+
+def _pool_output_extent(size, pad, dil, taps, stride, ceil_mode):
+    out = (size + 2 * pad - dil * (taps - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, ceil_mode) -> list:
+    if not (len(kernel_size) == 2 and len(stride) == 2 and len(padding) == 2 and len(dilation) == 2):
+        raise ValueError(
+            f"{op}: kernel_size, stride, padding and dilation must have 2 entries each, got {list(kernel_size)}, "
+            f"{list(stride)}, {list(padding)}, {list(dilation)}"
+        )
+    if any(v <= 0 for v in kernel_size):
+        raise ValueError(f"{op}: kernel_size must be positive, got {list(kernel_size)}")
+    if any(v <= 0 for v in stride):
+        raise ValueError(f"{op}: stride must be positive, got {list(stride)}")
+    if any(v <= 0 for v in dilation):
+        raise ValueError(f"{op}: dilation must be positive, got {list(dilation)}")
+    if any(v < 0 for v in padding):
+        raise ValueError(f"{op}: padding must be non-negative, got {list(padding)}")
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(
+            f"{op}: padding must be at most half the kernel size, got padding {list(padding)} for kernel_size "
+            f"{list(kernel_size)}"
+        )
+    n, c, h, w = input_size
+    if not (c > 0 and h > 0 and w > 0):
+        raise ValueError(
+            f"{op}: input must have non-zero channels, height and width (only the batch may be empty), got "
+            f"{list(input_size)}"
+        )
+    p = _pool_output_extent(h, padding[0], dilation[0], kernel_size[0], stride[0], ceil_mode)
+    q = _pool_output_extent(w, padding[1], dilation[1], kernel_size[1], stride[1], ceil_mode)
+    if p <= 0 or q <= 0:
+        raise ValueError(f"{op}: output size is too small: input {h} x {w} gives {p} x {q} windows")
+    return [n, c, p, q]
+
+
+def check_max_pool2d(op, input, kernel_size, stride, padding, dilation, ceil_mode) -> list:
+    _check_rank4(op, input, "input", "(N, C, H, W)")
+    _check_floating(op, input, "input")
+    return _pool_output_shape(op, input.shape, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def check_max_pool2d_backward(op, grad_output, indices, input_size, kernel_size, stride, padding, dilation) -> None:
+    check_devices(op, grad_output=grad_output, indices=indices)
+    _check_rank4(op, grad_output, "grad_output", "(N, C, P, Q)")
+    _check_floating(op, grad_output, "grad_output")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"{op}: indices must be torch.int64, got {indices.dtype}")
+    if indices.shape != grad_output.shape:
+        raise ValueError(f"{op}: indices has shape {list(indices.shape)} but grad_output has shape {list(grad_output.shape)}")
+    _check_size4(op, input_size, "input_size")
+    n, c, p, q = _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, False)
+    go = list(grad_output.shape)
+    if not (go[0] == n and go[1] == c and p <= go[2] <= p + 1 and q <= go[3] <= q + 1):
+        raise ValueError(f"{op}: grad_output of shape {go} does not fit input_size {list(input_size)}")
+
+
+# ---- residual_add -------------------------------------------------------------------------------------
+
+
+def _residual_shape(op, residual_size, shortcut_size, stride) -> list:
+    if stride <= 0:
+        raise ValueError(f"{op}: stride must be positive, got {stride}")
+    if residual_size[0] != shortcut_size[0]:
+        raise ValueError(f"{op}: residual has batch size {residual_size[0]} but shortcut has {shortcut_size[0]}")
+    if shortcut_size[1] > residual_size[1]:
+        raise ValueError(
+            f"{op}: shortcut has {shortcut_size[1]} channels, more than the residual's {residual_size[1]} "
+            "(the shortcut is zero-padded, never cut)"
+        )
+    p, q = -(-shortcut_size[2] // stride), -(-shortcut_size[3] // stride)
+    if residual_size[2] != p or residual_size[3] != q:
+        raise ValueError(
+            f"{op}: residual is {residual_size[2]} x {residual_size[3]} but a shortcut of {shortcut_size[2]} x "
+            f"{shortcut_size[3]} subsampled with stride {stride} is {p} x {q}"
+        )
+    return list(residual_size)
+
+
+def check_residual_add(op, residual, shortcut, stride) -> list:
+    check_devices(op, residual=residual, shortcut=shortcut)
+    _check_rank4(op, residual, "residual", "(N, C, P, Q)")
+    _check_rank4(op, shortcut, "shortcut", "(N, J, H, W)")
+    _check_floating(op, residual, "residual")
+    _check_same_dtype(op, residual, "residual", shortcut, "shortcut")
+    return _residual_shape(op, residual.shape, shortcut.shape, stride)
+
+
+def check_residual_add_backward(op, grad_output, output, shortcut_size, stride) -> None:
+    check_devices(op, grad_output=grad_output, output=output)
+    _check_rank4(op, grad_output, "grad_output", "(N, C, P, Q)")
+    _check_floating(op, grad_output, "grad_output")
+    if output is not None:
+        _check_same_dtype(op, grad_output, "grad_output", output, "output")
+        if output.shape != grad_output.shape:
+            raise ValueError(f"{op}: output has shape {list(output.shape)} but grad_output has shape {list(grad_output.shape)}")
+    _check_size4(op, shortcut_size, "shortcut_size")
+    _residual_shape(op, grad_output.shape, shortcut_size, stride)

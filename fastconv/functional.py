@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .ops import CONV_OPS
 
 #: Every name ``algo=`` accepts. ``"auto"`` chooses per call (today: ``"direct"``, the only algorithm).
@@ -21,7 +22,7 @@ def _select_algo(algo: str) -> str:
     return "direct" if algo == "auto" else algo
 
 
-def _pair(value, name: str) -> tuple[int, int]:
+def _pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         values = tuple(value)
         if len(values) == 1:
@@ -29,7 +30,7 @@ def _pair(value, name: str) -> tuple[int, int]:
     else:
         values = (value, value)
     if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"fastconv.conv2d: {name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     return values
 
 
@@ -104,4 +105,70 @@ def conv2d(
         raise ValueError(f"fastconv.conv2d: groups must be an int, got {groups!r}")
     fprop = CONV_OPS[_select_algo(algo)].fprop
     output = fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups)
+    return output.squeeze(0) if unbatched else output
+
+
+def max_pool2d(
+    input: torch.Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+):
+    """2-D max pooling with exactly :func:`torch.nn.functional.max_pool2d`'s semantics.
+
+    ``stride`` defaults to ``kernel_size``; ``padding`` (implicit -inf) is at most half the kernel;
+    ``ceil_mode`` lets the last window hang over the end if it starts inside the input or its left
+    padding. NaN propagates. With ``return_indices`` also returns the flat ``h * W + w`` position of each
+    maximum in its plane (torch's convention, usable by ``max_unpool2d``). ``(N, C, H, W)`` or unbatched
+    ``(C, H, W)``, NCHW or channels_last (the output follows the input), float32/float16/bfloat16 (and
+    float64 on the CPU).
+    """
+    op = "fastconv.max_pool2d"
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{op}: input must be a tensor")
+    if input.dim() not in (3, 4):
+        raise ValueError(
+            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D tensor of shape "
+            f"{list(input.shape)}"
+        )
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = kernel_size if stride is None or (isinstance(stride, Sequence) and len(stride) == 0) else _pair(stride, "stride", op)
+    padding = _pair(padding, "padding", op)
+    dilation = _pair(dilation, "dilation", op)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    output, indices = ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    if unbatched:
+        output, indices = output.squeeze(0), indices.squeeze(0)
+    return (output, indices) if return_indices else output
+
+
+def residual_add(residual: torch.Tensor, shortcut: torch.Tensor, *, stride: int = 1, relu: bool = False) -> torch.Tensor:
+    """A ResNet block's skip connection in one kernel: ``relu?(residual + shortcut~)``, where
+    ``shortcut~[n, j, p, q] = shortcut[n, j, stride * p, stride * q]`` for the shortcut's ``J`` channels and 0
+    for the residual's extra channels (the strided, zero-padded identity shortcut of He et al.'s CIFAR
+    ResNets). ``stride=1`` with equal channels is a plain add.
+
+    The residual is ``(N, C, P, Q)`` and the shortcut ``(N, J, H, W)`` with ``J <= C``,
+    ``P = ceil(H / stride)`` and ``Q = ceil(W / stride)``; unbatched 3-D tensors work too. Equivalent to
+    ``residual + F.pad(shortcut[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, C - J))`` (then ``relu``).
+    """
+    op = "fastconv.residual_add"
+    if not isinstance(residual, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
+        raise TypeError(f"{op}: residual and shortcut must be tensors")
+    if residual.dim() != shortcut.dim() or residual.dim() not in (3, 4):
+        raise ValueError(
+            f"{op}: expected residual and shortcut both 3-D (C, H, W) or both 4-D (N, C, H, W), got shapes "
+            f"{list(residual.shape)} and {list(shortcut.shape)}"
+        )
+    if not isinstance(stride, int) or isinstance(stride, bool):
+        raise ValueError(f"{op}: stride must be an int, got {stride!r}")
+    unbatched = residual.dim() == 3
+    if unbatched:
+        residual, shortcut = residual.unsqueeze(0), shortcut.unsqueeze(0)
+    output = ops.residual_add(residual, shortcut, stride, bool(relu))
     return output.squeeze(0) if unbatched else output

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import functional
 from .functional import check_algo, conv2d
 
 
@@ -45,3 +46,27 @@ class Conv2d(torch.nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, algo={self.algo!r}"
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """:class:`torch.nn.MaxPool2d` computed by fastconv's kernels (same constructor and attributes)."""
+
+    def forward(self, input: torch.Tensor):
+        return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                     ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class ResidualAdd(torch.nn.Module):
+    """``forward(residual, shortcut)`` = :func:`fastconv.functional.residual_add` with this module's
+    ``stride`` and ``relu``: the skip connection of a ResNet block, as a module."""
+
+    def __init__(self, stride: int = 1, relu: bool = False) -> None:
+        super().__init__()
+        self.stride = stride
+        self.relu = relu
+
+    def forward(self, residual: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return functional.residual_add(residual, shortcut, stride=self.stride, relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, relu={self.relu}"

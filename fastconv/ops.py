@@ -145,3 +145,107 @@ torch.library.register_autograd(bias_grad, _bias_grad_backward, setup_context=_b
 for _name, _ops in CONV_OPS.items():
     _register_fakes(f"conv2d_{_name}", _ops)
     _register_autograd(_ops)
+
+
+# ---- max pooling ----------------------------------------------------------------------------------
+
+max_pool2d = _lib.max_pool2d.default
+max_pool2d_backward = _lib.max_pool2d_backward.default
+
+
+@torch.library.register_fake(max_pool2d)
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    shape = _checks.check_max_pool2d("fastconv::max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
+    fmt = suggest_memory_format(input)
+    return _empty(shape, input, fmt), torch.empty(shape, dtype=torch.int64, device=input.device, memory_format=fmt)
+
+
+@torch.library.register_fake(max_pool2d_backward)
+def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding, dilation):
+    _checks.check_max_pool2d_backward("fastconv::max_pool2d_backward", grad_output, indices, input_size, kernel_size,
+                                      stride, padding, dilation)
+    return _empty(input_size, grad_output, suggest_memory_format(grad_output))
+
+
+def _max_pool2d_setup(ctx, inputs, output):
+    input, kernel_size, stride, padding, dilation, _ceil_mode = inputs  # ceil_mode shows in the output shape
+    ctx.window = (kernel_size, stride, padding, dilation)
+    ctx.input_size = input.shape
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _max_pool2d_backward(ctx, grad_output, _grad_indices):
+    (indices,) = ctx.saved_tensors
+    return max_pool2d_backward(grad_output, indices, ctx.input_size, *ctx.window), None, None, None, None, None
+
+
+def _max_pool2d_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _max_pool2d_double_backward(ctx, grad_grad_input):
+    # max_pool2d_backward is linear in grad_output: a scatter by indices, whose adjoint is the gather.
+    (indices,) = ctx.saved_tensors
+    gathered = grad_grad_input.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+    return gathered, None, None, None, None, None, None
+
+
+torch.library.register_autograd(max_pool2d, _max_pool2d_backward, setup_context=_max_pool2d_setup)
+torch.library.register_autograd(max_pool2d_backward, _max_pool2d_double_backward,
+                                setup_context=_max_pool2d_backward_setup)
+
+
+# ---- residual add ---------------------------------------------------------------------------------
+
+residual_add = _lib.residual_add.default
+residual_add_backward = _lib.residual_add_backward.default
+
+
+@torch.library.register_fake(residual_add)
+def _residual_add_fake(residual, shortcut, stride, relu):
+    shape = _checks.check_residual_add("fastconv::residual_add", residual, shortcut, stride)
+    return _empty(shape, residual, suggest_memory_format(residual))
+
+
+@torch.library.register_fake(residual_add_backward)
+def _residual_add_backward_fake(grad_output, output, shortcut_size, stride):
+    _checks.check_residual_add_backward("fastconv::residual_add_backward", grad_output, output, shortcut_size, stride)
+    fmt = suggest_memory_format(grad_output)
+    return _empty(grad_output.shape, grad_output, fmt), _empty(shortcut_size, grad_output, fmt)
+
+
+def _residual_add_setup(ctx, inputs, output):
+    _, shortcut, ctx.stride, relu = inputs
+    ctx.shortcut_size = shortcut.shape
+    ctx.save_for_backward(output if relu else None)  # the ReLU mask is all backward needs
+
+
+def _residual_add_backward(ctx, grad_output):
+    (output,) = ctx.saved_tensors
+    grad_residual, grad_shortcut = residual_add_backward(grad_output, output, ctx.shortcut_size, ctx.stride)
+    return grad_residual, grad_shortcut, None, None
+
+
+def _residual_add_backward_setup(ctx, inputs, output):
+    grad_output, out, shortcut_size, ctx.stride = inputs
+    ctx.shortcut_size = shortcut_size
+    ctx.save_for_backward(grad_output, out)
+
+
+def _residual_add_double_backward(ctx, grad_grad_residual, grad_grad_shortcut):
+    # Linear in grad_output: d/d(grad_output) = mask * (ggr + the same subsample-and-pad of ggs as forward).
+    grad_output, output = ctx.saved_tensors
+    if grad_grad_residual is None:
+        grad_grad_residual = torch.zeros_like(grad_output)
+    if grad_grad_shortcut is None:
+        grad_grad_shortcut = grad_output.new_zeros(ctx.shortcut_size)
+    total = residual_add(grad_grad_residual, grad_grad_shortcut, ctx.stride, False)
+    if output is not None:
+        total = torch.where(output <= 0, torch.zeros_like(total), total)
+    return total, None, None, None
+
+
+torch.library.register_autograd(residual_add, _residual_add_backward, setup_context=_residual_add_setup)
+torch.library.register_autograd(residual_add_backward, _residual_add_double_backward,
+                                setup_context=_residual_add_backward_setup)

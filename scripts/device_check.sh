@@ -53,5 +53,5 @@ fi
 echo
 echo "== summary ($(head -n 3 "$OUT/env.txt" | tail -n 1))"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
-[ -f "$OUT/bench_conv2d.md" ] && cat "$OUT/bench_conv2d.md"
+[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 exit 0

@@ -1,9 +1,10 @@
 """A small program that runs every fastconv CUDA kernel once per variant, for compute-sanitizer.
 
-Covers fprop (8 and 1 output channels per thread, input staged in shared memory and not), dgrad,
-wgrad (1x1 and 3x3 tap chunks) and the bias gradient, in fp32, fp16 and bf16, NCHW and channels_last,
-and checks each result against torch so that a silent wrong answer fails too. Exit code 0 = all ran
-and matched.
+Covers conv fprop (8 and 1 output channels per thread, input staged in shared memory and not), dgrad,
+wgrad (1x1 and 3x3 tap chunks) and the bias gradient; max pooling forward and backward; residual add
+forward and backward (flat vectorised with a scalar tail, and strided), in fp32, fp16 and bf16, NCHW
+and channels_last, and checks each result against torch so that a silent wrong answer fails too. Exit
+code 0 = all ran and matched.
 """
 import sys
 from pathlib import Path
@@ -23,11 +24,40 @@ CASES = [  # (input shape, weight shape, stride, padding, dilation, groups)
 ]
 
 
+def rel_err(a, r) -> float:
+    return ((a.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)).item()
+
+
+def check_pool_and_residual(dtype, layout) -> int:
+    failures = 0
+    x = torch.randn(2, 6, 13, 11, device="cuda", dtype=dtype).to(memory_format=layout).requires_grad_()
+    y, idx = fastconv.functional.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+    ry, ridx = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    (rgx,) = torch.autograd.grad(ry, x, torch.ones_like(ry))
+    ok = torch.equal(y, ry) and torch.equal(idx, ridx) and rel_err(gx, rgx) < 1e-2
+    for shapes, stride in ((((2, 8, 9, 7), (2, 8, 9, 7)), 1), (((1, 3, 5, 7), (1, 3, 5, 7)), 1),
+                           (((2, 8, 5, 4), (2, 4, 9, 8)), 2)):
+        r = torch.randn(shapes[0], device="cuda", dtype=dtype).to(memory_format=layout).requires_grad_()
+        s = torch.randn(shapes[1], device="cuda", dtype=dtype).to(memory_format=layout).requires_grad_()
+        out = fastconv.functional.residual_add(r, s, stride=stride, relu=True)
+        ref = torch.relu(r + F.pad(s[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, r.shape[1] - s.shape[1])))
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(out, (r, s), g)
+        ref_grads = torch.autograd.grad(ref, (r, s), g)
+        ok = ok and torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    if not ok:
+        failures += 1
+        print(f"MISMATCH max_pool2d/residual_add {dtype} {layout}")
+    return failures
+
+
 def main() -> int:
     assert fastconv.WITH_CUDA and torch.cuda.is_available(), "needs a GPU and the CUDA build"
     failures = 0
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
         for layout in (torch.contiguous_format, torch.channels_last):
+            failures += check_pool_and_residual(dtype, layout)
             for xs, ws, stride, padding, dilation, groups in CASES:
                 x = torch.randn(xs, device="cuda", dtype=dtype).to(memory_format=layout).requires_grad_()
                 w = torch.randn(ws, device="cuda", dtype=dtype).requires_grad_()
@@ -40,7 +70,7 @@ def main() -> int:
                 ref = F.conv2d(x64, w64, b64, *args)
                 ref_grads = torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref))
                 for name, a, r in [("y", y, ref)] + list(zip(("dx", "dw", "db"), grads, ref_grads)):
-                    err = ((a.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+                    err = rel_err(a, r)
                     if not err <= tol:
                         failures += 1
                         print(f"MISMATCH {dtype} {layout} {xs} {ws} {name}: relative error {err:.3g}")

@@ -109,6 +109,7 @@ def test_convert_torchvision_resnet18():
     fastconv.convert(model)
     n_convs = sum(type(m) is fastconv.Conv2d for m in model.modules())
     assert n_convs == 20 and not any(type(m) is nn.Conv2d for m in model.modules())
+    assert type(model.maxpool) is fastconv.MaxPool2d
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert_close_to(model(x), reference(x), 1e-4, "logits")

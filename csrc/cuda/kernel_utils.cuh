@@ -70,6 +70,24 @@ __device__ __forceinline__ Split split_index(int64_t i, int64_t inner_extent, bo
   return {i / inner_extent, i % inner_extent};
 }
 
+// (a, b, c, d) of flat index i over extents (*, B, C, D), d fastest.
+struct Index4 {
+  int64_t a, b, c, d;
+};
+__device__ __forceinline__ Index4 split_index4(int64_t i, int64_t B, int64_t C, int64_t D, bool fits_32bit) {
+  const Split s1 = split_index(i, D, fits_32bit);
+  const Split s2 = split_index(s1.outer, C, fits_32bit);
+  const Split s3 = split_index(s2.outer, B, fits_32bit);
+  return {s3.outer, s3.inner, s2.inner, s1.inner};
+}
+
+// Blocks for a grid-stride loop over `total` elements with `threads` per block: enough to fill any GPU,
+// few enough that each thread does several elements.
+inline unsigned elementwise_blocks(int64_t total, int threads) {
+  const int64_t blocks = ceil_div(total, threads);
+  return static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
+}
+
 // Sum of v over the block, returned to every thread. `scratch` holds one float per warp. The order of
 // additions is fixed, so results are bitwise reproducible. Every thread of the block must call it.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

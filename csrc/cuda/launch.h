@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../conv2d_problem.h"
+#include "../residual_add_shape.h"
 
 namespace fastconv {
 
@@ -32,5 +33,31 @@ cudaError_t launch_conv2d_direct_wgrad(const Conv2dProblem& pb, DType dtype, con
 // db[k] = sum over n, p, q of dy[n, k, p, q] for a (N, K, P, Q) grad_output with the given strides.
 cudaError_t launch_conv2d_bias_grad(int64_t N, int64_t K, int64_t P, int64_t Q, DType dtype, const void* dy,
                                     Strides4 dys, void* db, cudaStream_t stream);
+
+// Max pooling over the window geometry of `pb` (K = C = groups, R x S the window). indices hold the
+// flat h * W + w position of each maximum in its plane, as torch's do.
+cudaError_t launch_max_pool2d_forward(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs, void* y,
+                                      Strides4 ys, int64_t* indices, Strides4 is, bool channels_fastest,
+                                      cudaStream_t stream);
+cudaError_t launch_max_pool2d_backward(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
+                                       const int64_t* indices, Strides4 is, void* dx, Strides4 dxs,
+                                       bool channels_fastest, cudaStream_t stream);
+
+// Flat fast path: stride 1, equal shapes and one dense layout for all tensors; 16-byte vectors when every
+// pointer is 16-byte aligned, a scalar tail otherwise.
+cudaError_t launch_residual_add_flat(DType dtype, const void* residual, const void* shortcut, void* out,
+                                     int64_t numel, bool relu, cudaStream_t stream);
+cudaError_t launch_residual_add_strided(const ResidualAddShape& shape, DType dtype, const void* residual,
+                                        Strides4 rs, const void* shortcut, Strides4 ss, void* out, Strides4 os,
+                                        bool relu, cudaStream_t stream);
+// Backward, in one kernel: grad_residual = grad_output * (output > 0 when `output` is given, i.e. the
+// forward had relu), grad_shortcut = that at the strided positions of the first J channels, 0 elsewhere.
+cudaError_t launch_residual_add_backward_flat(DType dtype, const void* grad_output, const void* output,
+                                              void* grad_residual, void* grad_shortcut, int64_t numel,
+                                              cudaStream_t stream);
+cudaError_t launch_residual_add_backward_strided(const ResidualAddShape& shape, DType dtype, const void* grad_output,
+                                                 Strides4 gos, const void* output, Strides4 os, void* grad_residual,
+                                                 Strides4 grs, void* grad_shortcut, Strides4 gss,
+                                                 cudaStream_t stream);
 
 }  // namespace fastconv

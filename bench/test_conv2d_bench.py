@@ -1,6 +1,7 @@
 """conv2d throughput, fastconv against native torch (cuDNN on GPU), same inputs, same run.
 
-Each (layer, pass, dtype) is one pytest-benchmark group holding a `fastconv` and a `torch` row; the table
+Each (layer, pass, dtype) is one pytest-benchmark group holding a row per fastconv algorithm and one for
+torch; the table
 printed last uses the median of event-timed calls (bench/timing.py) and GFLOP/s from the layer's forward
 FLOPs (fprop) or three times that (fprop + dgrad + wgrad).
 """
@@ -15,9 +16,11 @@ from shapes import CPU_LAYERS, GPU_LAYERS
 LAYERS = GPU_LAYERS if DEVICE == "cuda" else CPU_LAYERS
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 IMPLS = {
-    "fastconv": lambda x, w, layer: fastconv.functional.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups, algo="direct"),
-    "torch": lambda x, w, layer: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups),
+    f"fastconv-{algo}": (lambda algo: lambda x, w, layer: fastconv.functional.conv2d(
+        x, w, None, layer.stride, layer.padding, 1, layer.groups, algo=algo))(algo)
+    for algo in fastconv.CONV_ALGOS if algo != "auto"
 }
+IMPLS["torch"] = lambda x, w, layer: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include "conv2d_im2col_plan.h"
 #include "tensor_checks.h"
 
 namespace fastconv {
@@ -109,6 +110,17 @@ Conv2dProblem check_conv2d_wgrad(const char* op, const at::Tensor& grad_output, 
 void check_bias_grad(const char* op, const at::Tensor& grad_output) {
   check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)");
   check_floating(op, grad_output, "grad_output");
+}
+
+int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, int64_t element_bytes,
+                               int64_t workspace_bytes) {
+  TORCH_CHECK_VALUE(workspace_bytes > 0, op, ": workspace_bytes must be positive, got ", workspace_bytes);
+  if (im2col_is_pointwise(pb)) return pb.N > 0 ? pb.N : 1;  // the activation is the matrix: no workspace
+  const int64_t images = im2col_images_per_chunk(pb, element_bytes, workspace_bytes);
+  TORCH_CHECK_VALUE(images > 0, op, ": one image's im2col matrix needs ", im2col_elements_per_image(pb) * element_bytes,
+                    " bytes, more than the workspace limit of ", workspace_bytes,
+                    " bytes; raise it (fastconv.backends.set_workspace_limit) or use algo='direct'");
+  return images;
 }
 
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b) {

@@ -18,6 +18,18 @@ TORCH_LIBRARY(fastconv, m) {
   m.def(
       "conv2d_direct_wgrad(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  // im2col + GEMM: the convolution as a matrix product, the batch processed in chunks whose im2col matrix
+  // stays within workspace_bytes (results do not depend on the chunking).
+  m.def(
+      "conv2d_im2col(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int workspace_bytes) -> Tensor");
+  m.def(
+      "conv2d_im2col_dgrad(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int workspace_bytes) -> Tensor");
+  m.def(
+      "conv2d_im2col_wgrad(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int workspace_bytes) -> Tensor");
+
   // Sum of grad_output over batch and space: the gradient of a per-channel bias.
   m.def("conv2d_bias_grad(Tensor grad_output) -> Tensor");
 

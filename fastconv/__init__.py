@@ -11,7 +11,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
     ) from e
 
 from . import ops  # noqa: F401  (registers fakes and autograd)
-from . import functional
+from . import backends, functional
 from .convert import convert
 from .functional import CONV_ALGOS
 from .nn import Conv2d, MaxPool2d, ResidualAdd
@@ -20,4 +20,4 @@ from .nn import Conv2d, MaxPool2d, ResidualAdd
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 
 __version__ = "0.1.0"
-__all__ = ["CONV_ALGOS", "Conv2d", "MaxPool2d", "ResidualAdd", "WITH_CUDA", "convert", "functional"]
+__all__ = ["CONV_ALGOS", "backends", "Conv2d", "MaxPool2d", "ResidualAdd", "WITH_CUDA", "convert", "functional"]

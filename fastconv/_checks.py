@@ -153,6 +153,12 @@ def check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dil
     _check_grad_output_shape(op, grad_output, shape)
 
 
+def check_algo_args(op, extra) -> None:
+    """The algorithm-specific arguments after groups: im2col's workspace_bytes."""
+    if extra and extra[0] <= 0:
+        raise ValueError(f"{op}: workspace_bytes must be positive, got {extra[0]}")
+
+
 def check_bias_grad(op, grad_output) -> None:
     _check_rank4(op, grad_output, "grad_output", "(N, K, P, Q)")
     _check_floating(op, grad_output, "grad_output")

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import backends, ops
 from .ops import CONV_OPS
 
-#: Every name ``algo=`` accepts. ``"auto"`` chooses per call (today: ``"direct"``, the only algorithm).
+#: Every name ``algo=`` accepts. ``"auto"`` chooses per call (:mod:`fastconv.backends`).
 CONV_ALGOS: tuple[str, ...] = ("auto",) + tuple(CONV_OPS)
 
 
@@ -18,8 +18,10 @@ def check_algo(algo: str) -> None:
         raise ValueError(f"fastconv: unknown algo {algo!r}; expected one of {CONV_ALGOS}")
 
 
-def _select_algo(algo: str) -> str:
-    return "direct" if algo == "auto" else algo
+def _conv_call(algo: str, input, weight, bias, stride, padding, dilation, groups):
+    """Runs one algorithm's forward op (im2col also takes the workspace limit)."""
+    extra = (backends.workspace_limit(),) if algo == "im2col" else ()
+    return CONV_OPS[algo].fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra)
 
 
 def _pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
@@ -68,7 +70,8 @@ def conv2d(
         padding: an int or a pair of non-negative ints (zeros on both sides), ``'valid'`` (none) or
             ``'same'`` (output as large as the input; stride 1 only).
         groups: splits the channels into independent groups (``groups == C`` is depthwise).
-        algo: one of :data:`CONV_ALGOS`.
+        algo: one of :data:`CONV_ALGOS`: ``"direct"``, ``"im2col"`` (im2col + GEMM, the batch chunked to
+            the workspace limit of :mod:`fastconv.backends`), or ``"auto"`` (chosen per call, see there).
 
     The output has torch's memory format (channels_last if the input or the weight is). Supported dtypes
     are float32, float16 and bfloat16, plus float64 on the CPU; fp16/bf16 accumulate in fp32.
@@ -103,8 +106,11 @@ def conv2d(
         padding = _pair(padding, "padding")
     if not isinstance(groups, int) or isinstance(groups, bool):
         raise ValueError(f"fastconv.conv2d: groups must be an int, got {groups!r}")
-    fprop = CONV_OPS[_select_algo(algo)].fprop
-    output = fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups)
+    args = (input, weight, bias, stride, padding, dilation, groups)
+    if algo == "auto":
+        candidates = {name: (lambda name=name: _conv_call(name, *args)) for name in CONV_OPS}
+        algo = backends.choose_algo(*args, candidates=candidates)
+    output = _conv_call(algo, *args)
     return output.squeeze(0) if unbatched else output
 
 

@@ -31,6 +31,8 @@ class ConvOps(NamedTuple):
 
 CONV_OPS: dict[str, ConvOps] = {
     "direct": ConvOps(_lib.conv2d_direct.default, _lib.conv2d_direct_dgrad.default, _lib.conv2d_direct_wgrad.default),
+    # The im2col ops take one more argument, workspace_bytes; it rides along with the conv arguments.
+    "im2col": ConvOps(_lib.conv2d_im2col.default, _lib.conv2d_im2col_dgrad.default, _lib.conv2d_im2col_wgrad.default),
 }
 
 bias_grad = _lib.conv2d_bias_grad.default
@@ -50,21 +52,26 @@ def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> tor
 
 
 def _register_fakes(name: str, ops: ConvOps) -> None:
+    # `extra` is the algorithm's own arguments after groups (im2col: workspace_bytes).
     @torch.library.register_fake(ops.fprop)
-    def _fprop_fake(input, weight, bias, stride, padding, dilation, groups):
-        shape = _checks.check_conv2d_fprop(f"fastconv::{name}", input, weight, bias, stride, padding, dilation, groups)
+    def _fprop_fake(input, weight, bias, stride, padding, dilation, groups, *extra):
+        op = f"fastconv::{name}"
+        shape = _checks.check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups)
+        _checks.check_algo_args(op, extra)
         return _empty(shape, input, output_memory_format(input, weight))
 
     @torch.library.register_fake(ops.dgrad)
-    def _dgrad_fake(grad_output, weight, input_size, stride, padding, dilation, groups):
-        _checks.check_conv2d_dgrad(f"fastconv::{name}_dgrad", grad_output, weight, input_size, stride, padding,
-                                   dilation, groups)
+    def _dgrad_fake(grad_output, weight, input_size, stride, padding, dilation, groups, *extra):
+        op = f"fastconv::{name}_dgrad"
+        _checks.check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups)
+        _checks.check_algo_args(op, extra)
         return _empty(input_size, grad_output, output_memory_format(grad_output, weight))
 
     @torch.library.register_fake(ops.wgrad)
-    def _wgrad_fake(grad_output, input, weight_size, stride, padding, dilation, groups):
-        _checks.check_conv2d_wgrad(f"fastconv::{name}_wgrad", grad_output, input, weight_size, stride, padding,
-                                   dilation, groups)
+    def _wgrad_fake(grad_output, input, weight_size, stride, padding, dilation, groups, *extra):
+        op = f"fastconv::{name}_wgrad"
+        _checks.check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups)
+        _checks.check_algo_args(op, extra)
         return _empty(weight_size, grad_output, output_memory_format(grad_output, input))
 
 
@@ -97,7 +104,7 @@ def _register_autograd(ops: ConvOps) -> None:
             grad_weight = ops.wgrad(grad_output, input, weight.shape, *ctx.conv_args)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = bias_grad(grad_output)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return (grad_input, grad_weight, grad_bias) + (None,) * len(ctx.conv_args)
 
     def dgrad_setup(ctx, inputs, output):
         grad_output, weight, input_size, *conv_args = inputs
@@ -111,7 +118,7 @@ def _register_autograd(ops: ConvOps) -> None:
             d_grad_output = ops.fprop(grad_grad_input, weight, None, *ctx.conv_args)
         if ctx.needs_input_grad[1]:
             d_weight = ops.wgrad(grad_output, grad_grad_input, weight.shape, *ctx.conv_args)
-        return d_grad_output, d_weight, None, None, None, None, None
+        return (d_grad_output, d_weight, None) + (None,) * len(ctx.conv_args)
 
     def wgrad_setup(ctx, inputs, output):
         grad_output, input, weight_size, *conv_args = inputs
@@ -125,7 +132,7 @@ def _register_autograd(ops: ConvOps) -> None:
             d_grad_output = ops.fprop(input, grad_grad_weight, None, *ctx.conv_args)
         if ctx.needs_input_grad[1]:
             d_input = ops.dgrad(grad_output, grad_grad_weight, input.shape, *ctx.conv_args)
-        return d_grad_output, d_input, None, None, None, None, None
+        return (d_grad_output, d_input, None) + (None,) * len(ctx.conv_args)
 
     torch.library.register_autograd(ops.fprop, fprop_backward, setup_context=fprop_setup)
     torch.library.register_autograd(ops.dgrad, dgrad_backward, setup_context=dgrad_setup)

@@ -1,7 +1,8 @@
 """A small program that runs every fastconv CUDA kernel once per variant, for compute-sanitizer.
 
-Covers conv fprop (8 and 1 output channels per thread, input staged in shared memory and not), dgrad,
-wgrad (1x1 and 3x3 tap chunks) and the bias gradient; max pooling forward and backward; residual add
+Covers direct conv fprop (8 and 1 output channels per thread, input staged in shared memory and not),
+dgrad, wgrad (1x1 and 3x3 tap chunks) and the bias gradient; im2col, col2im and the GEMM (SIMT for fp32,
+WMMA for fp16/bf16, the 1x1 path without im2col); max pooling forward and backward; residual add
 forward and backward (flat vectorised with a scalar tail, and strided), in fp32, fp16 and bf16, NCHW
 and channels_last, and checks each result against torch so that a silent wrong answer fails too. Exit
 code 0 = all ran and matched.
@@ -19,6 +20,7 @@ CASES = [  # (input shape, weight shape, stride, padding, dilation, groups)
     ((2, 16, 13, 11), (24, 16, 3, 3), 1, 1, 1, 1),  # 8 channels per thread, staged input
     ((2, 6, 9, 9), (6, 1, 3, 3), 2, 1, 1, 6),  # depthwise: 1 channel per thread
     ((1, 8, 7, 6), (16, 8, 1, 1), 2, 0, 1, 1),  # 1x1, strided
+    ((2, 8, 5, 6), (16, 8, 1, 1), 1, 0, 1, 2),  # 1x1 stride 1: im2col's GEMM reads the input in place
     ((1, 2, 130, 130), (8, 2, 3, 3), 1, 1, 60, 1),  # patch too large: input read from global
     ((1, 3, 23, 23), (4, 3, 11, 11), 4, 2, 1, 1),  # AlexNet-like
 ]
@@ -63,17 +65,18 @@ def main() -> int:
                 w = torch.randn(ws, device="cuda", dtype=dtype).requires_grad_()
                 b = torch.randn(ws[0], device="cuda", dtype=dtype).requires_grad_()
                 args = (stride, padding, dilation, groups)
-                y = fastconv.functional.conv2d(x, w, b, *args)
-                grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
-                torch.cuda.synchronize()
                 x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
                 ref = F.conv2d(x64, w64, b64, *args)
                 ref_grads = torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref))
-                for name, a, r in [("y", y, ref)] + list(zip(("dx", "dw", "db"), grads, ref_grads)):
-                    err = rel_err(a, r)
-                    if not err <= tol:
-                        failures += 1
-                        print(f"MISMATCH {dtype} {layout} {xs} {ws} {name}: relative error {err:.3g}")
+                for algo in ("direct", "im2col"):
+                    y = fastconv.functional.conv2d(x, w, b, *args, algo=algo)
+                    grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+                    torch.cuda.synchronize()
+                    for name, a, r in [("y", y, ref)] + list(zip(("dx", "dw", "db"), grads, ref_grads)):
+                        err = rel_err(a, r)
+                        if not err <= tol:
+                            failures += 1
+                            print(f"MISMATCH {algo} {dtype} {layout} {xs} {ws} {name}: relative error {err:.3g}")
     print(f"sanitizer smoke: {failures} mismatches")
     return 1 if failures else 0
 

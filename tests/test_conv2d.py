@@ -10,6 +10,7 @@ from helpers import EPS, assert_close_to, rel_err
 from fastconv.functional import conv2d
 
 ALGOS = list(fastconv.CONV_ALGOS)
+KERNELS = [a for a in ALGOS if a != "auto"]  # the algorithms themselves
 
 
 def run_both(case, x, w, b, algo, grad_output=None):
@@ -35,12 +36,13 @@ def test_matches_torch_float64_cpu(case, algo):
         assert_close_to(g, rg, 1e-12, f"grad {name}")
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_torch_float32(case, device):
+def test_matches_torch_float32(case, device, algo):
     """fp32 against torch's fp64 result on the same inputs (the fp32 kernels accumulate in fp32)."""
     x, w, b = case.make(device=device, requires_grad=True)
-    y = conv2d(x, w, b, **case.conv_kwargs())
+    y = conv2d(x, w, b, **case.conv_kwargs(), algo=algo)
     gy = torch.randn_like(y)
     leaves = [t for t in (x, w, b) if t is not None]
     grads = torch.autograd.grad(y, leaves, gy)
@@ -54,14 +56,15 @@ def test_matches_torch_float32(case, device):
         assert_close_to(g, rg.float(), 1e-5, f"grad {name}")
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_low_precision_error_bounded_by_torchs(case, device, dtype):
+def test_low_precision_error_bounded_by_torchs(case, device, dtype, algo):
     """fp16/bf16: our error against an fp64 reference is at most twice torch's own at that dtype."""
     x, w, b = case.make(device=device, dtype=dtype, requires_grad=True)
     leaves = [t for t in (x, w, b) if t is not None]
-    y = conv2d(x, w, b, **case.conv_kwargs())
+    y = conv2d(x, w, b, **case.conv_kwargs(), algo=algo)
     ref = F.conv2d(x, w, b, **case.conv_kwargs())
     assert y.dtype == dtype
     gy = torch.randn_like(y)
@@ -80,22 +83,24 @@ def test_low_precision_error_bounded_by_torchs(case, device, dtype):
         assert ours_err <= bound, f"{what}: error {ours_err:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g})"
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
-def test_gradcheck_and_gradgradcheck_float64(case):
+def test_gradcheck_and_gradgradcheck_float64(case, algo):
     x, w, b = case.make(dtype=torch.float64, requires_grad=True)
     inputs = (x, w, b) if b is not None else (x, w)
 
     def fn(*args):
-        return conv2d(*args, **case.conv_kwargs())
+        return conv2d(*args, **case.conv_kwargs(), algo=algo)
 
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("input_cl", [False, True], ids=["x_nchw", "x_cl"])
 @pytest.mark.parametrize("weight_cl", [False, True], ids=["w_nchw", "w_cl"])
-def test_channels_last_values_and_output_format(device, input_cl, weight_cl):
+def test_channels_last_values_and_output_format(device, input_cl, weight_cl, algo):
     case = next(c for c in CASES if c.name == "groups2")
     x, w, b = case.make(device=device)
     if input_cl:
@@ -104,7 +109,7 @@ def test_channels_last_values_and_output_format(device, input_cl, weight_cl):
         w = w.to(memory_format=torch.channels_last)
     for t in (x, w, b):
         t.requires_grad_()
-    y, ref, grads, ref_grads = run_both(case, x, w, b, "auto")
+    y, ref, grads, ref_grads = run_both(case, x, w, b, algo)
     for fmt in (torch.contiguous_format, torch.channels_last):
         assert y.is_contiguous(memory_format=fmt) == ref.is_contiguous(memory_format=fmt)
     assert_close_to(y, ref, 1e-4, "output")
@@ -112,8 +117,9 @@ def test_channels_last_values_and_output_format(device, input_cl, weight_cl):
         assert_close_to(g, rg, 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_inputs(device):
+def test_non_contiguous_inputs(device, algo):
     """Transposed and sliced views, read through their strides (or copied) but never misread."""
     x_big = torch.randn(2, 8, 11, 9, device=device)
     x = x_big[:, ::2].transpose(2, 3).requires_grad_(False)  # (2, 4, 9, 11), non-contiguous
@@ -121,9 +127,9 @@ def test_non_contiguous_inputs(device):
     b = torch.randn(12, device=device)[::2]  # strided bias
     x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
     assert not x.is_contiguous() and not w.is_contiguous() and not b.is_contiguous()
-    kwargs = dict(stride=(1, 2), padding=(2, 1), groups=2)
+    kwargs = dict(stride=(1, 2), padding=(2, 1), groups=2, algo=algo)
     y = conv2d(x, w, b, **kwargs)
-    ref = F.conv2d(x, w, b, **kwargs)
+    ref = F.conv2d(x, w, b, **{k: v for k, v in kwargs.items() if k != "algo"})
     gy = torch.randn_like(ref).transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous grad too
     grads = torch.autograd.grad(y, (x, w, b), gy)
     ref_grads = torch.autograd.grad(ref, (x, w, b), gy)
@@ -132,13 +138,14 @@ def test_non_contiguous_inputs(device):
         assert_close_to(g, rg, 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_expanded_grad_output(device):
+def test_expanded_grad_output(device, algo):
     """grad_output of y.sum() is an expanded tensor with zero strides."""
     x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
     b = torch.randn(4, device=device, requires_grad=True)
-    conv2d(x, w, b, padding=1).sum().backward()
+    conv2d(x, w, b, padding=1, algo=algo).sum().backward()
     grads = [t.grad for t in (x, w, b)]
     for t in (x, w, b):
         t.grad = None
@@ -147,12 +154,13 @@ def test_expanded_grad_output(device):
         assert_close_to(g, t.grad, 1e-5)
 
 
+@pytest.mark.parametrize("algo", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_empty_batch_gradients_are_zero(device):
+def test_empty_batch_gradients_are_zero(device, algo):
     x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
     b = torch.randn(4, device=device, requires_grad=True)
-    y = conv2d(x, w, b, padding=1)
+    y = conv2d(x, w, b, padding=1, algo=algo)
     assert y.shape == (0, 4, 8, 8)
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -168,12 +176,13 @@ def test_deterministic_cpu():
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_bitwise_reproducible():
+@pytest.mark.parametrize("algo", KERNELS)
+def test_cuda_bitwise_reproducible(algo):
     case = next(c for c in CASES if c.name == "many_c_steps")
     x, w, b = case.make(device="cuda", requires_grad=True)
     runs = []
     for _ in range(3):
-        y = conv2d(x, w, b, **case.conv_kwargs())
+        y = conv2d(x, w, b, **case.conv_kwargs(), algo=algo)
         runs.append((y,) + torch.autograd.grad(y, (x, w, b), torch.ones_like(y)))
     for other in runs[1:]:
         assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
@@ -181,15 +190,23 @@ def test_cuda_bitwise_reproducible():
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", [(32, 64, 56, 56, 64, 3, 1), (8, 256, 14, 14, 512, 3, 2), (4, 3, 224, 224, 64, 7, 2)])
-def test_cuda_resnet_layer_shapes(shape):
-    """Realistic layers: many blocks, the grid-stride loop and full tiles."""
+@pytest.mark.parametrize("algo", KERNELS)
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56, 64, 3, 1), (8, 256, 14, 14, 512, 3, 2), (4, 3, 224, 224, 64, 7, 2),
+                                   (16, 256, 14, 14, 1024, 1, 1)])
+def test_cuda_resnet_layer_shapes(shape, algo):
+    """Realistic layers: many blocks, the grid-stride loops and full tiles; forward and both gradients."""
     n, c, hw, _, k, r, stride = shape
-    x = torch.randn(n, c, hw, hw, device="cuda")
-    w = torch.randn(k, c, r, r, device="cuda") / (c * r * r) ** 0.5
-    y = conv2d(x, w, None, stride=stride, padding=r // 2)
-    ref = F.conv2d(x.double(), w.double(), None, stride=stride, padding=r // 2)
+    x = torch.randn(n, c, hw, hw, device="cuda", requires_grad=True)
+    w = (torch.randn(k, c, r, r, device="cuda") / (c * r * r) ** 0.5).requires_grad_()
+    y = conv2d(x, w, None, stride=stride, padding=r // 2, algo=algo)
+    gy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.conv2d(x64, w64, None, stride=stride, padding=r // 2)
+    rgx, rgw = torch.autograd.grad(ref, (x64, w64), gy.double())
     assert_close_to(y, ref.float(), 1e-5, "output")
+    assert_close_to(gx, rgx.float(), 1e-5, "grad input")
+    assert_close_to(gw, rgw.float(), 1e-4, "grad weight")
 
 
 @cuda

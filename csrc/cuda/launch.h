@@ -60,4 +60,32 @@ cudaError_t launch_residual_add_backward_strided(const ResidualAddShape& shape, 
                                                  Strides4 grs, void* grad_shortcut, Strides4 gss,
                                                  cudaStream_t stream);
 
+// A batched matrix product through element strides: for every batch (outer, inner),
+//     C[m, n] (+)= sum over k of A[m, k] * B[k, n]  (+ bias[n])
+// A is M x K, B is K x N, C is M x N; each matrix is offset by outer * *_bo + inner * *_bi and bias by
+// inner * bias_bi. Strides let one kernel serve the NN, NT and TN products of fprop, dgrad and wgrad and
+// read or write NCHW and channels_last tensors in place. Accumulation is in fp32; fp16/bf16 use tensor
+// cores (WMMA) on sm_80+.
+struct GemmProblem {
+  int64_t M, N, K;
+  int64_t a_m, a_k, b_k, b_n, c_m, c_n;
+  int64_t batch_outer, batch_inner;
+  int64_t a_bo, a_bi, b_bo, b_bi, c_bo, c_bi, bias_bi;
+  bool accumulate;  // C += A B (C already holds a partial sum) instead of C = A B
+};
+
+// A, B and bias have element type `dtype`; C has it too, or is fp32 when c_fp32 (wgrad accumulating over
+// batch chunks keeps its sum in fp32).
+cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const void* A, const void* B,
+                        const void* bias, void* C, cudaStream_t stream);
+
+// im2col for images [n0, n0 + images) of the activation: col[m, k] with m = (n - n0, p, q) and
+// k = (c, r, s), row-major (M = images * P * Q rows of C * R * S), zero where the tap reads padding.
+cudaError_t launch_im2col(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs, int64_t n0,
+                          int64_t images, void* col, cudaStream_t stream);
+// col2im, the adjoint: dx[n, c, h, w] = sum of the col entries that im2col copied from (h, w), gathered
+// (no atomics) for images [n0, n0 + images); dx is written through its strides.
+cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const void* col, int64_t n0, int64_t images,
+                          void* dx, Strides4 dxs, cudaStream_t stream);
+
 }  // namespace fastconv

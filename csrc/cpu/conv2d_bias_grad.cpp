@@ -1,6 +1,7 @@
 // CPU twin of the bias gradient: db[k] = sum over n, p, q of dy[n, k, p, q], one channel per task,
 // accumulated in float (fp16/bf16/fp32) or double (fp64).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

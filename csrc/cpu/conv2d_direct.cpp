@@ -3,7 +3,8 @@
 // with at::parallel_for; each plane accumulates in a private buffer (float for fp16/bf16/fp32, double for
 // fp64), so results do not depend on the thread count. Inputs are read as contiguous NCHW; the output is
 // returned in the memory format torch's own conv2d would give.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,10 @@
 // CPU twin of the im2col + GEMM convolution: the same chunking (csrc/conv2d_im2col_plan.h) and the same
 // col layout as the CUDA path, with im2col/col2im as loops over the shared index math and the matrix
 // products through at::mm (BLAS). fp16/bf16 inputs are computed in fp32 and rounded once at the end.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

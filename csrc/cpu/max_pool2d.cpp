@@ -3,7 +3,8 @@
 // h * W + w index in its plane; padding never wins (it acts as -inf). Backward gathers: each input
 // element sums the gradients of the windows whose recorded index is its own, so no two tasks write one
 // element and the result does not depend on the thread count.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

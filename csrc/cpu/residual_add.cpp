@@ -1,6 +1,8 @@
 // CPU twin of the residual add and its backward (see csrc/cuda/residual_add_kernel.cu for the formula),
 // one (image, channel) plane per task on contiguous NCHW copies; fp32 (fp64) arithmetic, one rounding.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,8 @@
 // Host wrappers of the direct-convolution CUDA kernels: check the arguments, pick the device and the
 // current stream, allocate the output in torch's memory format, return early when it is empty, launch and
 // check the launch. The kernels index through element strides, so no input is copied.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

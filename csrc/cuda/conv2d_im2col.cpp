@@ -4,7 +4,9 @@
 // images so that the col workspace stays under the limit (csrc/conv2d_im2col_plan.h). 1x1 stride-1
 // unpadded filters skip im2col: fprop and dgrad read and write the activations in place, wgrad reads the
 // input's pixel matrix (a transposing copy for NCHW, free for channels_last). No cuDNN/cuBLAS: the GEMM is csrc/cuda/gemm_kernel.cu.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

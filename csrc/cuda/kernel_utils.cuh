@@ -81,6 +81,21 @@ __device__ __forceinline__ Index4 split_index4(int64_t i, int64_t B, int64_t C, 
   return {s3.outer, s3.inner, s2.inner, s1.inner};
 }
 
+// (n, c, h, w) of the i-th element when walking an (N, C, H, W) tensor channel-fastest (channels_last
+// memory order) or column-fastest (NCHW memory order): neighbouring threads then touch neighbouring addresses.
+struct Nchw {
+  int64_t n, c, h, w;
+};
+__device__ __forceinline__ Nchw split_nchw(int64_t i, int64_t C, int64_t H, int64_t W, bool channels_fastest,
+                                           bool fits_32bit) {
+  if (channels_fastest) {
+    const Index4 t = split_index4(i, H, W, C, fits_32bit);
+    return {t.a, t.d, t.b, t.c};
+  }
+  const Index4 t = split_index4(i, C, H, W, fits_32bit);
+  return {t.a, t.b, t.c, t.d};
+}
+
 // Blocks for a grid-stride loop over `total` elements with `threads` per block: enough to fill any GPU,
 // few enough that each thread does several elements.
 inline unsigned elementwise_blocks(int64_t total, int threads) {

@@ -1,6 +1,7 @@
 // Host wrappers of the max-pooling CUDA kernels (checks, device guard, current stream, empty early-out,
 // launch check). The kernels index through strides: nothing is copied.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

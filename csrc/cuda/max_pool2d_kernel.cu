@@ -25,14 +25,8 @@ max_pool2d_forward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32b
   const int64_t total = pb.N * pb.C * pb.P * pb.Q;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, p, q;
-    if (channels_fastest) {
-      const Index4 t = split_index4(i, pb.P, pb.Q, pb.C, fits_32bit);
-      n = t.a, p = t.b, q = t.c, c = t.d;
-    } else {
-      const Index4 t = split_index4(i, pb.C, pb.P, pb.Q, fits_32bit);
-      n = t.a, c = t.b, p = t.c, q = t.d;
-    }
+    const Nchw o = split_nchw(i, pb.C, pb.P, pb.Q, channels_fastest, fits_32bit);
+    const int64_t n = o.n, c = o.c, p = o.h, q = o.w;
     int64_t best = -1;
     float best_val = -cuda::std::numeric_limits<float>::infinity();
     T best_raw = from_float<T>(best_val);
@@ -64,14 +58,8 @@ max_pool2d_backward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32
   const int64_t total = pb.N * pb.C * pb.H * pb.W;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, w;
-    if (channels_fastest) {
-      const Index4 t = split_index4(i, pb.H, pb.W, pb.C, fits_32bit);
-      n = t.a, h = t.b, w = t.c, c = t.d;
-    } else {
-      const Index4 t = split_index4(i, pb.C, pb.H, pb.W, fits_32bit);
-      n = t.a, c = t.b, h = t.c, w = t.d;
-    }
+    const Nchw e = split_nchw(i, pb.C, pb.H, pb.W, channels_fastest, fits_32bit);
+    const int64_t n = e.n, c = e.c, h = e.h, w = e.w;
     const int64_t me = h * pb.W + w;
     float acc = 0.f;
     for (int64_t r = 0; r < pb.R; ++r) {

@@ -1,6 +1,7 @@
 // Host wrappers of the residual-add CUDA kernels: the flat vectorised kernel when stride is 1, the shapes
 // match and every tensor is dense in one layout; the strided kernel otherwise.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

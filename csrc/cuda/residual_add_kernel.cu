@@ -85,14 +85,8 @@ residual_add_strided_kernel(ResidualAddShape sh, bool channels_fastest, bool fit
   const int64_t total = sh.N * sh.C * sh.P * sh.Q;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, j, p, q;
-    if (channels_fastest) {
-      const Index4 t = split_index4(i, sh.P, sh.Q, sh.C, fits_32bit);
-      n = t.a, p = t.b, q = t.c, j = t.d;
-    } else {
-      const Index4 t = split_index4(i, sh.C, sh.P, sh.Q, fits_32bit);
-      n = t.a, j = t.b, p = t.c, q = t.d;
-    }
+    const Nchw o = split_nchw(i, sh.C, sh.P, sh.Q, channels_fastest, fits_32bit);
+    const int64_t n = o.n, j = o.c, p = o.h, q = o.w;
     float v = to_float(r[rs.offset(n, j, p, q)]);
     if (j < sh.J) v += to_float(s[ss.offset(n, j, p * sh.stride, q * sh.stride)]);
     out[os.offset(n, j, p, q)] = from_float<T>(activate<RELU>(v));
@@ -111,14 +105,8 @@ residual_add_backward_strided_kernel(ResidualAddShape sh, bool channels_fastest,
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < shortcut_total + padded_total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (i < shortcut_total) {
-      int64_t n, j, h, w;
-      if (channels_fastest) {
-        const Index4 t = split_index4(i, sh.H, sh.W, sh.J, fits_32bit);
-        n = t.a, h = t.b, w = t.c, j = t.d;
-      } else {
-        const Index4 t = split_index4(i, sh.J, sh.H, sh.W, fits_32bit);
-        n = t.a, j = t.b, h = t.c, w = t.d;
-      }
+      const Nchw e = split_nchw(i, sh.J, sh.H, sh.W, channels_fastest, fits_32bit);
+      const int64_t n = e.n, j = e.c, h = e.h, w = e.w;
       const Split hp = split_index(h, sh.stride, fits_32bit), wq = split_index(w, sh.stride, fits_32bit);
       T v = from_float<T>(0.f);
       if (hp.inner == 0 && wq.inner == 0) {
@@ -128,15 +116,8 @@ residual_add_backward_strided_kernel(ResidualAddShape sh, bool channels_fastest,
       gs[gss.offset(n, j, h, w)] = v;
     } else {
       const int64_t k = i - shortcut_total, pad_channels = sh.C - sh.J;
-      int64_t n, jj, p, q;
-      if (channels_fastest) {
-        const Index4 t = split_index4(k, sh.P, sh.Q, pad_channels, fits_32bit);
-        n = t.a, p = t.b, q = t.c, jj = t.d;
-      } else {
-        const Index4 t = split_index4(k, pad_channels, sh.P, sh.Q, fits_32bit);
-        n = t.a, jj = t.b, p = t.c, q = t.d;
-      }
-      const int64_t j = sh.J + jj;
+      const Nchw o = split_nchw(k, pad_channels, sh.P, sh.Q, channels_fastest, fits_32bit);
+      const int64_t n = o.n, j = sh.J + o.c, p = o.h, q = o.w;
       gr[grs.offset(n, j, p, q)] = relu_grad(g[gos.offset(n, j, p, q)], out, os.offset(n, j, p, q));
     }
   }

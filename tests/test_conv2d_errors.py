@@ -45,20 +45,25 @@ BAD_CONV2D = [
 ]
 
 
+ALGOS = list(fastconv.CONV_ALGOS)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("name,x,w,b,kwargs,exc,pattern", BAD_CONV2D, ids=[c[0] for c in BAD_CONV2D])
-def test_bad_conv2d_input_raises(name, x, w, b, kwargs, exc, pattern):
+def test_bad_conv2d_input_raises(name, x, w, b, kwargs, exc, pattern, algo):
     with pytest.raises(exc, match=pattern):
-        conv2d(x, w, b, **kwargs)
+        conv2d(x, w, b, **{"algo": algo, **kwargs})
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("name,x,w,b,kwargs,exc,pattern", BAD_CONV2D, ids=[c[0] for c in BAD_CONV2D])
-def test_bad_conv2d_input_raises_under_fake_tensors(name, x, w, b, kwargs, exc, pattern):
+def test_bad_conv2d_input_raises_under_fake_tensors(name, x, w, b, kwargs, exc, pattern, algo):
     """The fake implementations (torch.compile's view of the ops) reject exactly what the kernels reject."""
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fx, fw = mode.from_tensor(x), mode.from_tensor(w)
         fb = mode.from_tensor(b) if b is not None else None
         with pytest.raises(exc, match=pattern):
-            conv2d(fx, fw, fb, **kwargs)
+            conv2d(fx, fw, fb, **{"algo": algo, **kwargs})
 
 
 def test_valid_input_under_fake_tensors_matches_eager():
@@ -92,10 +97,14 @@ def test_cuda_implementation_rejects_cpu_tensors_before_launch():
     cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
     x, w, gy = t(1, 2, 5, 5), t(4, 2, 3, 3), t(1, 4, 3, 3)
     conv = ([1, 1], [0, 0], [1, 1], 1)
+    ws = (2**20,)
     calls = [
         (OPS.conv2d_direct.default, (x, w, None) + conv),
         (OPS.conv2d_direct_dgrad.default, (gy, w, [1, 2, 5, 5]) + conv),
         (OPS.conv2d_direct_wgrad.default, (gy, x, [4, 2, 3, 3]) + conv),
+        (OPS.conv2d_im2col.default, (x, w, None) + conv + ws),
+        (OPS.conv2d_im2col_dgrad.default, (gy, w, [1, 2, 5, 5]) + conv + ws),
+        (OPS.conv2d_im2col_wgrad.default, (gy, x, [4, 2, 3, 3]) + conv + ws),
         (OPS.conv2d_bias_grad.default, (gy,)),
     ]
     for op, args in calls:

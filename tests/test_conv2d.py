@@ -236,3 +236,22 @@ def test_cuda_more_than_2_31_elements():
     gx = torch.ops.fastconv.conv2d_direct_dgrad(y, w, list(x.shape), [1, 1], [1, 1], [1, 1], 1)
     gx_tail = torch.ops.fastconv.conv2d_direct_dgrad(y[:, :, -6:].contiguous(), w, [1, 1, 6, side], [1, 1], [1, 1], [1, 1], 1)
     assert_close_to(gx[:, :, -5:-1].float(), gx_tail[:, :, 1:5].float(), 1e-3, "dgrad last rows")
+
+
+@pytest.mark.parametrize("algo", KERNELS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", [(3, 1), (1, 1)], ids=["3x1", "1x1"])
+def test_width_one_views(device, algo, kernel):
+    """1-D signals as (N, C, L, 1) transposed views: torch calls them contiguous although stride(3) is
+    arbitrary, and the output's gradient arrives with the same kind of strides."""
+    x = torch.randn(2, 4, 1, 9, device=device).transpose(2, 3).requires_grad_()  # sizes (2, 4, 9, 1)
+    w = torch.randn(6, 4, *kernel, device=device, requires_grad=True)
+    pad = (kernel[0] // 2, 0)
+    y = conv2d(x, w, padding=pad, algo=algo)
+    ref = F.conv2d(x, w, padding=pad)
+    gy = torch.randn(2, 6, 1, 9, device=device).transpose(2, 3)  # (2, 6, 9, 1) with stride(3) == 9
+    grads = torch.autograd.grad(y, (x, w), gy)
+    ref_grads = torch.autograd.grad(ref, (x, w), gy)
+    assert_close_to(y, ref, 1e-5, "output")
+    for name, g, rg in zip(("input", "weight"), grads, ref_grads):
+        assert_close_to(g, rg, 1e-5, f"grad {name}")

@@ -19,9 +19,13 @@
 namespace fastconv {
 namespace {
 
-// A dense (N, C, H, W) tensor in its own memory format: the GEMMs walk (h, w) as one index m = h * W + w,
-// which needs stride(2) == W * stride(3).
+// A dense (N, C, H, W) tensor in its own memory format: the GEMMs walk (h, w) as one pixel index
+// m = h * W + w with a single stride, pixel_stride(t).
 at::Tensor dense(const at::Tensor& t) { return t.contiguous(t.suggest_memory_format()); }
+
+// The stride of the pixel index m = h * W + w of a dense tensor. torch ignores the strides of size-1
+// dimensions when it calls a tensor contiguous, so when W == 1 stride(3) may be anything: use stride(2).
+int64_t pixel_stride(const at::Tensor& t) { return t.size(3) == 1 ? t.stride(2) : t.stride(3); }
 
 const char* data(const at::Tensor& t, int64_t offset) {
   return static_cast<const char*>(t.const_data_ptr()) + offset * t.element_size();
@@ -53,13 +57,13 @@ at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight,
   g.N = Kg;
   g.K = CgRS;
   g.b_k = 1, g.b_n = CgRS, g.b_bo = 0, g.b_bi = Kg * CgRS;
-  g.c_m = y.stride(3), g.c_n = y.stride(1), g.c_bo = y.stride(0), g.c_bi = Kg * y.stride(1);
+  g.c_m = pixel_stride(y), g.c_n = y.stride(1), g.c_bo = y.stride(0), g.c_bi = Kg * y.stride(1);
   g.bias_bi = Kg;
   g.batch_inner = pb.groups;
   const void* bias_ptr = b ? bias_c.const_data_ptr() : nullptr;
   if (im2col_is_pointwise(pb)) {
     const at::Tensor x = dense(input);  // the activation is the col matrix
-    g.a_m = x.stride(3), g.a_k = x.stride(1), g.a_bo = x.stride(0), g.a_bi = Cg * x.stride(1);
+    g.a_m = pixel_stride(x), g.a_k = x.stride(1), g.a_bo = x.stride(0), g.a_bi = Cg * x.stride(1);
     g.batch_outer = pb.N;
     check_launch(op, launch_gemm(g, dt, false, x.const_data_ptr(), w.const_data_ptr(), bias_ptr, y.mutable_data_ptr(),
                                  stream));
@@ -84,7 +88,8 @@ at::Tensor conv2d_im2col_dgrad_cuda(const at::Tensor& grad_output, const at::Ten
   const char* op = "fastconv::conv2d_im2col_dgrad";
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"weight", &weight}});
   const Conv2dProblem pb = check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups);
-  const int64_t chunk = check_im2col_workspace(op, pb, grad_output.element_size(), workspace_bytes);
+  // dcol is fp32 whatever the dtype, so col2im sums the taps before the one rounding to the output dtype.
+  const int64_t chunk = check_im2col_workspace(op, pb, sizeof(float), workspace_bytes);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   at::Tensor dx = at::empty(input_size, grad_output.options().memory_format(conv2d_output_format(grad_output, weight)));
   if (dx.numel() == 0) return dx;
@@ -98,25 +103,25 @@ at::Tensor conv2d_im2col_dgrad_cuda(const at::Tensor& grad_output, const at::Ten
   g.M = pb.P * pb.Q;
   g.N = CgRS;
   g.K = Kg;
-  g.a_m = dy.stride(3), g.a_k = dy.stride(1), g.a_bo = dy.stride(0), g.a_bi = Kg * dy.stride(1);
+  g.a_m = pixel_stride(dy), g.a_k = dy.stride(1), g.a_bo = dy.stride(0), g.a_bi = Kg * dy.stride(1);
   g.b_k = CgRS, g.b_n = 1, g.b_bo = 0, g.b_bi = Kg * CgRS;
   g.batch_inner = pb.groups;
   if (im2col_is_pointwise(pb)) {  // dcol is dx itself
-    g.c_m = dx.stride(3), g.c_n = dx.stride(1), g.c_bo = dx.stride(0), g.c_bi = Cg * dx.stride(1);
+    g.c_m = pixel_stride(dx), g.c_n = dx.stride(1), g.c_bo = dx.stride(0), g.c_bi = Cg * dx.stride(1);
     g.batch_outer = pb.N;
     check_launch(op, launch_gemm(g, dt, false, dy.const_data_ptr(), w.const_data_ptr(), nullptr, dx.mutable_data_ptr(),
                                  stream));
     return dx;
   }
-  at::Tensor dcol = at::empty({chunk * im2col_elements_per_image(pb)}, grad_output.options());
+  at::Tensor dcol = at::empty({chunk * im2col_elements_per_image(pb)}, grad_output.options().dtype(at::kFloat));
   g.c_m = CRS, g.c_n = 1, g.c_bo = pb.P * pb.Q * CRS, g.c_bi = CgRS;
   for (int64_t n0 = 0; n0 < pb.N; n0 += chunk) {
     const int64_t images = std::min(chunk, pb.N - n0);
     g.batch_outer = images;
-    check_launch(op, launch_gemm(g, dt, false, data(dy, n0 * dy.stride(0)), w.const_data_ptr(), nullptr,
+    check_launch(op, launch_gemm(g, dt, true, data(dy, n0 * dy.stride(0)), w.const_data_ptr(), nullptr,
                                  dcol.mutable_data_ptr(), stream));
-    check_launch(op, launch_col2im(pb, dt, dcol.const_data_ptr(), n0, images, dx.mutable_data_ptr(), strides_of(dx),
-                                   stream));
+    check_launch(op, launch_col2im(pb, dt, dcol.const_data_ptr<float>(), n0, images, dx.mutable_data_ptr(),
+                                   strides_of(dx), stream));
   }
   return dx;
 }

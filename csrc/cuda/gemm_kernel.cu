@@ -15,6 +15,7 @@
 // any batch count fits one launch.
 #include <mma.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "kernel_utils.cuh"
@@ -178,17 +179,21 @@ gemm_wmma_kernel(GemmProblem g, int64_t tiles_m, int64_t tiles_n, const T* __res
     }
     __syncthreads();  // Cs is rewritten by the next tile
   }
+#else
+  __trap();  // never launched below sm_80 (tensor_cores_available); fail loudly rather than return garbage
 #endif
 }
 
+// Whether the current device runs the WMMA kernel (bf16 WMMA needs sm_80), cached per device.
 bool tensor_cores_available() {
-  static const bool available = [] {
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    return major >= 8;
-  }();
-  return available;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < kMaxDevices && cached[device].load() != 0) return cached[device].load() == 2;
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
+  if (device < kMaxDevices) cached[device].store(yes ? 2 : 1);
+  return yes;
 }
 
 template <typename T, typename OutT>

@@ -2,7 +2,8 @@
 //
 // im2col: one thread per col element, k = (c, r, s) fastest, so the writes of a warp are contiguous and
 // the reads gather along the input rows the filter taps touch; taps in the padding write 0.
-// col2im: the adjoint, gathered rather than scattered: one thread per input element sums the col entries
+// col2im: the adjoint, gathered rather than scattered (col is dgrad's fp32 GEMM output, so the taps are
+// summed before the one rounding to the output dtype): one thread per input element sums the col entries
 // (one per filter tap whose output position exists, Conv2dProblem::output_row/col) that copied it. No
 // atomics, so dgrad is deterministic. Elements are split with 32-bit divisions when the counts fit.
 #include "kernel_utils.cuh"
@@ -34,7 +35,7 @@ im2col_kernel(Conv2dProblem pb, const T* __restrict__ x, Strides4 xs, int64_t n0
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-col2im_kernel(Conv2dProblem pb, const T* __restrict__ col, int64_t n0, int64_t images, bool fits_32bit,
+col2im_kernel(Conv2dProblem pb, const float* __restrict__ col, int64_t n0, int64_t images, bool fits_32bit,
               T* __restrict__ dx, Strides4 dxs) {
   const int64_t RS = pb.R * pb.S, CRS = pb.C * RS, PQ = pb.P * pb.Q;
   const int64_t total = images * pb.C * pb.H * pb.W;
@@ -48,7 +49,7 @@ col2im_kernel(Conv2dProblem pb, const T* __restrict__ col, int64_t n0, int64_t i
       for (int64_t s = 0; s < pb.S; ++s) {
         const int64_t q = pb.output_col(e.d, s);
         if (q < 0) continue;
-        acc += to_float(col[(e.a * PQ + p * pb.Q + q) * CRS + (e.b * pb.R + r) * pb.S + s]);
+        acc += col[(e.a * PQ + p * pb.Q + q) * CRS + (e.b * pb.R + r) * pb.S + s];
       }
     }
     dx[dxs.offset(n0 + e.a, e.b, e.c, e.d)] = from_float<T>(acc);
@@ -70,7 +71,7 @@ cudaError_t launch_im2col(const Conv2dProblem& pb, DType dtype, const void* x, S
   });
 }
 
-cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const void* col, int64_t n0, int64_t images,
+cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const float* col, int64_t n0, int64_t images,
                           void* dx, Strides4 dxs, cudaStream_t stream) {
   const int64_t total = images * pb.C * pb.H * pb.W;
   if (total == 0) return cudaSuccess;
@@ -78,7 +79,7 @@ cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const void* col,
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     col2im_kernel<T><<<elementwise_blocks(total, kThreads), kThreads, 0, stream>>>(
-        pb, static_cast<const T*>(col), n0, images, fits_32bit, static_cast<T*>(dx), dxs);
+        pb, col, n0, images, fits_32bit, static_cast<T*>(dx), dxs);
     return cudaGetLastError();
   });
 }

@@ -84,8 +84,9 @@ cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const vo
 cudaError_t launch_im2col(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs, int64_t n0,
                           int64_t images, void* col, cudaStream_t stream);
 // col2im, the adjoint: dx[n, c, h, w] = sum of the col entries that im2col copied from (h, w), gathered
-// (no atomics) for images [n0, n0 + images); dx is written through its strides.
-cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const void* col, int64_t n0, int64_t images,
+// (no atomics) for images [n0, n0 + images); col is fp32 (dgrad's GEMM output), dx of type `dtype` is
+// written through its strides.
+cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const float* col, int64_t n0, int64_t images,
                           void* dx, Strides4 dxs, cudaStream_t stream);
 
 }  // namespace fastconv

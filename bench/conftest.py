@@ -32,7 +32,7 @@ def measure(benchmark):
     own synchronised timing of the same step for its report."""
 
     def run(step, name, pas, dtype, impl, work, unit):
-        ms = median_ms(step, DEVICE, warmup=3, reps=20 if DEVICE == "cuda" else 5)
+        ms = median_ms(step, DEVICE, warmup=2, reps=10 if DEVICE == "cuda" else 5)
         # work is FLOPs for unit GFLOP/s, bytes for GB/s: work / (ms * 1e-3 s) / 1e9
         row = dict(layer=name, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms, rate=work / ms / 1e6, unit=unit)
         row["pass"] = pas
@@ -44,7 +44,7 @@ def measure(benchmark):
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
 
-        benchmark.pedantic(synced, rounds=5 if DEVICE == "cuda" else 2, warmup_rounds=1)
+        benchmark.pedantic(synced, rounds=3 if DEVICE == "cuda" else 2, warmup_rounds=0)
         ROWS.append(row)
 
     return run

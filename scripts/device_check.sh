@@ -10,10 +10,20 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 SUMMARY=()
+# Whole-check budget: no step may run past it, so the check ends (with its summary) inside the lease's
+# 10-minute command limit whatever a step does. 8 minutes by default, as the issue asks.
+BUDGET=${FASTCONV_CHECK_BUDGET:-480}
+T0=$(date +%s)
 
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2 start rc
+step() {  # step NAME SECONDS COMMAND...  (the step gets the smaller of SECONDS and what the budget has left)
+  local name=$1 limit=$2 start rc left
   shift 2
+  left=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ "$left" -lt 20 ]; then
+    SUMMARY+=("$(printf '%-10s skipped: the %ss budget is spent' "$name" "$BUDGET")")
+    return 1
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   start=$(date +%s)
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -42,11 +52,11 @@ if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nv
   export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 fi
 
-if step build 300 bash -c 'source scripts/setup_env.sh'; then
-  step tests 240 "$PY" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/tests.xml"
+if step build 240 bash -c 'source scripts/setup_env.sh'; then
+  step tests 180 "$PY" -m pytest tests -v -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
-  step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
-  step bench 240 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
+  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
+  step bench 200 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
 fi
 

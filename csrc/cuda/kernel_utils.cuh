@@ -104,7 +104,8 @@ inline unsigned elementwise_blocks(int64_t total, int threads) {
 }
 
 // Sum of v over the block, returned to every thread. `scratch` holds one float per warp. The order of
-// additions is fixed, so results are bitwise reproducible. Every thread of the block must call it.
+// additions is fixed, so results are bitwise reproducible. Every thread of the block must call it, and
+// blockDim.x must be a multiple of 32 (full-warp shuffles).
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;

@@ -112,8 +112,9 @@ void check_bias_grad(const char* op, const at::Tensor& grad_output) {
   check_floating(op, grad_output, "grad_output");
 }
 
-int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, int64_t element_bytes,
+int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, at::ScalarType dtype,
                                int64_t workspace_bytes) {
+  const int64_t element_bytes = dtype == at::kDouble ? 8 : 4;
   TORCH_CHECK_VALUE(workspace_bytes > 0, op, ": workspace_bytes must be positive, got ", workspace_bytes);
   if (im2col_is_pointwise(pb)) return pb.N > 0 ? pb.N : 1;  // the activation is the matrix: no workspace
   const int64_t images = im2col_images_per_chunk(pb, element_bytes, workspace_bytes);

@@ -30,8 +30,10 @@ void check_bias_grad(const char* op, const at::Tensor& grad_output);
 
 // The im2col ops' extra argument: the workspace limit in bytes, and whether one image's col matrix fits it
 // (a clear error naming the sizes otherwise). Returns images per chunk (the whole batch for 1x1 stride-1
-// unpadded filters, which use the activation itself as the matrix).
-int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, int64_t element_bytes, int64_t workspace_bytes);
+// unpadded filters, which use the activation itself as the matrix). Workspace elements are counted at
+// the accumulation width (4 bytes, 8 for float64) whatever the dtype: the CPU twin's col and the CUDA
+// dgrad's dcol are fp32, so every op of the family chunks alike and fits the limit.
+int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, at::ScalarType dtype, int64_t workspace_bytes);
 
 // channels_last if any of the tensors suggests it (torch's rule for its own conv outputs), else NCHW.
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b);

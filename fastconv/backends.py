@@ -49,7 +49,8 @@ def _im2col_bytes_per_image(input: torch.Tensor, weight: torch.Tensor, stride, p
     r, s = weight.shape[2:]
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return max(p, 0) * max(q, 0) * c * r * s * input.element_size()
+    # Counted at the accumulation width, as the ops count it (csrc/conv2d_args.h): 4 bytes, 8 for float64.
+    return max(p, 0) * max(q, 0) * c * r * s * max(input.element_size(), 4)
 
 
 def heuristic_algo(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> str:

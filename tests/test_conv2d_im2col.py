@@ -21,10 +21,11 @@ def workspace_limit():
 
 
 def col_bytes_per_image(x, w, stride=1, padding=0):
+    """Workspace one image needs, counted at the accumulation width (4 bytes, 8 for float64)."""
     n, c, h, wd = x.shape
     k, _, r, s = w.shape
     p, q = (h + 2 * padding - r) // stride + 1, (wd + 2 * padding - s) // stride + 1
-    return p * q * c * r * s * x.element_size()
+    return p * q * c * r * s * max(x.element_size(), 4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,6 +60,22 @@ def test_limit_below_one_image(workspace_limit):
     workspace_limit(1)
     x1, w1 = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 1, 1)
     assert_close_to(conv2d(x1, w1, algo="im2col"), F.conv2d(x1, w1), 1e-5)
+
+
+def test_low_precision_limit_counts_fp32_workspace(workspace_limit):
+    """bf16 col data would fit in half the bytes, but dgrad's dcol (and the CPU twin's col) are fp32: every
+    op of the family counts 4-byte elements, so "auto" does not pick an im2col forward whose backward
+    would then refuse the same limit."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    workspace_limit(col_bytes_per_image(x, w) - 1)  # enough for one image at 2 bytes, not at 4
+    with pytest.raises(ValueError, match=rf"needs {col_bytes_per_image(x, w)} bytes"):
+        conv2d(x, w, algo="im2col")
+    assert backends.heuristic_algo(x, w, (1, 1), (0, 0), (1, 1), 1) == "direct"
+    conv2d(x, w).sum().backward()  # auto: forward and backward both run
+    workspace_limit(col_bytes_per_image(x, w))
+    y = conv2d(x, w, algo="im2col")
+    torch.autograd.grad(y, (x, w), torch.ones_like(y))  # exactly one image per chunk, all three ops
 
 
 def test_set_workspace_limit_rejects_bad_values():

@@ -85,7 +85,7 @@ at::Tensor conv2d_im2col_cpu(const at::Tensor& input, const at::Tensor& weight, 
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CPU, {{"input", &input}, {"weight", &weight}, {"bias", b}});
   const Conv2dProblem pb = check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups);
-  const int64_t chunk = check_im2col_workspace(op, pb, input.element_size(), workspace_bytes);
+  const int64_t chunk = check_im2col_workspace(op, pb, input.scalar_type(), workspace_bytes);
   const auto format = conv2d_output_format(input, weight);
   if (pb.N * pb.K == 0) return at::empty({pb.N, pb.K, pb.P, pb.Q}, input.options().memory_format(format));
   const auto ct = compute_type(input.scalar_type());
@@ -112,7 +112,7 @@ at::Tensor conv2d_im2col_dgrad_cpu(const at::Tensor& grad_output, const at::Tens
   const char* op = "fastconv::conv2d_im2col_dgrad";
   check_devices(op, c10::DeviceType::CPU, {{"grad_output", &grad_output}, {"weight", &weight}});
   const Conv2dProblem pb = check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups);
-  const int64_t chunk = check_im2col_workspace(op, pb, grad_output.element_size(), workspace_bytes);
+  const int64_t chunk = check_im2col_workspace(op, pb, grad_output.scalar_type(), workspace_bytes);
   const auto format = conv2d_output_format(grad_output, weight);
   if (pb.N * pb.C == 0) return at::empty(input_size, grad_output.options().memory_format(format));
   const auto ct = compute_type(grad_output.scalar_type());
@@ -148,7 +148,7 @@ at::Tensor conv2d_im2col_wgrad_cpu(const at::Tensor& grad_output, const at::Tens
   const char* op = "fastconv::conv2d_im2col_wgrad";
   check_devices(op, c10::DeviceType::CPU, {{"grad_output", &grad_output}, {"input", &input}});
   const Conv2dProblem pb = check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups);
-  const int64_t chunk = check_im2col_workspace(op, pb, input.element_size(), workspace_bytes);
+  const int64_t chunk = check_im2col_workspace(op, pb, input.scalar_type(), workspace_bytes);
   const auto ct = compute_type(grad_output.scalar_type());
   const int64_t Kg = pb.K_per_group(), CgRS = pb.C_per_group() * pb.R * pb.S, PQ = pb.P * pb.Q;
   at::Tensor dw = at::zeros({pb.K, CgRS}, grad_output.options().dtype(ct));

@@ -41,7 +41,7 @@ at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", &weight}, {"bias", b}});
   const Conv2dProblem pb = check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups);
-  const int64_t chunk = check_im2col_workspace(op, pb, input.element_size(), workspace_bytes);
+  const int64_t chunk = check_im2col_workspace(op, pb, input.scalar_type(), workspace_bytes);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor y = at::empty({pb.N, pb.K, pb.P, pb.Q}, input.options().memory_format(conv2d_output_format(input, weight)));
   if (y.numel() == 0) return y;
@@ -89,7 +89,7 @@ at::Tensor conv2d_im2col_dgrad_cuda(const at::Tensor& grad_output, const at::Ten
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"weight", &weight}});
   const Conv2dProblem pb = check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups);
   // dcol is fp32 whatever the dtype, so col2im sums the taps before the one rounding to the output dtype.
-  const int64_t chunk = check_im2col_workspace(op, pb, sizeof(float), workspace_bytes);
+  const int64_t chunk = check_im2col_workspace(op, pb, grad_output.scalar_type(), workspace_bytes);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   at::Tensor dx = at::empty(input_size, grad_output.options().memory_format(conv2d_output_format(grad_output, weight)));
   if (dx.numel() == 0) return dx;
@@ -132,7 +132,7 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
   const char* op = "fastconv::conv2d_im2col_wgrad";
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"input", &input}});
   const Conv2dProblem pb = check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups);
-  const int64_t chunk = check_im2col_workspace(op, pb, input.element_size(), workspace_bytes);
+  const int64_t chunk = check_im2col_workspace(op, pb, input.scalar_type(), workspace_bytes);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format = conv2d_output_format(grad_output, input);
   // The sum over the batch runs in fp32 whatever the dtype: chunks accumulate into this buffer.

@@ -8,10 +8,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastconv, m) {
+  // Every fprop takes `relu` last: the ReLU is then applied in the kernel's epilogue, after the bias
+  // (conv + bias + ReLU in one launch; a folded BatchNorm's scale and shift are the weight and the bias).
+  //
   // Direct convolution: every output is the sum over input channels and filter taps, computed in place.
   m.def(
       "conv2d_direct(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups) -> Tensor");
+      "int[2] dilation, int groups, bool relu=False) -> Tensor");
   m.def(
       "conv2d_direct_dgrad(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups) -> Tensor");
@@ -22,7 +25,7 @@ TORCH_LIBRARY(fastconv, m) {
   // stays within workspace_bytes (results do not depend on the chunking).
   m.def(
       "conv2d_im2col(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, int workspace_bytes) -> Tensor");
+      "int[2] dilation, int groups, int workspace_bytes, bool relu=False) -> Tensor");
   m.def(
       "conv2d_im2col_dgrad(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int workspace_bytes) -> Tensor");
@@ -40,6 +43,19 @@ TORCH_LIBRARY(fastconv, m) {
   m.def(
       "max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size, int[2] kernel_size, "
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+
+  // Training-mode BatchNorm with the batch's statistics, then an optional ReLU (the second half of a
+  // fused conv-BatchNorm-ReLU; eval mode folds BatchNorm into the conv instead). Returns the output and the
+  // per-channel mean and biased variance (float32; float64 for float64 input), from which the caller
+  // updates the running statistics. weight and bias are BatchNorm's gamma and beta.
+  m.def(
+      "batch_norm_relu(Tensor input, Tensor? weight, Tensor? bias, float eps, bool relu) "
+      "-> (Tensor output, Tensor mean, Tensor var)");
+  // Its backward: grad_input and the per-channel sums grad_weight = sum(g * xhat), grad_bias = sum(g) (in
+  // the statistics' dtype), g being grad_output where the ReLU passed (recomputed from input).
+  m.def(
+      "batch_norm_relu_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
+      "Tensor? bias, float eps, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
   // Residual add: relu?(residual + the shortcut subsampled by `stride` and zero-padded in channels).
   m.def("residual_add(Tensor residual, Tensor shortcut, int stride, bool relu) -> Tensor");

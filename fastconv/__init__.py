@@ -14,10 +14,12 @@ from . import ops  # noqa: F401  (registers fakes and autograd)
 from . import backends, functional
 from .convert import convert
 from .functional import CONV_ALGOS
-from .nn import Conv2d, MaxPool2d, ResidualAdd
+from .fuse import fuse
+from .nn import Conv2d, ConvBNReLU, MaxPool2d, ResidualAdd
 
 #: True when the extension was built with its CUDA kernels.
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 
 __version__ = "0.1.0"
-__all__ = ["CONV_ALGOS", "backends", "Conv2d", "MaxPool2d", "ResidualAdd", "WITH_CUDA", "convert", "functional"]
+__all__ = ["CONV_ALGOS", "backends", "Conv2d", "ConvBNReLU", "MaxPool2d", "ResidualAdd", "WITH_CUDA", "convert",
+           "functional", "fuse"]

@@ -268,3 +268,56 @@ def check_residual_add_backward(op, grad_output, output, shortcut_size, stride) 
             raise ValueError(f"{op}: output has shape {list(output.shape)} but grad_output has shape {list(grad_output.shape)}")
     _check_size4(op, shortcut_size, "shortcut_size")
     _residual_shape(op, grad_output.shape, shortcut_size, stride)
+
+
+# ---- batch_norm_relu ----------------------------------------------------------------------------------
+
+
+def batch_norm_stats_type(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-channel statistics and affine gradients: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_channel_vector(op, input, t, name, stats) -> None:
+    c = input.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise ValueError(f"{op}: {name} must be 1-D with {c} elements (one per channel), got shape {list(t.shape)}")
+    want = batch_norm_stats_type(input.dtype)
+    if not (t.dtype == want or (not stats and t.dtype == input.dtype)):
+        alt = "" if stats else " or the input's dtype"
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected {want}{alt} for a {input.dtype} input")
+
+
+def _check_eps(op, eps) -> None:
+    if eps < 0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+
+
+def check_batch_norm_relu(op, input, weight, bias, eps) -> None:
+    check_devices(op, input=input, weight=weight, bias=bias)
+    _check_rank4(op, input, "input", "(N, C, H, W)")
+    _check_floating(op, input, "input")
+    n, c, h, w = input.shape
+    if n * h * w == 1 and c != 0:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, got input of shape {list(input.shape)}"
+        )
+    _check_eps(op, eps)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_channel_vector(op, input, t, name, False)
+
+
+def check_batch_norm_relu_backward(op, grad_output, input, mean, var, weight, bias, eps) -> None:
+    check_devices(op, grad_output=grad_output, input=input, mean=mean, var=var, weight=weight, bias=bias)
+    _check_rank4(op, input, "input", "(N, C, H, W)")
+    _check_floating(op, input, "input")
+    _check_same_dtype(op, grad_output, "grad_output", input, "input")
+    if grad_output.shape != input.shape:
+        raise ValueError(f"{op}: grad_output has shape {list(grad_output.shape)} but input has shape {list(input.shape)}")
+    _check_channel_vector(op, input, mean, "mean", True)
+    _check_channel_vector(op, input, var, "var", True)
+    _check_eps(op, eps)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_channel_vector(op, input, t, name, False)

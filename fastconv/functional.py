@@ -18,10 +18,10 @@ def check_algo(algo: str) -> None:
         raise ValueError(f"fastconv: unknown algo {algo!r}; expected one of {CONV_ALGOS}")
 
 
-def _conv_call(algo: str, input, weight, bias, stride, padding, dilation, groups):
-    """Runs one algorithm's forward op (im2col also takes the workspace limit)."""
+def _conv_call(algo: str, input, weight, bias, stride, padding, dilation, groups, relu=False):
+    """Runs one algorithm's forward op (im2col also takes the workspace limit; `relu` fuses a ReLU)."""
     extra = (backends.workspace_limit(),) if algo == "im2col" else ()
-    return CONV_OPS[algo].fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra)
+    return CONV_OPS[algo].fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra, relu)
 
 
 def _pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
@@ -77,41 +77,47 @@ def conv2d(
     are float32, float16 and bfloat16, plus float64 on the CPU; fp16/bf16 accumulate in fp32.
     Differentiable in every tensor argument, twice.
     """
+    op = "fastconv.conv2d"
     check_algo(algo)
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("fastconv.conv2d: input and weight must be tensors")
+        raise TypeError(f"{op}: input and weight must be tensors")
     if input.dim() not in (3, 4):
         raise ValueError(
-            f"fastconv.conv2d: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D "
-            f"tensor of shape {list(input.shape)}"
-        )
-    if weight.dim() != 4:
-        raise ValueError(
-            f"fastconv.conv2d: expected a 4-D weight (K, C / groups, R, S), got a {weight.dim()}-D tensor of "
-            f"shape {list(weight.shape)}"
+            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D tensor of shape "
+            f"{list(input.shape)}"
         )
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    stride = _pair(stride, "stride")
-    dilation = _pair(dilation, "dilation")
+    output = _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, relu=False)
+    return output.squeeze(0) if unbatched else output
+
+
+def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, relu):
+    """conv2d of a 4-D input after normalising the arguments as torch does; `relu` fuses a ReLU."""
+    if weight.dim() != 4:
+        raise ValueError(
+            f"{op}: expected a 4-D weight (K, C / groups, R, S), got a {weight.dim()}-D tensor of shape "
+            f"{list(weight.shape)}"
+        )
+    stride = _pair(stride, "stride", op)
+    dilation = _pair(dilation, "dilation", op)
     if isinstance(padding, str):
         if padding == "valid":
             padding = (0, 0)
         elif padding == "same":
             input, padding = _same_padding(input, weight, stride, dilation)
         else:
-            raise ValueError(f"fastconv.conv2d: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
     else:
-        padding = _pair(padding, "padding")
+        padding = _pair(padding, "padding", op)
     if not isinstance(groups, int) or isinstance(groups, bool):
-        raise ValueError(f"fastconv.conv2d: groups must be an int, got {groups!r}")
+        raise ValueError(f"{op}: groups must be an int, got {groups!r}")
     args = (input, weight, bias, stride, padding, dilation, groups)
     if algo == "auto":
-        candidates = {name: (lambda name=name: _conv_call(name, *args)) for name in CONV_OPS}
+        candidates = {name: (lambda name=name: _conv_call(name, *args, relu)) for name in CONV_OPS}
         algo = backends.choose_algo(*args, candidates=candidates)
-    output = _conv_call(algo, *args)
-    return output.squeeze(0) if unbatched else output
+    return _conv_call(algo, *args, relu)
 
 
 def max_pool2d(
@@ -178,3 +184,93 @@ def residual_add(residual: torch.Tensor, shortcut: torch.Tensor, *, stride: int 
         residual, shortcut = residual.unsqueeze(0), shortcut.unsqueeze(0)
     output = ops.residual_add(residual, shortcut, stride, bool(relu))
     return output.squeeze(0) if unbatched else output
+
+
+def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps: float):
+    """BatchNorm (eval mode) folded into the convolution before it:
+    ``w' = w * gamma / sqrt(var + eps)`` (per output channel) and ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+
+    Computed in float32 (float64 for float64 weights) and rounded once to the weight's dtype. Differentiable
+    in every argument (the fused eval path uses this when parameters require gradients).
+    """
+    ct = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(ct) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(ct)
+    folded_weight = weight.to(ct) * scale.view(-1, 1, 1, 1)
+    shift = -running_mean.to(ct) if bias is None else bias.to(ct) - running_mean.to(ct)
+    folded_bias = shift * scale
+    if bn_bias is not None:
+        folded_bias = folded_bias + bn_bias.to(ct)
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    # torch's update: the batch mean, and the batch variance made unbiased (count / (count - 1)).
+    with torch.no_grad():
+        if running_mean is not None:
+            new_mean = momentum * mean + (1 - momentum) * running_mean.to(mean.dtype)
+            running_mean.copy_(new_mean)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(var.dtype))
+
+
+def conv_bn_relu(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+    algo: str = "auto",
+    folded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``relu(batch_norm(conv2d(input, weight, bias, ...), running_mean, running_var, bn_weight, bn_bias,
+    training, momentum, eps))`` on fastconv's fused kernels; ``relu=False`` drops the ReLU.
+
+    Arguments are those of :func:`conv2d` and :func:`torch.nn.functional.batch_norm`, with the same meaning:
+
+    * ``training=True``: normalise with the batch's statistics (mean and *biased* variance, as torch does),
+      and update ``running_mean`` / ``running_var`` in place when given, with the *unbiased* variance and
+      ``momentum`` as the weight of the new value. The convolution runs first, then one kernel reduces
+      per-channel statistics in a single pass and one kernel applies normalise + affine + ReLU. Backward:
+      one kernel for the ReLU mask and the two per-channel sums, one for the input gradient, then the
+      convolution's own backward. Only the conv output and two per-channel vectors are saved.
+    * ``training=False``: the running statistics are folded into the convolution
+      (:func:`fold_batch_norm`), and conv + bias + ReLU is one kernel launch. ``folded`` may pass weights
+      folded beforehand (:class:`fastconv.ConvBNReLU` caches them).
+
+    ``input`` is 4-D ``(N, C, H, W)``, NCHW or channels_last. BatchNorm parameters may be in the input's
+    dtype or float32; statistics are computed in float32 (float64 for float64 input).
+    """
+    op = "fastconv.conv_bn_relu"
+    check_algo(algo)
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: input and weight must be tensors")
+    if input.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input (BatchNorm2d's), got a {input.dim()}-D tensor "
+                         f"of shape {list(input.shape)}")
+    conv_args = (stride, padding, dilation, groups, algo)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+        if folded is None:
+            folded = fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+        return _conv2d(op, input, folded[0], folded[1], *conv_args, relu=relu)
+    y = _conv2d(op, input, weight, bias, *conv_args, relu=False)
+    output, mean, var = ops.batch_norm_relu(y, bn_weight, bn_bias, float(eps), bool(relu))
+    count = y.numel() // y.shape[1] if y.shape[1] else 0
+    if count > 0:  # an empty batch leaves the running statistics alone, as torch does
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return output

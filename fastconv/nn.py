@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import functional
-from .functional import check_algo, conv2d
+from .functional import check_algo, conv2d, conv_bn_relu, fold_batch_norm
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -70,3 +70,129 @@ class ResidualAdd(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, relu={self.relu}"
+
+
+class ConvBNReLU(torch.nn.Module):
+    """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU)`` as one fused module, a drop-in in training and
+    in eval mode (see :func:`fastconv.functional.conv_bn_relu` for the kernels).
+
+    The submodules are ``conv`` (a :class:`fastconv.Conv2d`) and ``bn`` (a ``torch.nn.BatchNorm2d``), so the
+    ``state_dict`` keys are ``conv.weight``, ``bn.weight``, ``bn.bias``, ``bn.running_mean``,
+    ``bn.running_var``, ``bn.num_batches_tracked`` (and ``conv.bias`` with ``bias=True``), and every
+    BatchNorm option (``momentum`` including ``None`` for the cumulative average, ``eps``, ``affine``,
+    ``track_running_stats``) behaves as in torch. ``relu=False`` gives conv + BatchNorm only.
+
+    Training normalises with the batch's biased variance and updates ``running_var`` with the unbiased one,
+    exactly as ``torch.nn.BatchNorm2d`` does (some texts normalise with 1/(B-1); a drop-in follows torch).
+
+    In eval mode BatchNorm is folded into the convolution's weight and bias and conv + bias + ReLU is one
+    kernel. The folded weights are cached and recomputed whenever a parameter or buffer changes (in-place
+    updates such as an optimizer step or ``load_state_dict`` bump the tensors' version counters; ``.to()``
+    gives new tensors); when gradients are needed for the parameters, they are folded afresh each call so
+    autograd sees the fold.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        relu: bool = True,
+        *,
+        algo: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        check_algo(algo)
+        super().__init__()
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           algo=algo, device=device, dtype=dtype)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.relu = bool(relu)
+        self.algo = algo
+        self._fold_cache = None
+
+    @classmethod
+    def from_modules(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, *,
+                     algo: str | None = None) -> "ConvBNReLU":
+        """Wraps existing ``conv`` and ``bn`` modules (their parameters and buffers are shared, not copied, so
+        an optimizer holding them stays valid). ``algo`` defaults to ``conv.algo`` for a
+        :class:`fastconv.Conv2d`, else ``"auto"``."""
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"fastconv.ConvBNReLU.from_modules: conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        if not isinstance(bn, torch.nn.BatchNorm2d):
+            raise TypeError(
+                f"fastconv.ConvBNReLU.from_modules: bn must be a torch.nn.BatchNorm2d, got {type(bn).__name__}"
+            )
+        if bn.num_features != conv.out_channels:
+            raise ValueError(
+                f"fastconv.ConvBNReLU.from_modules: bn has {bn.num_features} features but conv has "
+                f"{conv.out_channels} output channels"
+            )
+        algo = algo if algo is not None else getattr(conv, "algo", "auto")
+        check_algo(algo)
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module.conv = conv
+        module.bn = bn
+        module.relu = bool(relu)
+        module.algo = algo
+        module._fold_cache = None
+        module.train(bn.training)
+        return module
+
+    def _conv_input_and_padding(self, input: torch.Tensor):
+        conv = self.conv
+        if conv.padding_mode != "zeros":
+            return torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+        return input, conv.padding
+
+    def _folded(self):
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+        def fold():
+            return fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return fold()  # autograd must see the fold
+        if torch.compiler.is_compiling():
+            return fold()
+        try:
+            key = (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        except RuntimeError:  # inference tensors have no version counter: fold every call
+            return fold()
+        if self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.no_grad():
+                self._fold_cache = (key, fold())
+        return self._fold_cache[1]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.conv, self.bn
+        if input.dim() != 4:
+            raise ValueError(f"fastconv.ConvBNReLU: expected 4D input (got {input.dim()}D input)")
+        input, padding = self._conv_input_and_padding(input)
+        # BatchNorm2d.forward's bookkeeping, verbatim in meaning.
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        tracked = not bn.training or bn.track_running_stats
+        return conv_bn_relu(
+            input, conv.weight, conv.bias,
+            bn.running_mean if tracked else None, bn.running_var if tracked else None, bn.weight, bn.bias,
+            stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
+            training=batch_stats, momentum=factor, eps=bn.eps, relu=self.relu, algo=self.algo,
+            folded=None if batch_stats else self._folded(),
+        )
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, algo={self.algo!r}"

@@ -52,12 +52,13 @@ def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> tor
 
 
 def _register_fakes(name: str, ops: ConvOps) -> None:
-    # `extra` is the algorithm's own arguments after groups (im2col: workspace_bytes).
+    # `extra` is the algorithm's own arguments after groups (im2col: workspace_bytes); fprop's last argument
+    # is `relu`.
     @torch.library.register_fake(ops.fprop)
-    def _fprop_fake(input, weight, bias, stride, padding, dilation, groups, *extra):
+    def _fprop_fake(input, weight, bias, stride, padding, dilation, groups, *extra_and_relu):
         op = f"fastconv::{name}"
         shape = _checks.check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups)
-        _checks.check_algo_args(op, extra)
+        _checks.check_algo_args(op, extra_and_relu[:-1])
         return _empty(shape, input, output_memory_format(input, weight))
 
     @torch.library.register_fake(ops.dgrad)
@@ -83,20 +84,23 @@ def _bias_grad_fake(grad_output):
 
 # ---- autograd --------------------------------------------------------------------------------------
 #
-# With y = fprop(x, w), gx = dgrad(gy, w) and gw = wgrad(gy, x), all bilinear:
+# With y = fprop(x, w), gx = dgrad(gy, w) and gw = wgrad(gy, x), all bilinear (a fused ReLU first masks gy
+# with y > 0, a mask whose derivative is zero almost everywhere):
 #   d/d(gy) <ggx, dgrad(gy, w)> = fprop(ggx, w)      d/dw <ggx, dgrad(gy, w)> = wgrad(gy, ggx)
 #   d/d(gy) <ggw, wgrad(gy, x)> = fprop(x, ggw)      d/dx <ggw, wgrad(gy, x)> = dgrad(gy, ggw)
 
 
 def _register_autograd(ops: ConvOps) -> None:
     def fprop_setup(ctx, inputs, output):
-        input, weight, bias, *conv_args = inputs
-        ctx.save_for_backward(input, weight)
+        input, weight, bias, *conv_args, relu = inputs
+        ctx.save_for_backward(input, weight, output if relu else None)  # the output is the ReLU's mask
         ctx.conv_args = conv_args
         ctx.has_bias = bias is not None
 
     def fprop_backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
+        input, weight, output = ctx.saved_tensors
+        if output is not None:
+            grad_output = torch.where(output > 0, grad_output, torch.zeros_like(grad_output))  # torch's relu mask
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = ops.dgrad(grad_output, weight, input.shape, *ctx.conv_args)
@@ -104,7 +108,7 @@ def _register_autograd(ops: ConvOps) -> None:
             grad_weight = ops.wgrad(grad_output, input, weight.shape, *ctx.conv_args)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = bias_grad(grad_output)
-        return (grad_input, grad_weight, grad_bias) + (None,) * len(ctx.conv_args)
+        return (grad_input, grad_weight, grad_bias) + (None,) * (len(ctx.conv_args) + 1)
 
     def dgrad_setup(ctx, inputs, output):
         grad_output, weight, input_size, *conv_args = inputs
@@ -256,3 +260,93 @@ def _residual_add_double_backward(ctx, grad_grad_residual, grad_grad_shortcut):
 torch.library.register_autograd(residual_add, _residual_add_backward, setup_context=_residual_add_setup)
 torch.library.register_autograd(residual_add_backward, _residual_add_double_backward,
                                 setup_context=_residual_add_backward_setup)
+
+
+# ---- training-mode BatchNorm + ReLU ---------------------------------------------------------------------
+
+batch_norm_relu = _lib.batch_norm_relu.default
+batch_norm_relu_backward = _lib.batch_norm_relu_backward.default
+
+
+@torch.library.register_fake(batch_norm_relu)
+def _batch_norm_relu_fake(input, weight, bias, eps, relu):
+    _checks.check_batch_norm_relu("fastconv::batch_norm_relu", input, weight, bias, eps)
+    stats = _checks.batch_norm_stats_type(input.dtype)
+    c = input.shape[1]
+    return (_empty(input.shape, input, suggest_memory_format(input)), input.new_empty((c,), dtype=stats),
+            input.new_empty((c,), dtype=stats))
+
+
+@torch.library.register_fake(batch_norm_relu_backward)
+def _batch_norm_relu_backward_fake(grad_output, input, mean, var, weight, bias, eps, relu):
+    _checks.check_batch_norm_relu_backward("fastconv::batch_norm_relu_backward", grad_output, input, mean, var,
+                                           weight, bias, eps)
+    stats = _checks.batch_norm_stats_type(input.dtype)
+    c = input.shape[1]
+    return (_empty(input.shape, input, suggest_memory_format(input)), input.new_empty((c,), dtype=stats),
+            input.new_empty((c,), dtype=stats))
+
+
+def _batch_norm_relu_setup(ctx, inputs, output):
+    input, weight, bias, ctx.eps, ctx.relu = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)  # the caller's running statistics only; not differentiated
+    ctx.save_for_backward(input, mean, var, weight, bias)  # not the output: the ReLU mask is recomputed
+
+
+def _batch_norm_relu_backward(ctx, grad_output, _grad_mean, _grad_var):
+    input, mean, var, weight, bias = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = batch_norm_relu_backward(grad_output, input, mean, var, weight, bias,
+                                                                  ctx.eps, ctx.relu)
+    grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+    grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return grad_input, grad_weight, grad_bias, None, None
+
+
+def reference_batch_norm_relu_backward(grad_output, input, weight, bias, eps, relu):
+    """The backward of batch_norm_relu in differentiable torch ops, with the batch statistics recomputed
+    from ``input`` (float64 for float64, else float32). Used for double backward: differentiating through
+    it accounts for the statistics' own dependence on the input."""
+    stats = _checks.batch_norm_stats_type(input.dtype)
+    x = input.to(stats)
+    dims = (0, 2, 3)
+    mean = x.mean(dims, keepdim=True)
+    invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    xhat = (x - mean) * invstd
+    gamma = weight.to(stats).view(1, -1, 1, 1) if weight is not None else torch.ones_like(mean)
+    beta = bias.to(stats).view(1, -1, 1, 1) if bias is not None else torch.zeros_like(mean)
+    g = grad_output.to(stats)
+    if relu:
+        z = (xhat * gamma + beta).to(input.dtype)
+        g = torch.where(z > 0, g, torch.zeros_like(g))
+    grad_bias = g.sum(dims)
+    grad_weight = (g * xhat).sum(dims)
+    m = x.numel() // x.shape[1]
+    grad_input = gamma * invstd * (g - grad_bias.view(1, -1, 1, 1) / m - xhat * grad_weight.view(1, -1, 1, 1) / m)
+    return grad_input.to(input.dtype), grad_weight, grad_bias
+
+
+def _batch_norm_relu_backward_setup(ctx, inputs, output):
+    grad_output, input, _mean, _var, weight, bias, ctx.eps, ctx.relu = inputs
+    ctx.save_for_backward(grad_output, input, weight, bias)
+
+
+def _batch_norm_relu_double_backward(ctx, gg_input, gg_weight, gg_bias):
+    # Double backward treats mean and var as the batch statistics of `input` (what autograd of
+    # batch_norm_relu passes): the reference recomputes them, so their derivatives flow into the input's.
+    grad_output, input, weight, bias = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_output, input, weight, bias)]
+        outs = reference_batch_norm_relu_backward(*leaves, ctx.eps, ctx.relu)
+        pairs = [(o, g) for o, g in zip(outs, (gg_input, gg_weight, gg_bias)) if g is not None]
+        wrt = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                    create_graph=torch.is_grad_enabled())
+    grads = iter(grads)
+    d_grad_output, d_input, d_weight, d_bias = (next(grads) if t is not None else None for t in leaves)
+    return d_grad_output, d_input, None, None, d_weight, d_bias, None, None
+
+
+torch.library.register_autograd(batch_norm_relu, _batch_norm_relu_backward, setup_context=_batch_norm_relu_setup)
+torch.library.register_autograd(batch_norm_relu_backward, _batch_norm_relu_double_backward,
+                                setup_context=_batch_norm_relu_backward_setup)

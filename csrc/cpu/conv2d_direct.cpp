@@ -19,7 +19,8 @@ namespace {
 
 // y[n, k] = bias[k] + sum over c, r, s of w[k, c, r, s] * x[n, group(k) * Cg + c, input_row(p, r), input_col(q, s)]
 template <typename scalar_t>
-void fprop_cpu(const Conv2dProblem& pb, const scalar_t* x, const scalar_t* w, const scalar_t* bias, scalar_t* y) {
+void fprop_cpu(const Conv2dProblem& pb, const scalar_t* x, const scalar_t* w, const scalar_t* bias, bool relu,
+               scalar_t* y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group(), PQ = pb.P * pb.Q, HW = pb.H * pb.W;
   at::parallel_for(0, pb.N * pb.K, 1, [&](int64_t begin, int64_t end) {
@@ -47,7 +48,10 @@ void fprop_cpu(const Conv2dProblem& pb, const scalar_t* x, const scalar_t* w, co
       }
       const acc_t b = bias ? static_cast<acc_t>(bias[k]) : acc_t(0);
       scalar_t* y_plane = y + nk * PQ;
-      for (int64_t i = 0; i < PQ; ++i) y_plane[i] = static_cast<scalar_t>(acc[i] + b);
+      for (int64_t i = 0; i < PQ; ++i) {
+        const acc_t v = acc[i] + b;
+        y_plane[i] = static_cast<scalar_t>(relu && v < acc_t(0) ? acc_t(0) : v);  // NaN passes, as torch's relu
+      }
     }
   });
 }
@@ -122,7 +126,7 @@ void wgrad_cpu(const Conv2dProblem& pb, const scalar_t* dy, const scalar_t* x, s
 
 at::Tensor conv2d_direct_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t groups) {
+                             int64_t groups, bool relu) {
   const char* op = "fastconv::conv2d_direct";
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CPU, {{"input", &input}, {"weight", &weight}, {"bias", b}});
@@ -133,7 +137,7 @@ at::Tensor conv2d_direct_cpu(const at::Tensor& input, const at::Tensor& weight, 
     const at::Tensor bc = b ? b->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_direct_cpu", [&] {
       fprop_cpu<scalar_t>(pb, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                          b ? bc.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+                          b ? bc.const_data_ptr<scalar_t>() : nullptr, relu, y.mutable_data_ptr<scalar_t>());
     });
   }
   return y.contiguous(conv2d_output_format(input, weight));

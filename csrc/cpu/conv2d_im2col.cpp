@@ -80,7 +80,7 @@ at::Tensor im2col_chunk(const Conv2dProblem& pb, const at::Tensor& x, int64_t n0
 
 at::Tensor conv2d_im2col_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                             int64_t workspace_bytes) {
+                             int64_t workspace_bytes, bool relu) {
   const char* op = "fastconv::conv2d_im2col";
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CPU, {{"input", &input}, {"weight", &weight}, {"bias", b}});
@@ -103,6 +103,7 @@ at::Tensor conv2d_im2col_cpu(const at::Tensor& input, const at::Tensor& weight, 
       y_rows.narrow(1, g * Kg, Kg).copy_(at::mm(col.narrow(1, g * CgRS, CgRS), w.narrow(0, g * Kg, Kg).t()));
   }
   if (b) y.add_(b->to(ct));
+  if (relu) y.clamp_min_(0);  // the epilogue's ReLU, before the one rounding (NaN passes)
   return y.view({pb.N, pb.P, pb.Q, pb.K}).permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous(format);
 }
 

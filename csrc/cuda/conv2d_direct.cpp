@@ -22,7 +22,7 @@ void check_filter_fits(const char* op, const Conv2dProblem& pb) {
 
 at::Tensor conv2d_direct_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
+                              int64_t groups, bool relu) {
   const char* op = "fastconv::conv2d_direct";
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", &weight}, {"bias", b}});
@@ -35,7 +35,7 @@ at::Tensor conv2d_direct_cuda(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor bias_c = b ? b->contiguous() : at::Tensor();  // the kernel reads bias[k] unstrided
   check_launch(op, launch_conv2d_direct_fprop(pb, cuda_dtype(op, input.scalar_type()), input.const_data_ptr(),
                                               strides_of(input), weight.const_data_ptr(), strides_of(weight),
-                                              b ? bias_c.const_data_ptr() : nullptr, y.mutable_data_ptr(),
+                                              b ? bias_c.const_data_ptr() : nullptr, relu, y.mutable_data_ptr(),
                                               strides_of(y), c10::cuda::getCurrentCUDAStream().stream()));
   return y;
 }

@@ -1,6 +1,7 @@
 // Direct convolution, forward (fprop): y[n, k, p, q] = bias[k] + sum over c, r, s of
 //     w[k, c, r, s] * x[n, g * Cg + c, p * stride_h - pad_h + r * dil_h, q * stride_w - pad_w + s * dil_w]
-// computed in place, with no im2col matrix.
+// computed in place, with no im2col matrix; with `relu` the epilogue also clamps y at 0 (conv + bias +
+// ReLU in one launch: the fused path of a conv-BatchNorm-ReLU whose BatchNorm is folded into w and bias).
 //
 // Tiling. A block owns one image n, one group g, a tile of tile_p x tile_q output positions and KB output
 // channels of that group. Its threads are tile_p * tile_q spatial lanes times k_lanes channel lanes; each
@@ -38,8 +39,8 @@ struct FpropTiling {
 template <typename T, int KPT, bool STAGE_INPUT>
 __global__ void __launch_bounds__(kThreads)
 conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict__ x, Strides4 xs,
-                           const T* __restrict__ w, Strides4 ws, const T* __restrict__ bias, T* __restrict__ y,
-                           Strides4 ys) {
+                           const T* __restrict__ w, Strides4 ws, const T* __restrict__ bias, bool relu,
+                           T* __restrict__ y, Strides4 ys) {
   extern __shared__ float4 smem_f4[];  // float4 so that the filter slice is 16-byte aligned
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int KB = tl.k_lanes * KPT;
@@ -131,7 +132,8 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
         const int64_t k = k_first + lane_k * KPT + j;
         if (k < Kg) {
           const float b = bias != nullptr ? to_float(bias[g * Kg + k]) : 0.f;
-          y[ys.offset(n, g * Kg + k, p, q)] = from_float<T>(acc[j] + b);
+          const float v = acc[j] + b;
+          y[ys.offset(n, g * Kg + k, p, q)] = from_float<T>(relu && v < 0.f ? 0.f : v);  // NaN passes
         }
       }
     }
@@ -180,7 +182,7 @@ FpropTiling choose_tiling(const Conv2dProblem& pb, bool channels_fastest, bool* 
 
 template <typename T, int KPT>
 cudaError_t launch_typed(const Conv2dProblem& pb, const T* x, Strides4 xs, const T* w, Strides4 ws, const T* bias,
-                         T* y, Strides4 ys, cudaStream_t stream) {
+                         bool relu, T* y, Strides4 ys, cudaStream_t stream) {
   bool stage_input = false;
   const bool channels_fastest = xs.c == 1 && pb.C > 1;
   const FpropTiling tl = choose_tiling<KPT>(pb, channels_fastest, &stage_input);
@@ -191,9 +193,9 @@ cudaError_t launch_typed(const Conv2dProblem& pb, const T* x, Strides4 xs, const
   smem *= sizeof(float);
   const unsigned grid = grid_for(tl.total_blocks);
   if (stage_input) {
-    conv2d_direct_fprop_kernel<T, KPT, true><<<grid, threads, smem, stream>>>(pb, tl, x, xs, w, ws, bias, y, ys);
+    conv2d_direct_fprop_kernel<T, KPT, true><<<grid, threads, smem, stream>>>(pb, tl, x, xs, w, ws, bias, relu, y, ys);
   } else {
-    conv2d_direct_fprop_kernel<T, KPT, false><<<grid, threads, smem, stream>>>(pb, tl, x, xs, w, ws, bias, y, ys);
+    conv2d_direct_fprop_kernel<T, KPT, false><<<grid, threads, smem, stream>>>(pb, tl, x, xs, w, ws, bias, relu, y, ys);
   }
   return cudaGetLastError();
 }
@@ -201,8 +203,8 @@ cudaError_t launch_typed(const Conv2dProblem& pb, const T* x, Strides4 xs, const
 }  // namespace
 
 cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs,
-                                       const void* w, Strides4 ws, const void* bias, void* y, Strides4 ys,
-                                       cudaStream_t stream) {
+                                       const void* w, Strides4 ws, const void* bias, bool relu, void* y,
+                                       Strides4 ys, cudaStream_t stream) {
   // Eight output channels per thread when the group has them; one for depthwise and thin groups.
   const bool wide = pb.K_per_group() >= 8 && pb.R * pb.S * 8 <= kMaxDirectFilterTaps;
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -211,8 +213,8 @@ cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, con
     const T* wt = static_cast<const T*>(w);
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
-    return wide ? launch_typed<T, 8>(pb, xt, xs, wt, ws, bt, yt, ys, stream)
-                : launch_typed<T, 1>(pb, xt, xs, wt, ws, bt, yt, ys, stream);
+    return wide ? launch_typed<T, 8>(pb, xt, xs, wt, ws, bt, relu, yt, ys, stream)
+                : launch_typed<T, 1>(pb, xt, xs, wt, ws, bt, relu, yt, ys, stream);
   });
 }
 

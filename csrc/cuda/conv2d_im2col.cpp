@@ -36,7 +36,7 @@ char* mutable_data(at::Tensor& t, int64_t offset) {
 
 at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              int64_t workspace_bytes) {
+                              int64_t workspace_bytes, bool relu) {
   const char* op = "fastconv::conv2d_im2col";
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", &weight}, {"bias", b}});
@@ -60,6 +60,7 @@ at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight,
   g.c_m = pixel_stride(y), g.c_n = y.stride(1), g.c_bo = y.stride(0), g.c_bi = Kg * y.stride(1);
   g.bias_bi = Kg;
   g.batch_inner = pb.groups;
+  g.relu = relu;
   const void* bias_ptr = b ? bias_c.const_data_ptr() : nullptr;
   if (im2col_is_pointwise(pb)) {
     const at::Tensor x = dense(input);  // the activation is the col matrix

@@ -11,7 +11,7 @@
 //   bank conflicts), then the accumulators go through shared memory to the epilogue.
 // Tiles are loaded through the element strides with bounds checks (zero fill), the threads walking the
 // unit-stride dimension when there is one so global reads coalesce; the epilogue adds bias, the previous
-// C when accumulating, converts and stores through C's strides. Blocks loop over (batch, tile) pairs, so
+// C when accumulating, applies the ReLU when asked, converts and stores through C's strides. Blocks loop over (batch, tile) pairs, so
 // any batch count fits one launch.
 #include <mma.h>
 
@@ -32,6 +32,7 @@ __device__ __forceinline__ void store_c(const GemmProblem& g, OutT* C, int64_t c
   OutT* dst = C + c_off + m * g.c_m + n * g.c_n;
   if (bias_row != nullptr) v += bias_row[0];
   if (g.accumulate) v += to_float(*dst);
+  if (g.relu && v < 0.f) v = 0.f;  // NaN passes, as torch's relu
   *dst = from_float<OutT>(v);
 }
 

@@ -20,9 +20,10 @@ constexpr int kSharedMemoryBudgetBytes = 48 * 1024;
 // The direct kernels stage R*S filter taps (for at least one channel pair) in shared memory.
 constexpr int64_t kMaxDirectFilterTaps = kSharedMemoryBudgetBytes / sizeof(float);
 
+// relu: y = max(y, 0) in the epilogue, after the bias (NaN passes, as torch's relu).
 cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs,
-                                       const void* w, Strides4 ws, const void* bias, void* y, Strides4 ys,
-                                       cudaStream_t stream);
+                                       const void* w, Strides4 ws, const void* bias, bool relu, void* y,
+                                       Strides4 ys, cudaStream_t stream);
 
 cudaError_t launch_conv2d_direct_dgrad(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
                                        const void* w, Strides4 ws, void* dx, Strides4 dxs, cudaStream_t stream);
@@ -60,6 +61,29 @@ cudaError_t launch_residual_add_backward_strided(const ResidualAddShape& shape, 
                                                  Strides4 grs, void* grad_shortcut, Strides4 gss,
                                                  cudaStream_t stream);
 
+// A dense (N, C, H, W) activation: NCHW, or channels_last (NHWC) in memory; HW = H * W.
+struct DenseActivation {
+  int64_t N, C, HW;
+  bool channels_last;
+};
+
+// Training-mode BatchNorm (+ ReLU) over the batch's statistics (formulas in csrc/batch_norm_math.h). x, y,
+// dy and dx are dense in the layout of `a`; gamma and beta (null: 1 and 0) and the statistics are fp32
+// vectors of C. Both launches need batch_norm_workspace_bytes(a) bytes of scratch (per-block partial
+// results), merged in a fixed order: results are bitwise reproducible.
+size_t batch_norm_workspace_bytes(const DenseActivation& a);
+// Three kernels: per-block Welford partials, their merge into mean and (biased) var, then
+// y = relu?((x - mean) * invstd * gamma + beta).
+cudaError_t launch_batch_norm_relu_forward(const DenseActivation& a, DType dtype, const void* x, const float* gamma,
+                                           const float* beta, float eps, bool relu, void* y, float* mean, float* var,
+                                           void* workspace, cudaStream_t stream);
+// Three kernels: per-block partials of sum(g) and sum(g * xhat) (g: dy masked by the ReLU recomputed from
+// x), their merge into grad_beta and grad_gamma, then the input gradient.
+cudaError_t launch_batch_norm_relu_backward(const DenseActivation& a, DType dtype, const void* dy, const void* x,
+                                            const float* mean, const float* var, const float* gamma,
+                                            const float* beta, float eps, bool relu, void* dx, float* grad_gamma,
+                                            float* grad_beta, void* workspace, cudaStream_t stream);
+
 // A batched matrix product through element strides: for every batch (outer, inner),
 //     C[m, n] (+)= sum over k of A[m, k] * B[k, n]  (+ bias[n])
 // A is M x K, B is K x N, C is M x N; each matrix is offset by outer * *_bo + inner * *_bi and bias by
@@ -72,6 +96,7 @@ struct GemmProblem {
   int64_t batch_outer, batch_inner;
   int64_t a_bo, a_bi, b_bo, b_bi, c_bo, c_bi, bias_bi;
   bool accumulate;  // C += A B (C already holds a partial sum) instead of C = A B
+  bool relu;        // C = max(C, 0) after the bias (and the accumulation): the fused conv + ReLU epilogue
 };
 
 // A, B and bias have element type `dtype`; C has it too, or is fp32 when c_fp32 (wgrad accumulating over

@@ -1,0 +1,112 @@
+"""``fuse(model)``: Conv2d -> BatchNorm2d (-> ReLU) chains replaced by :class:`fastconv.ConvBNReLU`."""
+from __future__ import annotations
+
+
+import torch
+import torch.fx as fx
+
+from .functional import check_algo
+from .nn import Conv2d, ConvBNReLU, MaxPool2d, ResidualAdd
+
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
+_RELU_METHODS = ("relu", "relu_")
+
+
+class _Tracer(fx.Tracer):
+    """torch's tracer, with fastconv's modules kept whole (their forward has Python checks on shapes)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if isinstance(m, (Conv2d, MaxPool2d, ResidualAdd, ConvBNReLU)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _is_conv(m) -> bool:
+    return type(m) in (torch.nn.Conv2d, Conv2d)
+
+
+def _is_bn(m, conv) -> bool:
+    return type(m) is torch.nn.BatchNorm2d and m.num_features == conv.out_channels
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is torch.nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
+    """Replace every ``Conv2d -> BatchNorm2d (-> ReLU)`` chain in ``model`` by a :class:`fastconv.ConvBNReLU`.
+
+    The chains are found in the model's dataflow (``torch.fx`` symbolic tracing), so they are fused wherever
+    they appear: in ``nn.Sequential`` containers and in hand-written blocks such as torchvision's ResNet
+    ``conv1 -> bn1 -> relu`` (where one ``relu`` module is shared by several call sites), MobileNet's and
+    DenseNet's. A chain is fused when the conv's output feeds only the BatchNorm (and the BatchNorm's only the
+    ReLU, if one follows); ``ReLU6`` and other activations stay separate (``relu=False``).
+
+    Returns a ``torch.fx.GraphModule`` with the original module hierarchy (each fused chain sits at its
+    conv's name, with the conv and BatchNorm as its ``conv`` and ``bn`` submodules). Parameters and buffers
+    are shared with ``model``, not copied: an optimizer built on ``model`` keeps training the fused model,
+    which trains and evaluates exactly like the original. ``model`` itself is left unchanged.
+
+    Models that cannot be traced (data-dependent Python control flow) are fused in place, chains inside
+    ``nn.Sequential`` containers only, and returned.
+    """
+    check_algo(algo)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001  (fx raises many kinds of errors on untraceable code)
+        return _fuse_sequentials(model, algo)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.training = model.training
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not _is_conv(modules.get(node.target)):
+            continue
+        conv = modules[node.target]
+        bn_node = _only_user(node)
+        if bn_node is None or bn_node.op != "call_module" or not _is_bn(modules.get(bn_node.target), conv):
+            continue
+        if bn_node.args != (node,) or bn_node.kwargs:
+            continue
+        relu_node = _only_user(bn_node)
+        if relu_node is not None and not (_is_relu(relu_node, modules) and relu_node.args[:1] == (bn_node,)):
+            relu_node = None
+        fused = ConvBNReLU.from_modules(conv, modules[bn_node.target], relu=relu_node is not None, algo=algo)
+        gm.add_submodule(node.target, fused)
+        last = relu_node if relu_node is not None else bn_node
+        last.replace_all_uses_with(node)
+        if relu_node is not None:
+            gm.graph.erase_node(relu_node)
+        gm.graph.erase_node(bn_node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _fuse_sequentials(model: torch.nn.Module, algo: str) -> torch.nn.Module:
+    for container in list(model.modules()):
+        if not isinstance(container, torch.nn.Sequential):
+            continue
+        names = list(container._modules)
+        i = 0
+        while i + 1 < len(names):
+            conv, bn = container._modules[names[i]], container._modules[names[i + 1]]
+            if not (_is_conv(conv) and _is_bn(bn, conv)):
+                i += 1
+                continue
+            has_relu = i + 2 < len(names) and type(container._modules[names[i + 2]]) is torch.nn.ReLU
+            setattr(container, names[i], ConvBNReLU.from_modules(conv, bn, relu=has_relu, algo=algo))
+            setattr(container, names[i + 1], torch.nn.Identity())
+            if has_relu:
+                setattr(container, names[i + 2], torch.nn.Identity())
+            i += 3 if has_relu else 2
+    return model

@@ -46,6 +46,7 @@ def measure(benchmark):
 
         benchmark.pedantic(synced, rounds=3 if DEVICE == "cuda" else 2, warmup_rounds=0)
         ROWS.append(row)
+        _write_results()  # after every row: a run cut short (a device check's time limit) keeps what it measured
 
     return run
 
@@ -85,11 +86,14 @@ def pytest_configure(config):
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return
-    table = _table()
     terminalreporter.write_sep("=", "fastconv vs native torch")
-    terminalreporter.write_line(table)
+    terminalreporter.write_line(_table())
+    _write_results()
+
+
+def _write_results():
     out = os.environ.get("FASTCONV_BENCH_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "bench.md").write_text(table + "\n")
+        Path(out, "bench.md").write_text(_table() + "\n")
         Path(out, "bench.json").write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "rows": ROWS}, indent=1))

@@ -3,8 +3,9 @@
 Covers direct conv fprop (8 and 1 output channels per thread, input staged in shared memory and not),
 dgrad, wgrad (1x1 and 3x3 tap chunks) and the bias gradient; im2col, col2im and the GEMM (SIMT for fp32,
 WMMA for fp16/bf16, the 1x1 path without im2col); max pooling forward and backward; residual add
-forward and backward (flat vectorised with a scalar tail, and strided), in fp32, fp16 and bf16, NCHW
-and channels_last, and checks each result against torch so that a silent wrong answer fails too. Exit
+forward and backward (flat vectorised with a scalar tail, and strided); the fused conv + bias + ReLU
+epilogue of both conv algorithms and the training-mode BatchNorm + ReLU kernels (statistics, normalise,
+backward sums, input gradient; thin and wide channel counts), in fp32, fp16 and bf16, NCHW and channels_last, and checks each result against torch so that a silent wrong answer fails too. Exit
 code 0 = all ran and matched.
 """
 import sys
@@ -54,12 +55,45 @@ def check_pool_and_residual(dtype, layout) -> int:
     return failures
 
 
+def check_conv_bn_relu(dtype, layout, tol) -> int:
+    failures = 0
+    for shape in ((4, 5, 9, 7), (2, 48, 7, 7), (3, 3, 1, 1)):
+        x = (torch.randn(shape, device="cuda") * 2 + 1).to(dtype).to(memory_format=layout).requires_grad_()
+        w = torch.randn(shape[1], device="cuda").requires_grad_()
+        b = torch.randn(shape[1], device="cuda").requires_grad_()
+        y, _, _ = torch.ops.fastconv.batch_norm_relu(x, w, b, 1e-5, True)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        ref = torch.relu(F.batch_norm(x64, None, None, w64, b64, True, 0.0, 1e-5))
+        g = torch.randn_like(ref)
+        grads = torch.autograd.grad(y, (x, w, b), g.to(dtype))
+        ref_grads = torch.autograd.grad(ref, (x64, w64, b64), g)
+        torch.cuda.synchronize()
+        for name, a, r in [("y", y, ref)] + list(zip(("dx", "dgamma", "dbeta"), grads, ref_grads)):
+            err = rel_err(a, r)
+            if not err <= 10 * tol:
+                failures += 1
+                print(f"MISMATCH batch_norm_relu {dtype} {layout} {shape} {name}: relative error {err:.3g}")
+    x = torch.randn(2, 8, 9, 9, device="cuda", dtype=dtype).to(memory_format=layout)
+    w = torch.randn(12, 8, 3, 3, device="cuda", dtype=dtype)
+    bias = torch.randn(12, device="cuda", dtype=dtype)
+    ref = torch.relu(F.conv2d(x.double(), w.double(), bias.double(), padding=1))
+    for algo, extra in (("direct", ()), ("im2col", (2**26,))):
+        op = getattr(torch.ops.fastconv, f"conv2d_{algo}")
+        y = op(x, w, bias, [1, 1], [1, 1], [1, 1], 1, *extra, True)
+        torch.cuda.synchronize()
+        if not rel_err(y, ref) <= tol or (y < 0).any():
+            failures += 1
+            print(f"MISMATCH conv2d_{algo} + relu epilogue {dtype} {layout}")
+    return failures
+
+
 def main() -> int:
     assert fastconv.WITH_CUDA and torch.cuda.is_available(), "needs a GPU and the CUDA build"
     failures = 0
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
         for layout in (torch.contiguous_format, torch.channels_last):
             failures += check_pool_and_residual(dtype, layout)
+            failures += check_conv_bn_relu(dtype, layout, tol)
             for xs, ws, stride, padding, dilation, groups in CASES:
                 x = torch.randn(xs, device="cuda", dtype=dtype).to(memory_format=layout).requires_grad_()
                 w = torch.randn(ws, device="cuda", dtype=dtype).requires_grad_()

@@ -100,7 +100,8 @@ def _register_autograd(ops: ConvOps) -> None:
     def fprop_backward(ctx, grad_output):
         input, weight, output = ctx.saved_tensors
         if output is not None:
-            grad_output = torch.where(output > 0, grad_output, torch.zeros_like(grad_output))  # torch's relu mask
+            # torch's relu mask (threshold_backward): blocked where output <= 0, so a NaN output passes
+            grad_output = torch.where(output <= 0, torch.zeros_like(grad_output), grad_output)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = ops.dgrad(grad_output, weight, input.shape, *ctx.conv_args)
@@ -318,7 +319,7 @@ def reference_batch_norm_relu_backward(grad_output, input, weight, bias, eps, re
     g = grad_output.to(stats)
     if relu:
         z = (xhat * gamma + beta).to(input.dtype)
-        g = torch.where(z > 0, g, torch.zeros_like(g))
+        g = torch.where(z <= 0, torch.zeros_like(g), g)
     grad_bias = g.sum(dims)
     grad_weight = (g * xhat).sum(dims)
     m = x.numel() // x.shape[1]

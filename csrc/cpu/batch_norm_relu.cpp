@@ -56,12 +56,13 @@ void forward_cpu(int64_t N, int64_t C, int64_t HW, const scalar_t* x, const stat
   });
 }
 
-// g = dy where the forward's ReLU passed: its output, rounded to the dtype as the forward stored it, was > 0.
+// g = dy where the forward's ReLU passed: blocked where its output, rounded to the dtype as the forward
+// stored it, is <= 0 (torch's threshold_backward rule: a NaN output passes).
 template <typename scalar_t, typename stat_t>
 stat_t masked_grad(scalar_t dy, scalar_t x, const ChannelAffine<stat_t>& a, bool relu) {
   if (relu) {
     const stat_t z = batch_norm_affine<stat_t>(static_cast<stat_t>(x), a.mean, a.scale, a.shift);
-    if (!(static_cast<stat_t>(static_cast<scalar_t>(z)) > stat_t(0))) return stat_t(0);
+    if (static_cast<stat_t>(static_cast<scalar_t>(z)) <= stat_t(0)) return stat_t(0);
   }
   return static_cast<stat_t>(dy);
 }

@@ -19,7 +19,17 @@ namespace fastconv {
 namespace {
 
 DenseActivation dense_activation(const at::Tensor& x, at::MemoryFormat format) {
-  return DenseActivation{x.size(0), x.size(1), x.size(2) * x.size(3), format == at::MemoryFormat::ChannelsLast};
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3);
+  // With one pixel per image or one channel NCHW and NHWC are the same memory: the NHWC walk is the
+  // coalesced one for (N, C, 1, 1) (neighbouring channels are neighbouring addresses).
+  const bool nhwc = format == at::MemoryFormat::ChannelsLast || HW == 1 || C == 1;
+  return DenseActivation{x.size(0), C, HW, nhwc};
+}
+
+// Per-channel fp32 outputs: zeros for an empty input (the kernels write every entry otherwise).
+at::Tensor channel_output(const at::Tensor& input) {
+  const auto options = input.options().dtype(at::kFloat);
+  return input.numel() == 0 ? at::zeros({input.size(1)}, options) : at::empty({input.size(1)}, options);
 }
 
 // gamma or beta as a contiguous fp32 vector (undefined when absent).
@@ -39,17 +49,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(const at::Te
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", w}, {"bias", b}});
   check_batch_norm_relu(op, input, w, b, eps);
+  const DType dtype = cuda_dtype(op, input.scalar_type());  // (float64 raises here, even when empty)
   const c10::cuda::CUDAGuard guard(input.device());
   const auto format = input.suggest_memory_format();
-  const int64_t C = input.size(1);
-  at::Tensor mean = at::zeros({C}, input.options().dtype(at::kFloat));
-  at::Tensor var = at::zeros({C}, input.options().dtype(at::kFloat));
+  at::Tensor mean = channel_output(input), var = channel_output(input);
   at::Tensor y = at::empty(input.sizes(), input.options().memory_format(format));
   if (y.numel() == 0) return {y, mean, var};
   const at::Tensor x = input.contiguous(format), gamma = channel_param(w), beta = channel_param(b);
   const DenseActivation a = dense_activation(x, format);
   at::Tensor workspace = workspace_for(a, x);
-  check_launch(op, launch_batch_norm_relu_forward(a, cuda_dtype(op, x.scalar_type()), x.const_data_ptr(),
+  check_launch(op, launch_batch_norm_relu_forward(a, dtype, x.const_data_ptr(),
                                                   ptr_or_null(gamma), ptr_or_null(beta), static_cast<float>(eps), relu,
                                                   y.mutable_data_ptr(), mean.mutable_data_ptr<float>(),
                                                   var.mutable_data_ptr<float>(), workspace.mutable_data_ptr(),
@@ -67,11 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
                 {{"grad_output", &grad_output}, {"input", &input}, {"mean", &mean}, {"var", &var}, {"weight", w},
                  {"bias", b}});
   check_batch_norm_relu_backward(op, grad_output, input, mean, var, w, b, eps);
+  const DType dtype = cuda_dtype(op, input.scalar_type());
   const c10::cuda::CUDAGuard guard(input.device());
   const auto format = input.suggest_memory_format();
-  const int64_t C = input.size(1);
-  at::Tensor grad_gamma = at::zeros({C}, input.options().dtype(at::kFloat));
-  at::Tensor grad_beta = at::zeros({C}, input.options().dtype(at::kFloat));
+  at::Tensor grad_gamma = channel_output(input), grad_beta = channel_output(input);
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(format));
   if (dx.numel() == 0) return {dx, grad_gamma, grad_beta};
   const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
@@ -79,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
   const DenseActivation a = dense_activation(x, format);
   at::Tensor workspace = workspace_for(a, x);
   check_launch(op, launch_batch_norm_relu_backward(
-                       a, cuda_dtype(op, x.scalar_type()), dy.const_data_ptr(), x.const_data_ptr(),
+                       a, dtype, dy.const_data_ptr(), x.const_data_ptr(),
                        m.const_data_ptr<float>(), v.const_data_ptr<float>(), ptr_or_null(gamma), ptr_or_null(beta),
                        static_cast<float>(eps), relu, dx.mutable_data_ptr(), grad_gamma.mutable_data_ptr<float>(),
                        grad_beta.mutable_data_ptr<float>(), workspace.mutable_data_ptr(),

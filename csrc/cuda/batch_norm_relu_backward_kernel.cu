@@ -1,6 +1,7 @@
 // Training-mode BatchNorm (+ ReLU), backward (formulas in csrc/batch_norm_math.h). Nothing but the
 // forward's input x and its per-channel mean and var is saved: the ReLU mask is recomputed from x with the
-// forward's own arithmetic (z rounded to the dtype as the forward stored it, then z > 0, torch's mask).
+// forward's own arithmetic (z rounded to the dtype as the forward stored it; the gradient is blocked where
+// that is <= 0, torch's threshold_backward rule, so a NaN output passes its gradient as in torch).
 //
 // Kernels, in launch order (geometry: csrc/cuda/channel_grid.cuh):
 // - batch_norm_relu_grad_partials_kernel: one pass over dy and x; per (split, channel) the partial sums
@@ -30,7 +31,7 @@ template <typename T>
 __device__ __forceinline__ float masked_grad(T dy, float x, const ChannelAffine& a, bool relu) {
   if (relu) {
     const float z = batch_norm_affine(x, a.mean, a.scale, a.shift);
-    if (!(to_float(from_float<T>(z)) > 0.f)) return 0.f;
+    if (to_float(from_float<T>(z)) <= 0.f) return 0.f;  // torch's mask: blocked where output <= 0 (NaN passes)
   }
   return to_float(dy);
 }

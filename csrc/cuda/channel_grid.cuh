@@ -6,7 +6,8 @@
 // m = (n, h, w) of one split of the M rows, ry apart. The mapping keeps global accesses coalesced:
 //   - channels_last (NHWC): cx = 32 neighbouring channels are neighbouring addresses (cx shrinks to the
 //     next power of two >= C for thin layers);
-//   - NCHW: cx = 1 and the ry = 256 row lanes read neighbouring pixels of one channel's plane.
+//   - NCHW: cx = 1 and the ry = 256 row lanes read neighbouring pixels of one channel's plane. (With
+//     H * W == 1 or C == 1 the two layouts are the same memory; the caller then picks the NHWC walk.)
 // Grid: x over channel groups, y over splits of the rows; reductions write one partial result per
 // (split, channel), which a second kernel merges in a fixed order (deterministic, no atomics).
 #pragma once
@@ -67,17 +68,20 @@ __device__ __forceinline__ void channel_grid_for_rows(const ChannelGrid& g, int6
     const int64_t step = static_cast<int64_t>(g.ry) * g.C;
     for (int64_t off = m * g.C + c; m < end; m += g.ry, off += step) f(off);
   } else {
-    // (n, hw) of row m, advanced incrementally: one division per thread instead of one per element.
-    int64_t n = m / g.HW, hw = m - n * g.HW;
+    // (n, hw) of row m, advanced incrementally: divisions once per thread, not per element. A step of ry
+    // rows is q whole images (q planes of C * HW) plus r pixels, which may cross into one more image.
+    const int64_t n = m / g.HW;
+    int64_t hw = m - n * g.HW;
     int64_t off = (n * g.C + c) * g.HW + hw;
-    const int64_t next_image = (g.C - 1) * g.HW;  // from past the end of this image's plane to the next's
+    const int64_t q = g.ry / g.HW, r = g.ry - q * g.HW;
+    const int64_t whole_images = q * g.C * g.HW, next_image = (g.C - 1) * g.HW;
     for (; m < end; m += g.ry) {
       f(off);
-      hw += g.ry;
-      off += g.ry;
-      while (hw >= g.HW) {
+      hw += r;
+      off += r + whole_images;
+      if (hw >= g.HW) {
         hw -= g.HW;
-        off += next_image;
+        off += next_image;  // from past the end of this image's plane to the next image's
       }
     }
   }

@@ -681,3 +681,21 @@ def test_cuda_fuse_torchvision_eval_bf16_channels_last(arch):
         ours = fused.bfloat16()(x.bfloat16())
         torchs = model.bfloat16()(x.bfloat16())
     assert rel_err(ours, exact) <= max(2 * rel_err(torchs, exact), 8 * EPS[torch.bfloat16])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("algo", KERNELS)
+def test_conv_bn_relu_gradcheck_float64(algo, training):
+    """Through the whole fused path: conv (+ fold in eval) + batch statistics + affine + ReLU."""
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+    beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+
+    def f(x, w, b, gamma, beta):
+        return conv_bn_relu(x, w, b, rm.clone(), rv.clone(), gamma, beta, stride=(1, 2), padding=1, groups=2,
+                            training=training, algo=algo)
+
+    assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))

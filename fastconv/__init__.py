@@ -15,11 +15,12 @@ from . import backends, functional
 from .convert import convert
 from .functional import CONV_ALGOS
 from .fuse import fuse
-from .nn import Conv2d, ConvBNReLU, MaxPool2d, ResidualAdd
+from . import models  # noqa: E402  (after nn: the models are built from its modules)
+from .nn import Conv2d, Conv2dReLU, ConvBNReLU, MaxPool2d, ResidualAdd
 
 #: True when the extension was built with its CUDA kernels.
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 
 __version__ = "0.1.0"
-__all__ = ["CONV_ALGOS", "backends", "Conv2d", "ConvBNReLU", "MaxPool2d", "ResidualAdd", "WITH_CUDA", "convert",
-           "functional", "fuse"]
+__all__ = ["CONV_ALGOS", "backends", "Conv2d", "Conv2dReLU", "ConvBNReLU", "MaxPool2d", "ResidualAdd", "WITH_CUDA", "convert",
+           "functional", "fuse", "models"]

@@ -37,15 +37,33 @@ class Conv2d(torch.nn.Conv2d):
                          padding_mode, device, dtype)
         self.algo = algo
 
+    _relu = False  # Conv2dReLU fuses the ReLU into the kernel's epilogue
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        padding = self.padding
         if self.padding_mode != "zeros":
             # As nn.Conv2d does: pad explicitly with the mode, then convolve without padding.
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups, algo=self.algo)
-        return conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, algo=self.algo)
+            padding = 0
+        if not self._relu:
+            return conv2d(input, weight, bias, self.stride, padding, self.dilation, self.groups, algo=self.algo)
+        unbatched = input.dim() == 3
+        if unbatched:
+            input = input.unsqueeze(0)
+        out = functional._conv2d("fastconv.Conv2dReLU", input, weight, bias, self.stride, padding, self.dilation,
+                                 self.groups, self.algo, relu=True)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, algo={self.algo!r}"
+
+
+class Conv2dReLU(Conv2d):
+    """``nn.Sequential(nn.Conv2d, nn.ReLU)`` in one module and one kernel launch: a :class:`Conv2d` (same
+    constructor, parameters and ``state_dict`` as ``torch.nn.Conv2d``) whose output goes through a ReLU in
+    the convolution kernel's epilogue. The AlexNet of :mod:`fastconv.models` is built from it."""
+
+    _relu = True
 
 
 class MaxPool2d(torch.nn.MaxPool2d):
@@ -117,7 +135,7 @@ class ConvBNReLU(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
         self.relu = bool(relu)
         self.algo = algo
-        self._fold_cache = None
+        self._fold_cache = FoldCache()
 
     @classmethod
     def from_modules(cls, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: bool = True, *,
@@ -144,18 +162,27 @@ class ConvBNReLU(torch.nn.Module):
         module.bn = bn
         module.relu = bool(relu)
         module.algo = algo
-        module._fold_cache = None
+        module._fold_cache = FoldCache()
         module.train(bn.training)
         return module
 
-    def _conv_input_and_padding(self, input: torch.Tensor):
-        conv = self.conv
-        if conv.padding_mode != "zeros":
-            return torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
-        return input, conv.padding
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return run_conv_bn(self.conv, self.bn, input, relu=self.relu, algo=self.algo, cache=self._fold_cache)
 
-    def _folded(self):
-        conv, bn = self.conv, self.bn
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, algo={self.algo!r}"
+
+
+class FoldCache:
+    """The eval-mode folded (weight, bias) of one conv + BatchNorm pair, refolded whenever one of the six
+    tensors it reads changes: the key holds each tensor's storage address, version counter (bumped by every
+    in-place update: optimizer steps, ``load_state_dict``), dtype and device."""
+
+    def __init__(self) -> None:
+        self.key = None
+        self.value = None
+
+    def get(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d):
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
         def fold():
@@ -169,30 +196,34 @@ class ConvBNReLU(torch.nn.Module):
             key = (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         except RuntimeError:  # inference tensors have no version counter: fold every call
             return fold()
-        if self._fold_cache is None or self._fold_cache[0] != key:
+        if self.key != key:
             with torch.no_grad():
-                self._fold_cache = (key, fold())
-        return self._fold_cache[1]
+                self.value = fold()
+            self.key = key
+        return self.value
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        conv, bn = self.conv, self.bn
-        if input.dim() != 4:
-            raise ValueError(f"fastconv.ConvBNReLU: expected 4D input (got {input.dim()}D input)")
-        input, padding = self._conv_input_and_padding(input)
-        # BatchNorm2d.forward's bookkeeping, verbatim in meaning.
-        factor = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        tracked = not bn.training or bn.track_running_stats
-        return conv_bn_relu(
-            input, conv.weight, conv.bias,
-            bn.running_mean if tracked else None, bn.running_var if tracked else None, bn.weight, bn.bias,
-            stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
-            training=batch_stats, momentum=factor, eps=bn.eps, relu=self.relu, algo=self.algo,
-            folded=None if batch_stats else self._folded(),
-        )
 
-    def extra_repr(self) -> str:
-        return f"relu={self.relu}, algo={self.algo!r}"
+def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Tensor, *, relu: bool, algo: str,
+                cache: FoldCache) -> torch.Tensor:
+    """``relu?(bn(conv(input)))`` for any conv + BatchNorm pair, on the fused path (what
+    :class:`ConvBNReLU` runs; the models call it on their torchvision-named ``conv1``/``bn1`` pairs)."""
+    if input.dim() != 4:
+        raise ValueError(f"fastconv.ConvBNReLU: expected 4D input (got {input.dim()}D input)")
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        input = torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    # BatchNorm2d.forward's bookkeeping, verbatim in meaning.
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    tracked = not bn.training or bn.track_running_stats
+    return conv_bn_relu(
+        input, conv.weight, conv.bias,
+        bn.running_mean if tracked else None, bn.running_var if tracked else None, bn.weight, bn.bias,
+        stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
+        training=batch_stats, momentum=factor, eps=bn.eps, relu=relu, algo=algo,
+        folded=None if batch_stats else cache.get(conv, bn),
+    )

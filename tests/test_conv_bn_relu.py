@@ -390,9 +390,9 @@ def test_eval_cache_is_reused_and_invalidated():
 
     with torch.no_grad():
         fused(x)
-        first = fused._fold_cache[1][0]
+        first = fused._fold_cache.value[0]
         fused(x)
-        assert fused._fold_cache[1][0] is first  # nothing changed: the folded weight is reused
+        assert fused._fold_cache.value[0] is first  # nothing changed: the folded weight is reused
     check()
     with torch.no_grad():
         fused.bn.running_var.mul_(3)  # in-place buffer change

@@ -9,6 +9,10 @@ Environment switches:
   FASTCONV_FORCE_CPU=1  skip the CUDA kernels.
   MAX_JOBS              parallel compile jobs (honoured by torch's ninja build).
   CUDA_HOME             the toolkit; defaults to /usr/local/cuda when nvcc is there.
+  FASTCONV_LINEINFO=0   drop nvcc's -lineinfo (default on: Nsight Compute then attributes samples and stalls
+                        to source lines; it changes no generated code).
+  FASTCONV_DEBUG=1      a debug build: host -O0 -g, device -G -g (kernels become much slower; for cuda-gdb
+                        and for compute-sanitizer reports with full device line information).
 """
 import glob
 import os
@@ -55,7 +59,8 @@ def sources(pattern: str) -> list:
 
 
 def make_extension():
-    cxx_flags = ["-O3"]  # torch adds its own -std
+    debug = os.environ.get("FASTCONV_DEBUG", "0") not in ("", "0")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]  # torch adds its own -std
     common = sources("*.cpp") + sources("cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not want_cuda():
@@ -63,7 +68,9 @@ def make_extension():
         return CppExtension("fastconv._C", common, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
     set_cuda_archs()
     print(f"fastconv: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}")
-    nvcc_flags = ["-O3", "-lineinfo"]  # -lineinfo: Nsight Compute maps samples to source lines
+    nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3"]
+    if not debug and os.environ.get("FASTCONV_LINEINFO", "1") not in ("", "0"):
+        nvcc_flags.append("-lineinfo")  # Nsight Compute maps samples to source lines
     return CUDAExtension(
         "fastconv._C",
         common + sources("cuda/*.cpp") + sources("cuda/*.cu"),
@@ -76,8 +83,8 @@ def make_extension():
 setup(
     name="fastconv",
     version="0.1.0",
-    description="Hand-written CUDA convolution kernels for PyTorch: direct conv, drop-in modules",
-    packages=["fastconv"],
+    description="Hand-written CUDA kernels for convolutional networks in PyTorch: conv, fused conv-BN-ReLU, pooling, residual add",
+    packages=["fastconv", "fastconv.models"],
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     ext_modules=[make_extension()],

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from peaks import peak_rate  # noqa: E402
 from timing import median_ms  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,15 +28,22 @@ def device_name() -> str:
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(step, name, pas, dtype, impl, work, unit): times `step` (bench/timing.py), records a table row
-    with the rate work / time (work in FLOPs for "GFLOP/s", bytes for "GB/s"), and runs pytest-benchmark's
-    own synchronised timing of the same step for its report."""
+    """measure(step, name, pas, dtype, impl, work, unit, bytes_moved=None): times `step` (bench/timing.py),
+    records a table row with the rate work / time (work in FLOPs for "GFLOP/s", bytes for "GB/s", images * 1e9
+    for "images/s"), its fraction of the card's peak (bench/peaks.py) and, for FLOP rows, the fewest bytes
+    the op must move (the roofline's arithmetic intensity), and runs pytest-benchmark's own synchronised
+    timing of the same step for its report."""
 
-    def run(step, name, pas, dtype, impl, work, unit):
+    def run(step, name, pas, dtype, impl, work, unit, bytes_moved=None):
         ms = median_ms(step, DEVICE, warmup=2, reps=10 if DEVICE == "cuda" else 5)
         # work is FLOPs for unit GFLOP/s, bytes for GB/s: work / (ms * 1e-3 s) / 1e9
         row = dict(layer=name, dtype=str(dtype).replace("torch.", ""), impl=impl, ms=ms, rate=work / ms / 1e6, unit=unit)
         row["pass"] = pas
+        peak = peak_rate(device_name(), dtype, unit) if DEVICE == "cuda" else None
+        row["peak_frac"] = row["rate"] / peak if peak else None
+        if bytes_moved is not None:
+            row["bytes"] = bytes_moved
+            row["work"] = work
         benchmark.group = f"{name}-{pas}-{row['dtype']}"
         benchmark.extra_info.update(row, device=device_name(), torch=torch.__version__, cuda=torch.version.cuda)
 
@@ -59,9 +67,13 @@ def _table():
     lines = [
         f"device: {device_name()}; torch {torch.__version__} (CUDA {torch.version.cuda}); median of timed calls",
         "",
-        "| op / shape | pass | dtype | impl | ms | rate | torch ms | torch rate | torch time / impl time |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| op / shape | pass | dtype | impl | ms | rate | % peak | torch ms | torch rate | torch % peak | torch time / impl time |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def pct(row):
+        return "-" if row.get("peak_frac") is None else f"{100 * row['peak_frac']:.1f}%"
+
     for (layer, pas, dtype), impls in by_key.items():
         theirs = impls.get("torch")
         if not theirs:
@@ -71,7 +83,8 @@ def _table():
                 continue
             lines.append(
                 f"| {layer} | {pas} | {dtype} | {name} | {ours['ms']:.3f} | {ours['rate']:.1f} {ours['unit']} | "
-                f"{theirs['ms']:.3f} | {theirs['rate']:.1f} {theirs['unit']} | {theirs['ms'] / ours['ms']:.2f} |"
+                f"{pct(ours)} | {theirs['ms']:.3f} | {theirs['rate']:.1f} {theirs['unit']} | {pct(theirs)} | "
+                f"{theirs['ms'] / ours['ms']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -96,4 +109,5 @@ def _write_results():
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, "bench.md").write_text(_table() + "\n")
-        Path(out, "bench.json").write_text(json.dumps({"device": device_name(), "torch": torch.__version__, "rows": ROWS}, indent=1))
+        meta = {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+        Path(out, "bench.json").write_text(json.dumps({**meta, "rows": ROWS}, indent=1))

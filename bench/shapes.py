@@ -1,9 +1,12 @@
-"""Conv layer shapes the benchmarks run, in one place.
+"""Shapes the benchmarks run, in one place.
 
-Each layer is (name, N, C, H, W, K, R, S, stride, padding, groups). The GPU set is a slice of ResNet-50
-and AlexNet (batch 32) plus a depthwise layer; the CPU set is small so that the default CPU run of
-`pytest bench/` takes a couple of minutes with fastconv's plain-loop CPU twin.
+Full sweep (``FASTCONV_BENCH_FULL=1``): every distinct convolution layer of ResNet-50 and of AlexNet at
+224x224 (batch 32), derived from the architectures below, and the pooling and residual-add shapes those
+networks produce. Default: a representative slice on a GPU (so a device check stays within minutes), and
+small layers on a CPU (fastconv's CPU twins are plain loops; the default CPU run finishes in a few
+minutes). Each conv layer is (name, N, C, H, W, K, R, S, stride, padding, groups).
 """
+import os
 from typing import NamedTuple
 
 
@@ -31,7 +34,48 @@ class ConvLayer(NamedTuple):
         return 2 * self.N * self.K * p * q * (self.C // self.groups) * self.R * self.S
 
 
-GPU_LAYERS = [
+FULL = os.environ.get("FASTCONV_BENCH_FULL", "") not in ("", "0")
+BATCH = 32
+
+
+def resnet50_layers(n: int = BATCH) -> list:
+    """The distinct convolutions of torchvision's ResNet-50 (v1.5: the stride on the 3x3) at 224x224."""
+    layers, seen = [], set()
+
+    def add(name, c, h, k, r, stride, pad):
+        key = (c, h, k, r, stride)
+        if key not in seen:
+            seen.add(key)
+            layers.append(ConvLayer(name, n, c, h, h, k, r, r, stride, pad))
+
+    add("resnet50_conv1", 3, 224, 64, 7, 2, 3)
+    inplanes, size = 64, 56
+    for stage, (planes, blocks, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], 1):
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            tag = f"resnet50_l{stage}"
+            add(f"{tag}_1x1_reduce{'_first' if b == 0 else ''}", inplanes, size, planes, 1, 1, 0)
+            add(f"{tag}_3x3{'s2' if s == 2 else ''}", planes, size, planes, 3, s, 1)
+            out = size // s
+            add(f"{tag}_1x1_expand", planes, out, planes * 4, 1, 1, 0)
+            if b == 0:
+                add(f"{tag}_downsample", inplanes, size, planes * 4, 1, s, 0)
+            inplanes, size = planes * 4, out
+    return layers
+
+
+def alexnet_layers(n: int = BATCH) -> list:
+    """torchvision's AlexNet convolutions at 224x224."""
+    return [
+        ConvLayer("alexnet_conv1", n, 3, 224, 224, 64, 11, 11, 4, 2),
+        ConvLayer("alexnet_conv2", n, 64, 27, 27, 192, 5, 5, 1, 2),
+        ConvLayer("alexnet_conv3", n, 192, 13, 13, 384, 3, 3, 1, 1),
+        ConvLayer("alexnet_conv4", n, 384, 13, 13, 256, 3, 3, 1, 1),
+        ConvLayer("alexnet_conv5", n, 256, 13, 13, 256, 3, 3, 1, 1),
+    ]
+
+
+GPU_SLICE = [
     ConvLayer("resnet50_conv1", 32, 3, 224, 224, 64, 7, 7, 2, 3),
     ConvLayer("resnet50_l1_3x3", 32, 64, 56, 56, 64, 3, 3, 1, 1),
     ConvLayer("resnet50_l1_1x1", 32, 64, 56, 56, 256, 1, 1),
@@ -43,6 +87,8 @@ GPU_LAYERS = [
     ConvLayer("alexnet_conv3", 32, 192, 13, 13, 384, 3, 3, 1, 1),
     ConvLayer("depthwise_3x3", 32, 128, 56, 56, 128, 3, 3, 1, 1, groups=128),
 ]
+
+GPU_LAYERS = resnet50_layers() + alexnet_layers() + [GPU_SLICE[-1]] if FULL else GPU_SLICE
 
 CPU_LAYERS = [
     ConvLayer("small_3x3", 2, 16, 28, 28, 16, 3, 3, 1, 1),
@@ -84,6 +130,11 @@ GPU_POOLS = [
     PoolShape("alexnet_pool1", 32, 64, 55, 55, 3, 2),
     PoolShape("big_k2", 32, 256, 112, 112, 2, 2),
 ]
+if FULL:
+    GPU_POOLS = GPU_POOLS[:2] + [
+        PoolShape("alexnet_pool2", 32, 192, 27, 27, 3, 2),
+        PoolShape("alexnet_pool3", 32, 256, 13, 13, 3, 2),
+    ]
 CPU_POOLS = [PoolShape("small_k3s2", 2, 16, 56, 56, 3, 2, 1)]
 
 GPU_RESIDUALS = [
@@ -91,6 +142,9 @@ GPU_RESIDUALS = [
     ResidualShape("resnet50_l4_add", 32, 2048, 7, 7, 2048, 7, 7),
     ResidualShape("cifar_downsample", 128, 32, 16, 16, 16, 32, 32, 2),
 ]
+if FULL:  # one add per ResNet-50 stage, and the CIFAR ResNets' option-A shortcut
+    GPU_RESIDUALS = [ResidualShape(f"resnet50_l{i}_add", 32, c, h, h, c, h, h)
+                     for i, (c, h) in enumerate([(256, 56), (512, 28), (1024, 14), (2048, 7)], 1)] + GPU_RESIDUALS[2:]
 CPU_RESIDUALS = [
     ResidualShape("small_add", 2, 32, 28, 28, 32, 28, 28),
     ResidualShape("small_downsample", 2, 32, 14, 14, 16, 28, 28, 2),

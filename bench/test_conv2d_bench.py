@@ -1,9 +1,11 @@
 """conv2d throughput, fastconv against native torch (cuDNN on GPU), same inputs, same run.
 
 Each (layer, pass, dtype) is one pytest-benchmark group holding a row per fastconv algorithm and one for
-torch; the table
-printed last uses the median of event-timed calls (bench/timing.py) and GFLOP/s from the layer's forward
-FLOPs (fprop) or three times that (fprop + dgrad + wgrad).
+torch. Passes are timed one at a time: fprop (the forward), dgrad (input gradient) and wgrad (filter
+gradient), each the layer's 2*N*K*P*Q*C*R*S/groups FLOPs; fastconv's dgrad/wgrad ops are called directly,
+torch's through aten.convolution_backward with only that gradient requested. GPU: fp32 NCHW and bf16
+channels_last by default; FASTCONV_BENCH_FULL=1 runs every ResNet-50 and AlexNet layer in fp32, fp16 and
+bf16, NCHW and channels_last.
 """
 import pytest
 import torch
@@ -11,36 +13,53 @@ import torch.nn.functional as F
 
 import fastconv
 from conftest import DEVICE
-from shapes import CPU_LAYERS, GPU_LAYERS
+from fastconv import backends
+from fastconv.ops import CONV_OPS
+from shapes import CPU_LAYERS, FULL, GPU_LAYERS
 
 LAYERS = GPU_LAYERS if DEVICE == "cuda" else CPU_LAYERS
-DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
-IMPLS = {
-    f"fastconv-{algo}": (lambda algo: lambda x, w, layer: fastconv.functional.conv2d(
-        x, w, None, layer.stride, layer.padding, 1, layer.groups, algo=algo))(algo)
-    for algo in fastconv.CONV_ALGOS if algo != "auto"
-}
-IMPLS["torch"] = lambda x, w, layer: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups)
+if DEVICE != "cuda":
+    CONFIGS = [(torch.float32, "nchw")]
+elif FULL:
+    CONFIGS = [(d, layout) for d in (torch.float32, torch.float16, torch.bfloat16) for layout in ("nchw", "channels_last")]
+else:
+    CONFIGS = [(torch.float32, "nchw"), (torch.bfloat16, "channels_last")]
+IMPLS = [f"fastconv-{algo}" for algo in CONV_OPS] + ["torch"]
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("pas", ["fprop", "fprop+bwd"])
-@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer.name)
-def test_conv2d(measure, layer, pas, dtype, impl):
-    torch.manual_seed(0)
-    x = torch.randn(layer.N, layer.C, layer.H, layer.W, device=DEVICE, dtype=dtype, requires_grad=pas != "fprop")
-    w = (torch.randn(layer.K, layer.C // layer.groups, layer.R, layer.S, device=DEVICE, dtype=dtype)
-         / (layer.C // layer.groups * layer.R * layer.S) ** 0.5).requires_grad_(pas != "fprop")
-    conv = IMPLS[impl]
+def pass_fn(impl, pas, x, w, gy, layer):
+    """The callable that runs one pass of one implementation."""
+    args = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], layer.groups)
+    if impl == "torch":
+        if pas == "fprop":
+            return lambda: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups)
+        mask = [pas == "dgrad", pas == "wgrad", False]
+        return lambda: torch.ops.aten.convolution_backward(gy, x, w, None, *args[:3], False, [0, 0], layer.groups, mask)
+    algo = impl.removeprefix("fastconv-")
+    ops, extra = CONV_OPS[algo], ((backends.workspace_limit(),) if algo == "im2col" else ())
     if pas == "fprop":
-        def step():
-            with torch.no_grad():
-                return conv(x, w, layer)
-    else:
-        gy = torch.randn_like(conv(x, w, layer))
+        return lambda: ops.fprop(x, w, None, *args, *extra, False)
+    if pas == "dgrad":
+        return lambda: ops.dgrad(gy, w, list(x.shape), *args, *extra)
+    return lambda: ops.wgrad(gy, x, list(w.shape), *args, *extra)
 
-        def step():
-            return torch.autograd.grad(conv(x, w, layer), (x, w), gy)
 
-    measure(step, layer.name, pas, dtype, impl, layer.flops() * (1 if pas == "fprop" else 3), "GFLOP/s")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,layout", CONFIGS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("pas", ["fprop", "dgrad", "wgrad"])
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda layer: layer.name)
+def test_conv2d(measure, layer, pas, dtype, layout, impl):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(layer.N, layer.C, layer.H, layer.W, device=DEVICE, dtype=dtype).to(memory_format=fmt)
+    w = (torch.randn(layer.K, layer.C // layer.groups, layer.R, layer.S, device=DEVICE, dtype=dtype)
+         / (layer.C // layer.groups * layer.R * layer.S) ** 0.5).to(memory_format=fmt)
+    p, q = layer.output_hw()
+    gy = torch.randn(layer.N, layer.K, p, q, device=DEVICE, dtype=dtype).to(memory_format=fmt)
+    step = pass_fn(impl, pas, x, w, gy, layer)
+    with torch.no_grad():
+        step()  # fails here, not inside the timing, if the pass cannot run
+        # the fewest bytes a pass must move: its two operands read and its result written, once each
+        bytes_moved = (x.numel() + w.numel() + gy.numel()) * x.element_size()
+        name = layer.name + ("" if layout == "nchw" else " (channels_last)")
+        measure(lambda: step(), name, pas, dtype, impl, layer.flops(), "GFLOP/s", bytes_moved)

@@ -2,7 +2,7 @@
 # The one-shot device check, for a lent GPU machine (no network; torch, pytest, pytest-benchmark, ninja
 # preinstalled). Builds the extension for the visible GPU only, runs the whole test suite with the CUDA
 # tests active, compute-sanitizer (memcheck, and racecheck for the shared-memory kernels) on
-# scripts/sanitizer_smoke.py, then the benchmarks against native torch. Everything goes under $OUT as it
+# scripts/sanitizer_smoke.py, then the benchmarks against native torch and one ncu profile. Everything goes under $OUT as it
 # goes; a summary table is printed last. Each step has its own time limit; the whole fits 8 minutes on an
 # H100.    Usage (device tool):  bash scripts/device_check.sh
 set -uo pipefail
@@ -58,6 +58,9 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step bench 200 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
+  # one Nsight Compute profile: the im2col GEMM of a ResNet-50 3x3 layer, bf16 channels_last
+  step ncu 60 bash scripts/profile.sh --set detailed --count 3 --out "$OUT/ncu/fprop-resnet50_l1_3x3-im2col" \
+    -- --op fprop --layer resnet50_l1_3x3 --algo im2col --dtype bfloat16 --layout channels_last
 fi
 
 echo

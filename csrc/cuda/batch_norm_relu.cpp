@@ -45,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(const at::Te
                                                                     const c10::optional<at::Tensor>& bias, double eps,
                                                                     bool relu) {
   const char* op = "fastconv::batch_norm_relu";
+  const NvtxRange nvtx_range(op);
   const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", w}, {"bias", b}});
@@ -70,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps, bool relu) {
   const char* op = "fastconv::batch_norm_relu_backward";
+  const NvtxRange nvtx_range(op);
   const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA,

@@ -14,6 +14,7 @@ namespace {
 
 at::Tensor conv2d_bias_grad_cuda(const at::Tensor& grad_output) {
   const char* op = "fastconv::conv2d_bias_grad";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}});
   check_bias_grad(op, grad_output);
   const c10::cuda::CUDAGuard guard(grad_output.device());

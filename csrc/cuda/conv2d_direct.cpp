@@ -24,6 +24,7 @@ at::Tensor conv2d_direct_cuda(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups, bool relu) {
   const char* op = "fastconv::conv2d_direct";
+  const NvtxRange nvtx_range(op);
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", &weight}, {"bias", b}});
   const Conv2dProblem pb = check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups);
@@ -44,6 +45,7 @@ at::Tensor conv2d_direct_dgrad_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups) {
   const char* op = "fastconv::conv2d_direct_dgrad";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"weight", &weight}});
   const Conv2dProblem pb =
       check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups);
@@ -62,6 +64,7 @@ at::Tensor conv2d_direct_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation, int64_t groups) {
   const char* op = "fastconv::conv2d_direct_wgrad";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"input", &input}});
   const Conv2dProblem pb =
       check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups);

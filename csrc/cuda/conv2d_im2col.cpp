@@ -38,6 +38,7 @@ at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                               int64_t workspace_bytes, bool relu) {
   const char* op = "fastconv::conv2d_im2col";
+  const NvtxRange nvtx_range(op);
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}, {"weight", &weight}, {"bias", b}});
   const Conv2dProblem pb = check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups);
@@ -87,6 +88,7 @@ at::Tensor conv2d_im2col_dgrad_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t workspace_bytes) {
   const char* op = "fastconv::conv2d_im2col_dgrad";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"weight", &weight}});
   const Conv2dProblem pb = check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups);
   // dcol is fp32 whatever the dtype, so col2im sums the taps before the one rounding to the output dtype.
@@ -131,6 +133,7 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t workspace_bytes) {
   const char* op = "fastconv::conv2d_im2col_wgrad";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"input", &input}});
   const Conv2dProblem pb = check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups);
   const int64_t chunk = check_im2col_workspace(op, pb, input.scalar_type(), workspace_bytes);

@@ -19,6 +19,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cuda(const at::Tensor& input, at::
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, bool ceil_mode) {
   const char* op = "fastconv::max_pool2d";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"input", &input}});
   const Conv2dProblem pb = check_max_pool2d(op, input, kernel_size, stride, padding, dilation, ceil_mode);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -38,6 +39,7 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output, const at::Ten
                                     at::IntArrayRef input_size, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = "fastconv::max_pool2d_backward";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"indices", &indices}});
   const Conv2dProblem pb =
       check_max_pool2d_backward(op, grad_output, indices, input_size, kernel_size, stride, padding, dilation);

@@ -17,6 +17,7 @@ namespace {
 
 at::Tensor residual_add_cuda(const at::Tensor& residual, const at::Tensor& shortcut, int64_t stride, bool relu) {
   const char* op = "fastconv::residual_add";
+  const NvtxRange nvtx_range(op);
   check_devices(op, c10::DeviceType::CUDA, {{"residual", &residual}, {"shortcut", &shortcut}});
   const ResidualAddShape sh = check_residual_add(op, residual, shortcut, stride);
   const c10::cuda::CUDAGuard guard(residual.device());
@@ -40,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor> residual_add_backward_cuda(const at::Tensor& 
                                                               const c10::optional<at::Tensor>& output,
                                                               at::IntArrayRef shortcut_size, int64_t stride) {
   const char* op = "fastconv::residual_add_backward";
+  const NvtxRange nvtx_range(op);
   const at::Tensor* out = output.has_value() ? &*output : nullptr;
   check_devices(op, c10::DeviceType::CUDA, {{"grad_output", &grad_output}, {"output", out}});
   const ResidualAddShape sh = check_residual_add_backward(op, grad_output, out, shortcut_size, stride);

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "launch.h"
+#include "nvtx_range.h"
 
 namespace fastconv {
 

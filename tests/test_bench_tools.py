@@ -1,0 +1,59 @@
+"""The benchmark tooling that runs without a GPU: shape sets, peaks, the report script and the profiling
+target (the ncu wrapper itself needs a GPU machine)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peaks  # noqa: E402
+import shapes  # noqa: E402
+
+
+def test_resnet50_layer_set_is_every_distinct_conv():
+    layers = shapes.resnet50_layers()
+    assert len(layers) == 23 and len({(l.C, l.H, l.K, l.R, l.stride) for l in layers}) == 23
+    flops = sum(l.flops() for l in layers)
+    assert flops > 0 and layers[0].output_hw() == (112, 112) and layers[-1].output_hw() == (7, 7)
+    assert [l.output_hw()[0] for l in shapes.alexnet_layers()] == [55, 27, 13, 13, 13]
+
+
+def test_peaks_known_cards_and_units():
+    assert peaks.peak_rate("NVIDIA H100 80GB HBM3", "bfloat16", "GFLOP/s") == 989e3
+    assert peaks.peak_rate("NVIDIA H100 PCIe", "float32", "GB/s") == 2.0e3
+    assert peaks.peak_rate("NVIDIA H200", "float32", "GFLOP/s") == 67e3
+    assert peaks.peak_rate("CPU (x86_64, 2 threads)", "float32", "GFLOP/s") is None
+
+
+def test_report_writes_markdown_and_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for impl, ms in (("fastconv-im2col", 2.0), ("fastconv-direct", 4.0), ("torch", 1.0)):
+        rows.append(dict(layer="l1", dtype="bfloat16", impl=impl, ms=ms, rate=7e3 / ms, unit="GFLOP/s", peak_frac=0.1,
+                         bytes=5e7, work=7e9, **{"pass": "fprop"}))
+    for impl, ms in (("fastconv", 0.5), ("torch", 1.0)):
+        rows.append(dict(layer="add", dtype="float32", impl=impl, ms=ms, rate=100 / ms, unit="GB/s", peak_frac=None,
+                         **{"pass": "fwd"}))
+    data = {"device": "NVIDIA H100 80GB HBM3", "torch": "x", "cuda": "13.0", "rows": rows}
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps(data))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(src), "--title", "t"],
+                         capture_output=True, text=True, check=True)
+    assert "report.png" in out.stdout
+    md = (tmp_path / "report.md").read_text()
+    assert "| l1 | fprop | bfloat16 | fastconv-im2col | 2.000 |" in md and "0.50x" in md and "2.00x" in md
+    png = (tmp_path / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("args", [["--layer", "small_3x3", "--op", "bn_train", "--algo", "direct", "--dtype", "float32"],
+                                  ["--layer", "small_1x1", "--op", "wgrad", "--layout", "nchw", "--dtype", "float32"],
+                                  ["--layer", "small_k3s2", "--op", "max_pool2d", "--dtype", "float32"]])
+def test_profile_target_runs_on_cpu(args):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_target.py"), "--device", "cpu", *args],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "profile_target: ran" in out.stdout

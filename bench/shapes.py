@@ -2,9 +2,9 @@
 
 Full sweep (``FASTCONV_BENCH_FULL=1``): every distinct convolution layer of ResNet-50 and of AlexNet at
 224x224 (batch 32), derived from the architectures below, and the pooling and residual-add shapes those
-networks produce. Default: a representative slice on a GPU (so a device check stays within minutes), and
-small layers on a CPU (fastconv's CPU twins are plain loops; the default CPU run finishes in a few
-minutes). Each conv layer is (name, N, C, H, W, K, R, S, stride, padding, groups).
+networks produce (on a CPU: the same conv layers at batch 1). Default: a representative slice on a GPU (so
+a device check stays within minutes), and small layers on a CPU (fastconv's CPU twins are plain loops;
+the default CPU run finishes in a few minutes). Each conv layer is (name, N, C, H, W, K, R, S, stride, padding, groups).
 """
 import os
 from typing import NamedTuple
@@ -89,6 +89,8 @@ GPU_SLICE = [
 ]
 
 GPU_LAYERS = resnet50_layers() + alexnet_layers() + [GPU_SLICE[-1]] if FULL else GPU_SLICE
+# The full sweep on a CPU: the same layers at batch 1 (fastconv's CPU twins are plain loops).
+CPU_FULL_LAYERS = resnet50_layers(1) + alexnet_layers(1)
 
 CPU_LAYERS = [
     ConvLayer("small_3x3", 2, 16, 28, 28, 16, 3, 3, 1, 1),

@@ -5,7 +5,7 @@ torch. Passes are timed one at a time: fprop (the forward), dgrad (input gradien
 gradient), each the layer's 2*N*K*P*Q*C*R*S/groups FLOPs; fastconv's dgrad/wgrad ops are called directly,
 torch's through aten.convolution_backward with only that gradient requested. GPU: fp32 NCHW and bf16
 channels_last by default; FASTCONV_BENCH_FULL=1 runs every ResNet-50 and AlexNet layer in fp32, fp16 and
-bf16, NCHW and channels_last.
+bf16, NCHW and channels_last (on a CPU: those layers at batch 1, fp32).
 """
 import pytest
 import torch
@@ -15,9 +15,9 @@ import fastconv
 from conftest import DEVICE
 from fastconv import backends
 from fastconv.ops import CONV_OPS
-from shapes import CPU_LAYERS, FULL, GPU_LAYERS
+from shapes import CPU_FULL_LAYERS, CPU_LAYERS, FULL, GPU_LAYERS
 
-LAYERS = GPU_LAYERS if DEVICE == "cuda" else CPU_LAYERS
+LAYERS = GPU_LAYERS if DEVICE == "cuda" else (CPU_FULL_LAYERS if FULL else CPU_LAYERS)
 if DEVICE != "cuda":
     CONFIGS = [(torch.float32, "nchw")]
 elif FULL:

@@ -12,10 +12,15 @@
 
 The im2col workspace limit defaults to 256 MiB; set it with :func:`set_workspace_limit` or the
 environment variable ``FASTCONV_WORKSPACE_LIMIT_MB``. Results never depend on it.
+
+The benchmark cache is guarded by a lock (several Python threads may call fastconv at once), and while a
+CUDA graph is being captured nothing is timed: a configuration already in the cache uses its winner, any
+other the heuristic, so capture sees no synchronisation and no data-dependent host decision.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -25,6 +30,7 @@ benchmark: bool = False
 _DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 _workspace_bytes = int(float(os.environ.get("FASTCONV_WORKSPACE_LIMIT_MB", 256)) * 2**20) or _DEFAULT_WORKSPACE_BYTES
 _benchmark_cache: dict[tuple, str] = {}
+_benchmark_lock = threading.Lock()
 
 
 def workspace_limit() -> int:
@@ -41,7 +47,8 @@ def set_workspace_limit(num_bytes: int) -> None:
 
 
 def clear_benchmark_cache() -> None:
-    _benchmark_cache.clear()
+    with _benchmark_lock:
+        _benchmark_cache.clear()
 
 
 def _im2col_bytes_per_image(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> int:
@@ -78,9 +85,12 @@ def choose_algo(input, weight, bias, stride, padding, dilation, groups: int, can
     key = (tuple(input.shape), tuple(weight.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation),
            groups, input.dtype, input.is_contiguous(memory_format=torch.channels_last),
            weight.is_contiguous(memory_format=torch.channels_last), input.device)
-    if key not in _benchmark_cache:
-        _benchmark_cache[key] = _time_candidates(candidates)
-    return _benchmark_cache[key]
+    with _benchmark_lock:  # one thread times a configuration; the others wait for its answer
+        if key not in _benchmark_cache:
+            if torch.cuda.is_current_stream_capturing():
+                return heuristic_algo(input, weight, stride, padding, dilation, groups)  # no timing inside a capture
+            _benchmark_cache[key] = _time_candidates(candidates)
+        return _benchmark_cache[key]
 
 
 def _time_candidates(candidates: dict) -> str:

@@ -1,6 +1,8 @@
 """Drop-in modules."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from . import functional
@@ -181,6 +183,14 @@ class FoldCache:
     def __init__(self) -> None:
         self.key = None
         self.value = None
+        self._lock = threading.Lock()  # threads sharing a module fold once and never see a half-updated entry
+
+    def __getstate__(self):  # deepcopy and pickle: the lock is not copyable, the folded tensors are
+        return {"key": self.key, "value": self.value}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def get(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d):
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -196,11 +206,12 @@ class FoldCache:
             key = (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         except RuntimeError:  # inference tensors have no version counter: fold every call
             return fold()
-        if self.key != key:
-            with torch.no_grad():
-                self.value = fold()
-            self.key = key
-        return self.value
+        with self._lock:
+            if self.key != key:
+                with torch.no_grad():
+                    self.value = fold()
+                self.key = key
+            return self.value
 
 
 def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Tensor, *, relu: bool, algo: str,
@@ -209,6 +220,9 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
     :class:`ConvBNReLU` runs; the models call it on their torchvision-named ``conv1``/``bn1`` pairs)."""
     if input.dim() != 4:
         raise ValueError(f"fastconv.ConvBNReLU: expected 4D input (got {input.dim()}D input)")
+    if bn.num_features != conv.weight.shape[0]:
+        raise ValueError(f"fastconv.ConvBNReLU: conv produces {conv.weight.shape[0]} channels but bn has "
+                         f"{bn.num_features} features (changed after construction?)")
     padding = conv.padding
     if conv.padding_mode != "zeros":
         input = torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)

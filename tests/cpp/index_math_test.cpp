@@ -1,0 +1,59 @@
+// Unit test of the index helpers every kernel and CPU twin shares (csrc/conv2d_problem.h), at sizes past
+// 2^31 where 32-bit arithmetic would wrap. Built and run by tests/test_production.py with the host compiler;
+// prints "ok" or the failing checks.
+#include <stdint.h>
+#include <stdio.h>
+
+#include "conv2d_problem.h"
+
+using fastconv::Conv2dProblem;
+using fastconv::Strides4;
+
+static int failures = 0;
+#define CHECK_EQ(a, b)                                                                                     \
+  do {                                                                                                     \
+    const long long va = (long long)(a), vb = (long long)(b);                                              \
+    if (va != vb) {                                                                                        \
+      printf("FAIL %s:%d: %s = %lld, expected %lld\n", __FILE__, __LINE__, #a, va, vb);                    \
+      ++failures;                                                                                          \
+    }                                                                                                      \
+  } while (0)
+
+int main() {
+  // A channels_last activation of 128 x 512 x 256 x 256 elements (2^32): its last element's offset.
+  const int64_t N = 128, C = 512, H = 256, W = 256;
+  const Strides4 nhwc{H * W * C, 1, W * C, C};
+  CHECK_EQ(nhwc.offset(N - 1, C - 1, H - 1, W - 1), N * C * H * W - 1);
+  CHECK_EQ(nhwc.offset(N - 1, 0, 0, 0), (int64_t)127 << 25);
+  const Strides4 nchw{C * H * W, H * W, W, 1};
+  CHECK_EQ(nchw.offset(100, 3, 7, 9), 100LL * 512 * 65536 + 3 * 65536 + 7 * 256 + 9);
+
+  // One tall image of 3e9 rows: rows, taps and their inverses beyond 2^31.
+  Conv2dProblem pb{};
+  pb.N = 1, pb.C = 1, pb.H = 3000000000LL, pb.W = 4, pb.K = 1, pb.R = 3, pb.S = 3;
+  pb.pad_h = 1, pb.pad_w = 1, pb.stride_h = 2, pb.stride_w = 1, pb.dil_h = 5, pb.dil_w = 1, pb.groups = 1;
+  pb.P = fastconv::conv_output_extent(pb.H, pb.pad_h, pb.dil_h, pb.R, pb.stride_h);
+  pb.Q = fastconv::conv_output_extent(pb.W, pb.pad_w, pb.dil_w, pb.S, pb.stride_w);
+  CHECK_EQ(pb.P, (3000000000LL + 2 - 10 - 1) / 2 + 1);
+  const int64_t p = 1400000000LL;  // p * stride_h > 2^31
+  CHECK_EQ(pb.input_row(p, 2), 2800000000LL - 1 + 10);
+  CHECK_EQ(pb.output_row(pb.input_row(p, 2), 2), p);
+  CHECK_EQ(pb.output_row(pb.input_row(p, 2) + 1, 2), -1);  // between strides
+  CHECK_EQ(pb.output_row(pb.input_row(pb.P - 1, 0), 0), pb.P - 1);
+  int64_t begin, end;
+  pb.valid_output_rows(0, &begin, &end);  // tap 0 reads row 2p - 1: valid from p = 1
+  CHECK_EQ(begin, 1);
+  CHECK_EQ(end, pb.P);
+  pb.valid_output_rows(2, &begin, &end);  // tap 2 reads row 2p + 9 < H
+  CHECK_EQ(begin, 0);
+  CHECK_EQ(end, (pb.H - 1 - 9) / 2 + 1 < pb.P ? (pb.H - 1 - 9) / 2 + 1 : pb.P);
+  CHECK_EQ(pb.macs(), pb.P * pb.Q * 9);
+
+  // Pooling extents past 2^31, with ceil_mode's last-window rule.
+  CHECK_EQ(fastconv::pool_output_extent(4294967301LL, 0, 1, 3, 2, false), (4294967301LL - 3) / 2 + 1);
+  CHECK_EQ(fastconv::pool_output_extent(4294967301LL, 0, 1, 3, 2, true), (4294967301LL - 3 + 1) / 2 + 1);
+  CHECK_EQ(fastconv::floor_div(-4294967297LL, 2), -2147483649LL);
+
+  if (failures == 0) printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .functional import check_algo
-from .nn import Conv2d, MaxPool2d
+from .nn import Conv2d, ConvBNReLU, MaxPool2d
 
 
 def convert(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
@@ -14,7 +14,8 @@ def convert(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
     Modules are converted in place and keep their parameters, buffers, hooks and training mode, so an
     optimizer built before the conversion still holds the right tensors; ``model`` is returned. Only
     modules whose class is exactly ``nn.Conv2d`` or ``nn.MaxPool2d`` are converted (a user subclass may
-    override ``forward``); existing ``fastconv.Conv2d`` modules get the new ``algo``.
+    override ``forward``); existing fastconv modules (``Conv2d``, ``ConvBNReLU``, the blocks of
+    :mod:`fastconv.models`) get the new ``algo``.
     """
     check_algo(algo)
     for module in model.modules():
@@ -24,6 +25,6 @@ def convert(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
             module.__class__ = Conv2d
         elif type(module) is torch.nn.MaxPool2d:
             module.__class__ = MaxPool2d  # adds nothing but the kernels behind forward
-        if isinstance(module, Conv2d):
-            module.algo = algo
+        if isinstance(module, Conv2d) or hasattr(module, "_fold_caches") or isinstance(module, ConvBNReLU):
+            module.algo = algo  # fastconv convs, fused conv-BN modules and the models' blocks
     return model

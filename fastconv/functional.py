@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import backends, ops
@@ -22,6 +23,18 @@ def _conv_call(algo: str, input, weight, bias, stride, padding, dilation, groups
     """Runs one algorithm's forward op (im2col also takes the workspace limit; `relu` fuses a ReLU)."""
     extra = (backends.workspace_limit(),) if algo == "im2col" else ()
     return CONV_OPS[algo].fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra, relu)
+
+
+def check_no_forward_ad(op: str, *tensors) -> None:
+    """fastconv's ops have reverse-mode derivatives only: refuse forward-mode AD (torch.func.jvp,
+    torch.autograd.forward_ad) instead of silently dropping the tangents."""
+    if torch.compiler.is_compiling():
+        return
+    if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by fastconv's "
+            "ops; use reverse mode (backward, torch.autograd.grad, torch.func.vjp)"
+        )
 
 
 def _pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
@@ -95,6 +108,7 @@ def conv2d(
 
 def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, relu):
     """conv2d of a 4-D input after normalising the arguments as torch does; `relu` fuses a ReLU."""
+    check_no_forward_ad(op, input, weight, bias)
     if weight.dim() != 4:
         raise ValueError(
             f"{op}: expected a 4-D weight (K, C / groups, R, S), got a {weight.dim()}-D tensor of shape "
@@ -141,6 +155,7 @@ def max_pool2d(
     op = "fastconv.max_pool2d"
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a tensor")
+    check_no_forward_ad(op, input)
     if input.dim() not in (3, 4):
         raise ValueError(
             f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D tensor of shape "
@@ -172,6 +187,7 @@ def residual_add(residual: torch.Tensor, shortcut: torch.Tensor, *, stride: int 
     op = "fastconv.residual_add"
     if not isinstance(residual, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
         raise TypeError(f"{op}: residual and shortcut must be tensors")
+    check_no_forward_ad(op, residual, shortcut)
     if residual.dim() != shortcut.dim() or residual.dim() not in (3, 4):
         raise ValueError(
             f"{op}: expected residual and shortcut both 3-D (C, H, W) or both 4-D (N, C, H, W), got shapes "
@@ -261,6 +277,7 @@ def conv_bn_relu(
     if input.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input (BatchNorm2d's), got a {input.dim()}-D tensor "
                          f"of shape {list(input.shape)}")
+    check_no_forward_ad(op, input, weight, bias, running_mean, running_var, bn_weight, bn_bias)
     conv_args = (stride, padding, dilation, groups, algo)
     if not training:
         if running_mean is None or running_var is None:

@@ -42,6 +42,22 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _used_once(graph: fx.Graph, target: str) -> bool:
+    """Whether the module at `target` is called at exactly one place and none of its attributes is read
+    (fusing replaces the module at that name for every caller)."""
+    calls = reads = 0
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target == target:
+            calls += 1
+        elif n.op == "get_attr" and (n.target == target or n.target.startswith(target + ".")):
+            reads += 1
+    return calls == 1 and reads == 0
+
+
 def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
     """Replace every ``Conv2d -> BatchNorm2d (-> ReLU)`` chain in ``model`` by a :class:`fastconv.ConvBNReLU`.
 
@@ -49,7 +65,10 @@ def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
     they appear: in ``nn.Sequential`` containers and in hand-written blocks such as torchvision's ResNet
     ``conv1 -> bn1 -> relu`` (where one ``relu`` module is shared by several call sites), MobileNet's and
     DenseNet's. A chain is fused when the conv's output feeds only the BatchNorm (and the BatchNorm's only the
-    ReLU, if one follows); ``ReLU6`` and other activations stay separate (``relu=False``).
+    ReLU, if one follows); ``ReLU6`` and other activations stay separate (``relu=False``). Chains are left
+    alone when the conv or BatchNorm module is called elsewhere too, when the forward reads their
+    attributes, or when they carry hooks (pruning, observers), so the fused model always computes what the
+    original did.
 
     Returns a ``torch.fx.GraphModule`` with the original module hierarchy (each fused chain sits at its
     conv's name, with the conv and BatchNorm as its ``conv`` and ``bn`` submodules). Parameters and buffers
@@ -76,10 +95,15 @@ def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
             continue
         if bn_node.args != (node,) or bn_node.kwargs:
             continue
+        bn = modules[bn_node.target]
+        if not (_used_once(gm.graph, node.target) and _used_once(gm.graph, bn_node.target)):
+            continue  # a module called twice, or whose parameters the forward reads, keeps its own call
+        if _has_hooks(conv) or _has_hooks(bn):
+            continue  # hooks (pruning, quantisation observers, ...) must keep seeing the modules run
         relu_node = _only_user(bn_node)
         if relu_node is not None and not (_is_relu(relu_node, modules) and relu_node.args[:1] == (bn_node,)):
             relu_node = None
-        fused = ConvBNReLU.from_modules(conv, modules[bn_node.target], relu=relu_node is not None, algo=algo)
+        fused = ConvBNReLU.from_modules(conv, bn, relu=relu_node is not None, algo=algo)
         gm.add_submodule(node.target, fused)
         last = relu_node if relu_node is not None else bn_node
         last.replace_all_uses_with(node)
@@ -100,7 +124,7 @@ def _fuse_sequentials(model: torch.nn.Module, algo: str) -> torch.nn.Module:
         i = 0
         while i + 1 < len(names):
             conv, bn = container._modules[names[i]], container._modules[names[i + 1]]
-            if not (_is_conv(conv) and _is_bn(bn, conv)):
+            if not (_is_conv(conv) and _is_bn(bn, conv)) or _has_hooks(conv) or _has_hooks(bn):
                 i += 1
                 continue
             has_relu = i + 2 < len(names) and type(container._modules[names[i + 2]]) is torch.nn.ReLU

@@ -108,8 +108,10 @@ class ConvBNReLU(torch.nn.Module):
     In eval mode BatchNorm is folded into the convolution's weight and bias and conv + bias + ReLU is one
     kernel. The folded weights are cached and recomputed whenever a parameter or buffer changes (in-place
     updates such as an optimizer step or ``load_state_dict`` bump the tensors' version counters; ``.to()``
-    gives new tensors); when gradients are needed for the parameters, they are folded afresh each call so
-    autograd sees the fold.
+    gives new tensors; writes through ``.data`` do not, see :func:`fastconv.nn.invalidate_fold_caches`);
+    when gradients are needed for the parameters, they are folded afresh each call so autograd sees the
+    fold. When ``conv`` or ``bn`` carries hooks, the modules themselves run (conv, then torch's BatchNorm
+    and ReLU) so that the hooks see every call.
     """
 
     def __init__(
@@ -178,7 +180,8 @@ class ConvBNReLU(torch.nn.Module):
 class FoldCache:
     """The eval-mode folded (weight, bias) of one conv + BatchNorm pair, refolded whenever one of the six
     tensors it reads changes: the key holds each tensor's storage address, version counter (bumped by every
-    in-place update: optimizer steps, ``load_state_dict``), dtype and device."""
+    in-place update: optimizer steps, ``load_state_dict``), dtype and device. Writes that bypass version
+    counters (``.data``, NumPy views) need :func:`invalidate_fold_caches`."""
 
     def __init__(self) -> None:
         self.key = None
@@ -208,10 +211,28 @@ class FoldCache:
             return fold()
         with self._lock:
             if self.key != key:
-                with torch.no_grad():
+                # never inference tensors: a cache filled under inference_mode serves later autograd calls
+                with torch.inference_mode(False), torch.no_grad():
                     self.value = fold()
                 self.key = key
             return self.value
+
+
+def _hooked(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def invalidate_fold_caches(model: torch.nn.Module) -> None:
+    """Forget every cached eval-mode fold in ``model``. Needed only after writes the version counters do not
+    see: through ``.data`` (``conv.weight.data.mul_(2)``) or through memory shared with NumPy."""
+    for m in model.modules():
+        for cache in m.__dict__.values():
+            if isinstance(cache, FoldCache):
+                cache.key = None
+            elif isinstance(cache, dict):
+                for c in cache.values():
+                    if isinstance(c, FoldCache):
+                        c.key = None
 
 
 def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Tensor, *, relu: bool, algo: str,
@@ -223,6 +244,10 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
     if bn.num_features != conv.weight.shape[0]:
         raise ValueError(f"fastconv.ConvBNReLU: conv produces {conv.weight.shape[0]} channels but bn has "
                          f"{bn.num_features} features (changed after construction?)")
+    if _hooked(conv) or _hooked(bn):
+        # Hooks (pruning's weight re-parametrisation, observers, ...) must see the modules run: call them.
+        out = bn(conv(input))
+        return torch.nn.functional.relu(out) if relu else out
     padding = conv.padding
     if conv.padding_mode != "zeros":
         input = torch.nn.functional.pad(input, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)

@@ -6,6 +6,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune  # noqa: F401  (fuse() must leave pruned modules alone)
 from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -699,3 +700,86 @@ def test_conv_bn_relu_gradcheck_float64(algo, training):
                             training=training, algo=algo)
 
     assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
+
+
+def test_fuse_leaves_shared_hooked_and_attribute_read_modules_alone():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn1, self.bn2 = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+            self.conv2, self.bn3 = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            a = F.relu(self.bn1(self.conv(x))) + self.bn2(self.conv(x))  # one conv, two call sites
+            return self.bn3(self.conv2(a)) * self.conv2.weight.abs().mean()  # its weight read in forward
+
+    model = Shared().double()
+    nontrivial_batch_norms(model)
+    fused = fastconv.fuse(model)
+    assert not any(isinstance(m, ConvBNReLU) for m in fused.modules())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for mode in (False, True):
+        model.train(mode), fused.train(mode)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ref = model(x)
+        model.load_state_dict(state)
+        assert_close_to(fused(x), ref, 1e-12, f"train={mode}")
+    # a pruned (hooked) conv keeps running as itself
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double().eval()
+    torch.nn.utils.prune.l1_unstructured(seq[0], "weight", amount=0.5)
+    fused = fastconv.fuse(seq)
+    assert not any(isinstance(m, ConvBNReLU) for m in fused.modules())
+    with torch.no_grad():
+        seq[0].weight_orig.mul_(2)
+        assert_close_to(fused(x), seq(x), 1e-12, "pruned")
+
+
+def test_hooks_on_a_conv_bn_relu_submodule_fire_and_see_the_modules_run():
+    fused = ConvBNReLU(3, 4, 3, padding=1, dtype=torch.float64)
+    randomize_bn(fused.bn)
+    seen = []
+    fused.conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    out = fused(x)
+    assert seen == [(2, 4, 5, 5)]
+    ref = torch_sequence(fused)
+    assert torch.allclose(out, F.relu(F.batch_norm(F.conv2d(x, ref.conv.weight, None, 1, 1), None, None,
+                                                   ref.bn.weight, ref.bn.bias, True, 0.1, 1e-5)))
+
+
+def test_fold_cache_survives_inference_mode_and_can_be_invalidated():
+    fused = ConvBNReLU(3, 4, 3, padding=1, dtype=torch.float64).eval()
+    randomize_bn(fused.bn)
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        fused(x)  # fills the cache inside inference mode
+    xr = x.clone().requires_grad_()
+    fused(xr).sum().backward()  # the cached fold must be usable by autograd
+    assert xr.grad is not None
+    fused.conv.weight.data.mul_(2)  # invisible to version counters
+    fastconv.nn.invalidate_fold_caches(fused)
+    with torch.no_grad():
+        assert_close_to(fused(x), torch_sequence(fused).eval()(x), 1e-12, "after invalidate")
+
+
+def test_convert_sets_algo_on_fused_modules_and_model_blocks():
+    model = fastconv.models.resnet18(num_classes=10)
+    fastconv.convert(model, algo="direct")
+    assert all(m.algo == "direct" for m in model.modules() if hasattr(m, "algo"))
+    fused = fastconv.convert(torch.nn.Sequential(ConvBNReLU(3, 4, 3)), algo="direct")
+    assert fused[0].algo == "direct"
+
+
+def test_models_compile_fullgraph():
+    model = fastconv.models.resnet20(num_classes=10)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 16, 16)
+    ref = fastconv.models.resnet20(num_classes=10)
+    ref.load_state_dict(model.state_dict())
+    assert_close_to(compiled(x), ref(x), 1e-5, "compiled training logits")
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        assert_close_to(compiled(x), ref(x), 1e-5, "compiled eval logits")

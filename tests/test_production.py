@@ -298,3 +298,27 @@ def test_cuda_more_than_2_31_elements_pool_residual_conv():
     c = fastconv.functional.conv2d(x, w, algo="direct")
     ref = F.conv2d(x[:, :, -3:, -3:].float(), w.float())
     assert rel_err(c[:, :, -3:, -3:], ref) < 1e-2
+
+
+# ---- transforms -----------------------------------------------------------------------------------------
+
+
+def test_forward_mode_ad_is_refused_not_silently_wrong():
+    import torch.autograd.forward_ad as fwAD
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    calls = [lambda x: fastconv.functional.conv2d(x, w, padding=1),
+             lambda x: fastconv.functional.max_pool2d(x, 2),
+             lambda x: fastconv.functional.residual_add(x, x),
+             lambda x: fastconv.ConvBNReLU(2, 3, 3)(x),
+             lambda x: fastconv.Conv2dReLU(2, 3, 3)(x)]
+    for f in calls:
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(f, (x,), (torch.randn_like(x),))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(x, torch.randn_like(x)))
+
+
+def test_vmap_runs_per_sample():
+    x, w = torch.randn(4, 1, 2, 5, 5, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    out = torch.func.vmap(lambda xi: fastconv.functional.conv2d(xi, w, padding=1))(x)
+    assert torch.allclose(out, torch.stack([F.conv2d(xi, w, padding=1) for xi in x]))

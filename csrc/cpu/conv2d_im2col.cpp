@@ -67,6 +67,14 @@ void col2im_cpu(const Conv2dProblem& pb, const scalar_t* col, int64_t n0, int64_
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The op's result in `dtype` and `format`, never a view of a temporary: when the conversion and the layout
+// change are both no-ops (a 1x1 output, fp32) `.to().contiguous()` would hand back a view, and an op's
+// output must not be one (autograd would refuse in-place updates of it).
+at::Tensor owned_result(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+  at::Tensor out = t.to(dtype).contiguous(format);
+  return out.is_view() ? out.clone(format) : out;
+}
+
 // A (N, C, H, W) tensor as the (N * H * W) x C matrix of its pixels.
 at::Tensor pixel_matrix(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
@@ -104,7 +112,7 @@ at::Tensor conv2d_im2col_cpu(const at::Tensor& input, const at::Tensor& weight, 
   }
   if (b) y.add_(b->to(ct));
   if (relu) y.clamp_min_(0);  // the epilogue's ReLU, before the one rounding (NaN passes)
-  return y.view({pb.N, pb.P, pb.Q, pb.K}).permute({0, 3, 1, 2}).to(input.scalar_type()).contiguous(format);
+  return owned_result(y.view({pb.N, pb.P, pb.Q, pb.K}).permute({0, 3, 1, 2}), input.scalar_type(), format);
 }
 
 at::Tensor conv2d_im2col_dgrad_cpu(const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
@@ -140,7 +148,7 @@ at::Tensor conv2d_im2col_dgrad_cpu(const at::Tensor& grad_output, const at::Tens
       });
     }
   }
-  return dx.to(grad_output.scalar_type()).contiguous(format);
+  return owned_result(dx, grad_output.scalar_type(), format);
 }
 
 at::Tensor conv2d_im2col_wgrad_cpu(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
@@ -166,7 +174,7 @@ at::Tensor conv2d_im2col_wgrad_cpu(const at::Tensor& grad_output, const at::Tens
         dw.narrow(0, g * Kg, Kg).add_(at::mm(dy_rows.narrow(1, g * Kg, Kg).t(), col.narrow(1, g * CgRS, CgRS)));
     }
   }
-  return dw.view(weight_size).to(grad_output.scalar_type()).contiguous(conv2d_output_format(grad_output, input));
+  return owned_result(dw.view(weight_size), grad_output.scalar_type(), conv2d_output_format(grad_output, input));
 }
 
 }  // namespace

@@ -36,6 +36,7 @@ class CifarResNet(_FusedPairs):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
         init_like_torchvision(self, zero_init_residual=False)
+        self._make_fold_caches("stem")
 
     def _stage(self, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [BasicBlock(inplanes, planes, stride, shortcut_stride=stride, algo=self.algo)]
@@ -43,7 +44,7 @@ class CifarResNet(_FusedPairs):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._conv_bn(self.conv1, self.bn1, x, relu=True)
+        x = self._conv_bn("stem", self.conv1, self.bn1, x, relu=True)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 

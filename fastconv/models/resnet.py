@@ -28,12 +28,13 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1, algo: str = "auto"
 
 class _FusedPairs(nn.Module):
     """A module whose (conv, BatchNorm) attribute pairs run through the fused path, each with its own cache of
-    folded eval-mode weights."""
+    folded eval-mode weights (created with the module, so that torch.compile traces no allocation)."""
 
-    def _conv_bn(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
-        caches = self.__dict__.setdefault("_fold_caches", {})
-        cache = caches.setdefault(id(conv), FoldCache())
-        return run_conv_bn(conv, bn, x, relu=relu, algo=self.algo, cache=cache)
+    def _make_fold_caches(self, *names: str) -> None:
+        self._fold_caches = {name: FoldCache() for name in names}
+
+    def _conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        return run_conv_bn(conv, bn, x, relu=relu, algo=self.algo, cache=self._fold_caches[name])
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         ds = self.downsample
@@ -41,7 +42,7 @@ class _FusedPairs(nn.Module):
             return x
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d) and \
                 isinstance(ds[1], nn.BatchNorm2d):
-            return self._conv_bn(ds[0], ds[1], x, relu=False)
+            return self._conv_bn("downsample", ds[0], ds[1], x, relu=False)
         return ds(x)  # a user-supplied shortcut module
 
 
@@ -67,10 +68,11 @@ class BasicBlock(_FusedPairs):
         self.stride = stride
         self.shortcut_stride = shortcut_stride
         self.algo = algo
+        self._make_fold_caches("1", "2", "downsample")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_bn(self.conv1, self.bn1, x, relu=True)
-        out = self._conv_bn(self.conv2, self.bn2, out, relu=False)
+        out = self._conv_bn("1", self.conv1, self.bn1, x, relu=True)
+        out = self._conv_bn("2", self.conv2, self.bn2, out, relu=False)
         return functional.residual_add(out, self._shortcut(x), stride=self.shortcut_stride, relu=True)
 
 
@@ -94,11 +96,12 @@ class Bottleneck(_FusedPairs):
         self.downsample = downsample
         self.stride = stride
         self.algo = algo
+        self._make_fold_caches("1", "2", "3", "downsample")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_bn(self.conv1, self.bn1, x, relu=True)
-        out = self._conv_bn(self.conv2, self.bn2, out, relu=True)
-        out = self._conv_bn(self.conv3, self.bn3, out, relu=False)
+        out = self._conv_bn("1", self.conv1, self.bn1, x, relu=True)
+        out = self._conv_bn("2", self.conv2, self.bn2, out, relu=True)
+        out = self._conv_bn("3", self.conv3, self.bn3, out, relu=False)
         return functional.residual_add(out, self._shortcut(x), relu=True)
 
 
@@ -143,6 +146,7 @@ class ResNet(_FusedPairs):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         init_like_torchvision(self, zero_init_residual)
+        self._make_fold_caches("stem")
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -156,7 +160,7 @@ class ResNet(_FusedPairs):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._conv_bn(self.conv1, self.bn1, x, relu=True)
+        x = self._conv_bn("stem", self.conv1, self.bn1, x, relu=True)
         x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)

@@ -1,0 +1,55 @@
+"""Static checks of the compiled CUDA kernels that need no GPU: the build's resource report shows no
+register spills (no local memory) in any fastconv kernel, and the tensor-core GEMM's SASS holds HMMA
+instructions. cuobjdump ships with triton in the torch environment (triton/backends/nvidia/bin)."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import fastconv
+
+
+def cuobjdump():
+    try:
+        import triton
+        candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+pytestmark = [
+    pytest.mark.skipif(not fastconv.WITH_CUDA, reason="CPU-only build: no CUDA kernels to inspect"),
+    pytest.mark.skipif(cuobjdump() is None, reason="no cuobjdump (it ships with triton)"),
+]
+
+
+def library() -> str:
+    return str(fastconv._C.__file__)
+
+
+def dump(*args) -> str:
+    return subprocess.run([cuobjdump(), *args, library()], capture_output=True, text=True, check=True).stdout
+
+
+def test_no_kernel_spills_registers_to_local_memory():
+    functions = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", dump("-res-usage"))
+    ours = [f for f in functions if "fastconv" in f[0]]
+    assert len(ours) > 50, "expected every fastconv kernel in the resource report"
+    spilling = [(name, local) for name, _reg, _stack, _shared, local in ours if int(local) != 0]
+    assert not spilling, spilling
+    assert all(int(reg) <= 255 for _, reg, *_ in ours)
+
+
+def test_tensor_core_gemm_uses_hmma_for_every_dtype_and_arch():
+    sass = dump("-sass")
+    blocks = re.split(r"\n\s*Function : ", sass)
+    wmma = [b for b in blocks if "gemm_wmma_kernel" in b.split("\n", 1)[0]]
+    assert wmma, "no gemm_wmma_kernel in the SASS"
+    assert all(re.search(r"\bHMMA\.", b) for b in wmma), "a WMMA GEMM variant has no HMMA instruction"
+    simt = [b for b in blocks if "gemm_simt_kernel" in b.split("\n", 1)[0]]
+    assert simt and all("FFMA" in b for b in simt)

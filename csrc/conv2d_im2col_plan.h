@@ -6,7 +6,7 @@
 // the chunks in a fixed order in fp32).
 #pragma once
 
-#include <stdint.h>
+#include "portable_stdint.h"
 
 #include "conv2d_problem.h"
 

@@ -9,7 +9,7 @@
 // CUDA kernels call the same functions, so the CPU tests exercise the index math the GPU runs.
 #pragma once
 
-#include <stdint.h>
+#include "portable_stdint.h"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define FASTCONV_HD __host__ __device__ __forceinline__

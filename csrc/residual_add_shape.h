@@ -4,7 +4,7 @@
 // Q = ceil(W / s): the strided, zero-padded identity shortcut of a ResNet block that changes resolution.
 #pragma once
 
-#include <stdint.h>
+#include "portable_stdint.h"
 
 namespace fastconv {
 

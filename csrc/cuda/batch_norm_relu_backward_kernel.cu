@@ -94,6 +94,8 @@ constexpr int kFinalizeThreads = 256;
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
 cudaError_t launch_batch_norm_relu_backward(const DenseActivation& a, DType dtype, const void* dy, const void* x,
                                             const float* mean, const float* var, const float* gamma,
                                             const float* beta, float eps, bool relu, void* dx, float* grad_gamma,
@@ -117,5 +119,7 @@ cudaError_t launch_batch_norm_relu_backward(const DenseActivation& a, DType dtyp
     return cudaGetLastError();
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

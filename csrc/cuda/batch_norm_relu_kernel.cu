@@ -59,6 +59,8 @@ constexpr int kFinalizeThreads = 256;
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
 size_t batch_norm_workspace_bytes(const DenseActivation& a) {
   const ChannelGrid g = make_channel_grid(a);
   // The forward's Welford partials are the larger of the two launches' (the backward keeps two sums).
@@ -86,5 +88,7 @@ cudaError_t launch_batch_norm_relu_forward(const DenseActivation& a, DType dtype
     return cudaGetLastError();
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

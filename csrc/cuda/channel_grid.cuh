@@ -25,6 +25,7 @@ struct ChannelGrid {
 
 constexpr int kChannelGridThreads = 256;
 
+#if !defined(__CUDACC_RTC__)
 // Enough blocks to fill any GPU several times over, and at least this many rows per thread so that a
 // reduction's partials stay few.
 inline ChannelGrid make_channel_grid(const DenseActivation& a) {
@@ -50,6 +51,7 @@ inline dim3 channel_grid_blocks(const ChannelGrid& g) {
   return dim3(static_cast<unsigned>(ceil_div(g.C, g.cx)), static_cast<unsigned>(g.splits));
 }
 inline dim3 channel_grid_threads(const ChannelGrid& g) { return dim3(g.cx, g.ry); }
+#endif
 
 // This thread's channel (may be >= C in the last channel group: such threads walk no rows).
 __device__ __forceinline__ int64_t channel_grid_channel(const ChannelGrid& g) {

@@ -29,6 +29,8 @@ conv2d_bias_grad_kernel(int64_t N, int64_t K, int64_t P, int64_t Q, const T* __r
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
 cudaError_t launch_conv2d_bias_grad(int64_t N, int64_t K, int64_t P, int64_t Q, DType dtype, const void* dy,
                                     Strides4 dys, void* db, cudaStream_t stream) {
   return dispatch_dtype(dtype, [&](auto tag) {
@@ -38,5 +40,7 @@ cudaError_t launch_conv2d_bias_grad(int64_t N, int64_t K, int64_t P, int64_t Q, 
     return cudaGetLastError();
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -96,6 +96,7 @@ conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 template <int CPT>
 DgradTiling choose_tiling(const Conv2dProblem& pb) {
   DgradTiling tl{};
@@ -129,7 +130,11 @@ cudaError_t launch_typed(const Conv2dProblem& pb, const T* dy, Strides4 dys, con
   return cudaGetLastError();
 }
 
+#endif  // !defined(__CUDACC_RTC__)
+
 }  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 
 cudaError_t launch_conv2d_direct_dgrad(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
                                        const void* w, Strides4 ws, void* dx, Strides4 dxs, cudaStream_t stream) {
@@ -143,5 +148,7 @@ cudaError_t launch_conv2d_direct_dgrad(const Conv2dProblem& pb, DType dtype, con
                 : launch_typed<T, 1>(pb, dyt, dys, wt, ws, dxt, dxs, stream);
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -140,6 +140,7 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 // Chooses the tile for one problem: the largest output tile up to 16 x 16 that the output fills, the rest
 // of the 256 threads over output channels, then as many input channels per step as shared memory holds.
 template <int KPT>
@@ -200,7 +201,11 @@ cudaError_t launch_typed(const Conv2dProblem& pb, const T* x, Strides4 xs, const
   return cudaGetLastError();
 }
 
+#endif  // !defined(__CUDACC_RTC__)
+
 }  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 
 cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs,
                                        const void* w, Strides4 ws, const void* bias, bool relu, void* y,
@@ -217,5 +222,7 @@ cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, con
                 : launch_typed<T, 1>(pb, xt, xs, wt, ws, bt, relu, yt, ys, stream);
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

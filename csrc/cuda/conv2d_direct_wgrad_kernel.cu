@@ -61,6 +61,7 @@ conv2d_direct_wgrad_kernel(Conv2dProblem pb, int64_t tap_chunks, int64_t total_b
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 template <typename T, int TAPS>
 cudaError_t launch_typed(const Conv2dProblem& pb, const T* dy, Strides4 dys, const T* x, Strides4 xs, T* dw,
                          Strides4 dws, cudaStream_t stream) {
@@ -71,7 +72,11 @@ cudaError_t launch_typed(const Conv2dProblem& pb, const T* dy, Strides4 dys, con
   return cudaGetLastError();
 }
 
+#endif  // !defined(__CUDACC_RTC__)
+
 }  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 
 cudaError_t launch_conv2d_direct_wgrad(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
                                        const void* x, Strides4 xs, void* dw, Strides4 dws, cudaStream_t stream) {
@@ -86,5 +91,7 @@ cudaError_t launch_conv2d_direct_wgrad(const Conv2dProblem& pb, DType dtype, con
                      : launch_typed<T, 9>(pb, dyt, dys, xt, xs, dwt, dws, stream);
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -15,8 +15,9 @@
 // any batch count fits one launch.
 #include <mma.h>
 
+#if !defined(__CUDACC_RTC__)
 #include <atomic>
-#include <type_traits>
+#endif
 
 #include "kernel_utils.cuh"
 
@@ -48,7 +49,7 @@ __device__ __forceinline__ void stage_tile(S* dst, int ld, const T* src, int64_t
     const int64_t gi = i0 + i, gj = j0 + j;
     S v = from_float<S>(0.f);
     if (gi < extent_i && gj < extent_j) {
-      if constexpr (std::is_same<S, T>::value) {
+      if constexpr (same_type<S, T>::value) {
         v = src[gi * s_i + gj * s_j];  // staged as is (tensor-core tiles)
       } else {
         v = from_float<S>(to_float(src[gi * s_i + gj * s_j]));
@@ -185,6 +186,7 @@ gemm_wmma_kernel(GemmProblem g, int64_t tiles_m, int64_t tiles_n, const T* __res
 #endif
 }
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 // Whether the current device runs the WMMA kernel (bf16 WMMA needs sm_80), cached per device.
 bool tensor_cores_available() {
   constexpr int kMaxDevices = 64;
@@ -201,7 +203,7 @@ template <typename T, typename OutT>
 cudaError_t launch_typed(const GemmProblem& g, const T* A, const T* B, const T* bias, OutT* C, cudaStream_t stream) {
   const int64_t tiles_m = ceil_div(g.M, kTile), tiles_n = ceil_div(g.N, kTile);
   const unsigned grid = grid_for(g.batch_outer * g.batch_inner * tiles_m * tiles_n);
-  if constexpr (!std::is_same<T, float>::value) {
+  if constexpr (!same_type<T, float>::value) {
     if (tensor_cores_available()) {
       gemm_wmma_kernel<T, OutT><<<grid, kWmmaThreads, 0, stream>>>(g, tiles_m, tiles_n, A, B, bias, C);
       return cudaGetLastError();
@@ -211,7 +213,11 @@ cudaError_t launch_typed(const GemmProblem& g, const T* A, const T* B, const T* 
   return cudaGetLastError();
 }
 
+#endif  // !defined(__CUDACC_RTC__)
+
 }  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 
 cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const void* A, const void* B,
                         const void* bias, void* C, cudaStream_t stream) {
@@ -221,9 +227,11 @@ cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const vo
     const T* a = static_cast<const T*>(A);
     const T* b = static_cast<const T*>(B);
     const T* bs = static_cast<const T*>(bias);
-    if (c_fp32 || std::is_same<T, float>::value) return launch_typed<T, float>(g, a, b, bs, static_cast<float*>(C), stream);
+    if (c_fp32 || same_type<T, float>::value) return launch_typed<T, float>(g, a, b, bs, static_cast<float*>(C), stream);
     return launch_typed<T, T>(g, a, b, bs, static_cast<T*>(C), stream);
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -58,6 +58,8 @@ col2im_kernel(Conv2dProblem pb, const float* __restrict__ col, int64_t n0, int64
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
 cudaError_t launch_im2col(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs, int64_t n0,
                           int64_t images, void* col, cudaStream_t stream) {
   const int64_t total = images * pb.P * pb.Q * pb.C * pb.R * pb.S;
@@ -83,5 +85,7 @@ cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const float* col
     return cudaGetLastError();
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -41,6 +41,7 @@ __device__ __forceinline__ void fma_row(float (&acc)[N], float v, const float* w
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host-side launch arithmetic (NVRTC compiles the device code alone)
 // Smallest power of two >= v, capped at `cap` (a power of two).
 inline int pow2_at_least(int64_t v, int cap) {
   int p = 1;
@@ -55,6 +56,7 @@ inline unsigned grid_for(int64_t blocks) {
   const int64_t cap = 0x7fffffff;
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
+#endif
 
 // Splits a flat index over an (outer, inner) grid: 32-bit division when the index fits (a GPU has no
 // 64-bit divide instruction; the 64-bit path is a call of dozens of instructions).
@@ -96,12 +98,14 @@ __device__ __forceinline__ Nchw split_nchw(int64_t i, int64_t C, int64_t H, int6
   return {t.a, t.b, t.c, t.d};
 }
 
+#if !defined(__CUDACC_RTC__)
 // Blocks for a grid-stride loop over `total` elements with `threads` per block: enough to fill any GPU,
 // few enough that each thread does several elements.
 inline unsigned elementwise_blocks(int64_t total, int threads) {
   const int64_t blocks = ceil_div(total, threads);
   return static_cast<unsigned>(blocks < 65536 ? blocks : 65536);
 }
+#endif
 
 // Sum of v over the block, returned to every thread. `scratch` holds one float per warp. The order of
 // additions is fixed, so results are bitwise reproducible. Every thread of the block must call it, and
@@ -117,6 +121,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+// Whether two types are the same (std::is_same without <type_traits>, which NVRTC lacks).
+template <typename A, typename B>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <typename A>
+struct same_type<A, A> {
+  static constexpr bool value = true;
+};
+
+#if !defined(__CUDACC_RTC__)
 // Calls body.template operator()<T>() with the CUDA element type for `dtype`.
 template <typename Body>
 cudaError_t dispatch_dtype(DType dtype, Body&& body) {
@@ -127,5 +142,6 @@ cudaError_t dispatch_dtype(DType dtype, Body&& body) {
   }
   return cudaErrorInvalidValue;
 }
+#endif
 
 }  // namespace fastconv

@@ -2,9 +2,15 @@
 // compiler with torch headers) and its kernels (csrc/cuda/*.cu, compiled by nvcc without any torch
 // header, which keeps nvcc's work small on a 2-core build machine). Launchers take raw pointers, element
 // strides and the problem struct, launch on the given stream and return the launch's cudaError_t.
+//
+// The argument types (DType, Conv2dProblem, GemmProblem, DenseActivation, ...) come first and are plain
+// C++ that NVRTC accepts too, for the .cu files' device code compiled alone (fastconv.cupy); the launcher
+// declarations after them are host-only.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
 #include <cuda_runtime_api.h>
+#endif
 
 #include "../conv2d_problem.h"
 #include "../residual_add_shape.h"
@@ -19,6 +25,29 @@ constexpr int kSharedMemoryBudgetBytes = 48 * 1024;
 
 // The direct kernels stage R*S filter taps (for at least one channel pair) in shared memory.
 constexpr int64_t kMaxDirectFilterTaps = kSharedMemoryBudgetBytes / sizeof(float);
+
+// A dense (N, C, H, W) activation: NCHW, or channels_last (NHWC) in memory; HW = H * W.
+struct DenseActivation {
+  int64_t N, C, HW;
+  bool channels_last;
+};
+
+// A batched matrix product through element strides: for every batch (outer, inner),
+//     C[m, n] (+)= sum over k of A[m, k] * B[k, n]  (+ bias[n])
+// A is M x K, B is K x N, C is M x N; each matrix is offset by outer * *_bo + inner * *_bi and bias by
+// inner * bias_bi. Strides let one kernel serve the NN, NT and TN products of fprop, dgrad and wgrad and
+// read or write NCHW and channels_last tensors in place. Accumulation is in fp32; fp16/bf16 use tensor
+// cores (WMMA) on sm_80+.
+struct GemmProblem {
+  int64_t M, N, K;
+  int64_t a_m, a_k, b_k, b_n, c_m, c_n;
+  int64_t batch_outer, batch_inner;
+  int64_t a_bo, a_bi, b_bo, b_bi, c_bo, c_bi, bias_bi;
+  bool accumulate;  // C += A B (C already holds a partial sum) instead of C = A B
+  bool relu;        // C = max(C, 0) after the bias (and the accumulation): the fused conv + ReLU epilogue
+};
+
+#if !defined(__CUDACC_RTC__)  // the launchers: host code
 
 // relu: y = max(y, 0) in the epilogue, after the bias (NaN passes, as torch's relu).
 cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs,
@@ -61,12 +90,6 @@ cudaError_t launch_residual_add_backward_strided(const ResidualAddShape& shape, 
                                                  Strides4 grs, void* grad_shortcut, Strides4 gss,
                                                  cudaStream_t stream);
 
-// A dense (N, C, H, W) activation: NCHW, or channels_last (NHWC) in memory; HW = H * W.
-struct DenseActivation {
-  int64_t N, C, HW;
-  bool channels_last;
-};
-
 // Training-mode BatchNorm (+ ReLU) over the batch's statistics (formulas in csrc/batch_norm_math.h). x, y,
 // dy and dx are dense in the layout of `a`; gamma and beta (null: 1 and 0) and the statistics are fp32
 // vectors of C. Both launches need batch_norm_workspace_bytes(a) bytes of scratch (per-block partial
@@ -84,21 +107,6 @@ cudaError_t launch_batch_norm_relu_backward(const DenseActivation& a, DType dtyp
                                             const float* beta, float eps, bool relu, void* dx, float* grad_gamma,
                                             float* grad_beta, void* workspace, cudaStream_t stream);
 
-// A batched matrix product through element strides: for every batch (outer, inner),
-//     C[m, n] (+)= sum over k of A[m, k] * B[k, n]  (+ bias[n])
-// A is M x K, B is K x N, C is M x N; each matrix is offset by outer * *_bo + inner * *_bi and bias by
-// inner * bias_bi. Strides let one kernel serve the NN, NT and TN products of fprop, dgrad and wgrad and
-// read or write NCHW and channels_last tensors in place. Accumulation is in fp32; fp16/bf16 use tensor
-// cores (WMMA) on sm_80+.
-struct GemmProblem {
-  int64_t M, N, K;
-  int64_t a_m, a_k, b_k, b_n, c_m, c_n;
-  int64_t batch_outer, batch_inner;
-  int64_t a_bo, a_bi, b_bo, b_bi, c_bo, c_bi, bias_bi;
-  bool accumulate;  // C += A B (C already holds a partial sum) instead of C = A B
-  bool relu;        // C = max(C, 0) after the bias (and the accumulation): the fused conv + ReLU epilogue
-};
-
 // A, B and bias have element type `dtype`; C has it too, or is fp32 when c_fp32 (wgrad accumulating over
 // batch chunks keeps its sum in fp32).
 cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const void* A, const void* B,
@@ -113,5 +121,7 @@ cudaError_t launch_im2col(const Conv2dProblem& pb, DType dtype, const void* x, S
 // written through its strides.
 cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const float* col, int64_t n0, int64_t images,
                           void* dx, Strides4 dxs, cudaStream_t stream);
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -9,8 +9,6 @@
 //
 // Threads walk the elements channel-fastest for channels_last tensors and column-fastest for NCHW, so
 // neighbouring threads touch neighbouring addresses either way; all offsets are 64-bit (Strides4).
-#include <cuda/std/limits>
-
 #include "kernel_utils.cuh"
 
 namespace fastconv {
@@ -28,7 +26,7 @@ max_pool2d_forward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32b
     const Nchw o = split_nchw(i, pb.C, pb.P, pb.Q, channels_fastest, fits_32bit);
     const int64_t n = o.n, c = o.c, p = o.h, q = o.w;
     int64_t best = -1;
-    float best_val = -cuda::std::numeric_limits<float>::infinity();
+    float best_val = __int_as_float(0xff800000);  // -inf
     T best_raw = from_float<T>(best_val);
     for (int64_t r = 0; r < pb.R; ++r) {
       const int64_t h = pb.input_row(p, r);
@@ -76,6 +74,8 @@ max_pool2d_backward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32
 
 }  // namespace
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
 cudaError_t launch_max_pool2d_forward(const Conv2dProblem& pb, DType dtype, const void* x, Strides4 xs, void* y,
                                       Strides4 ys, int64_t* indices, Strides4 is, bool channels_fastest,
                                       cudaStream_t stream) {
@@ -101,5 +101,7 @@ cudaError_t launch_max_pool2d_backward(const Conv2dProblem& pb, DType dtype, con
     return cudaGetLastError();
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

@@ -123,9 +123,14 @@ residual_add_backward_strided_kernel(ResidualAddShape sh, bool channels_fastest,
   }
 }
 
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+#endif  // !defined(__CUDACC_RTC__)
+
 }  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 
 cudaError_t launch_residual_add_flat(DType dtype, const void* residual, const void* shortcut, void* out,
                                      int64_t numel, bool relu, cudaStream_t stream) {
@@ -205,5 +210,7 @@ cudaError_t launch_residual_add_backward_strided(const ResidualAddShape& shape, 
     return cudaGetLastError();
   });
 }
+
+#endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

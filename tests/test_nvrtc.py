@@ -1,0 +1,104 @@
+"""Every kernel source compiles through NVRTC, the runtime compiler, for sm_80 and sm_90, with no GPU:
+the .cu files keep their host code (launch configuration, launchers) behind `!defined(__CUDACC_RTC__)`, so
+the same sources can be JIT-compiled without a C++ build step (the groundwork of a build-free path).
+NVRTC comes with torch's CUDA dependencies (nvidia/cu*/lib); the headers from the CUDA toolkit.
+
+Each kernel is named through NVRTC name expressions, which instantiates the templates the extension
+launches and checks that they are reachable by name."""
+import ctypes
+import glob
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "csrc" / "cuda"
+DTYPES = ["float", "__half", "__nv_bfloat16"]
+
+# Per source file: the kernel instantiations the extension's launchers use.
+KERNELS = {
+    "batch_norm_relu_kernel.cu": [f"batch_norm_stats_partials_kernel<{t}>" for t in DTYPES]
+    + [f"batch_norm_relu_normalize_kernel<{t}>" for t in DTYPES] + ["batch_norm_stats_finalize_kernel"],
+    "batch_norm_relu_backward_kernel.cu": [f"batch_norm_relu_grad_partials_kernel<{t}>" for t in DTYPES]
+    + [f"batch_norm_relu_grad_input_kernel<{t}>" for t in DTYPES] + ["batch_norm_relu_grad_finalize_kernel"],
+    "conv2d_bias_grad_kernel.cu": [f"conv2d_bias_grad_kernel<{t}>" for t in DTYPES],
+    "conv2d_direct_dgrad_kernel.cu": [f"conv2d_direct_dgrad_kernel<{t}, {c}>" for t in DTYPES for c in (1, 8)],
+    "conv2d_direct_fprop_kernel.cu": [f"conv2d_direct_fprop_kernel<{t}, {k}, {s}>" for t in DTYPES for k in (1, 8)
+                                      for s in ("true", "false")],
+    "conv2d_direct_wgrad_kernel.cu": [f"conv2d_direct_wgrad_kernel<{t}, {n}>" for t in DTYPES for n in (1, 9)],
+    "gemm_kernel.cu": [f"gemm_simt_kernel<{t}, {o}>" for t in DTYPES for o in sorted({t, "float"})]
+    + [f"gemm_wmma_kernel<{t}, {o}>" for t in DTYPES[1:] for o in (t, "float")],
+    "im2col_kernel.cu": [f"im2col_kernel<{t}>" for t in DTYPES] + [f"col2im_kernel<{t}>" for t in DTYPES],
+    "max_pool2d_kernel.cu": [f"max_pool2d_{d}_kernel<{t}>" for t in DTYPES for d in ("forward", "backward")],
+    "residual_add_kernel.cu": [f"residual_add_flat_kernel<{t}, {v}, {r}>" for t in DTYPES for v in (1, "16 / sizeof(" + t + ")")
+                               for r in ("true", "false")]
+    + [f"residual_add_backward_flat_kernel<{t}, {v}>" for t in DTYPES for v in (1, "16 / sizeof(" + t + ")")]
+    + [f"residual_add_strided_kernel<{t}, {r}>" for t in DTYPES for r in ("true", "false")]
+    + [f"residual_add_backward_strided_kernel<{t}>" for t in DTYPES],
+}
+
+
+def _site_cuda_dirs():
+    site = Path(torch.__file__).parent.parent / "nvidia"
+    return sorted(site.glob("cu[0-9]*"))
+
+
+def load_nvrtc():
+    for d in _site_cuda_dirs() + [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))]:
+        for lib_dir in (d / "lib", d / "lib64"):
+            builtins = sorted(lib_dir.glob("libnvrtc-builtins.so*"))
+            libs = sorted(p for p in lib_dir.glob("libnvrtc.so*") if "alt" not in p.name)
+            if libs:
+                for b in builtins:
+                    if "alt" not in b.name:
+                        ctypes.CDLL(str(b), mode=ctypes.RTLD_GLOBAL)  # NVRTC dlopens it by soname
+                return ctypes.CDLL(str(libs[0]))
+    return None
+
+
+def include_dirs():
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    dirs = [cuda_home / "include"] + [d / "include" for d in _site_cuda_dirs()]
+    return [d for d in dirs if (d / "cuda_fp16.h").exists()]
+
+
+NVRTC = load_nvrtc()
+pytestmark = pytest.mark.skipif(NVRTC is None or not include_dirs(), reason="no NVRTC library or CUDA headers")
+
+
+def nvrtc_compile(path: Path, arch: int, names: list[str]):
+    """(ok, log, {name expression: lowered name})."""
+    lib = NVRTC
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), str(path).encode(), 0, None, None) == 0
+    for n in names:
+        assert lib.nvrtcAddNameExpression(prog, f"fastconv::{n}".encode()) == 0
+    opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", f"-I{path.parent}".encode()]
+    opts += [f"-I{d}".encode() for d in include_dirs()]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lowered = {}
+    if rc == 0:
+        for n in names:
+            out = ctypes.c_char_p()
+            assert lib.nvrtcGetLoweredName(prog, f"fastconv::{n}".encode(), ctypes.byref(out)) == 0
+            lowered[n] = out.value.decode()
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc == 0, log.value.decode(errors="replace"), lowered
+
+
+def test_every_kernel_source_is_listed():
+    assert sorted(KERNELS) == sorted(os.path.basename(p) for p in glob.glob(str(CUDA_DIR / "*.cu")))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("source", sorted(KERNELS))
+def test_kernel_source_compiles_with_nvrtc(source, arch):
+    ok, log, lowered = nvrtc_compile(CUDA_DIR / source, arch, KERNELS[source])
+    assert ok, log
+    assert len(lowered) == len(KERNELS[source]) and all(v.startswith("_Z") for v in lowered.values())

@@ -110,6 +110,7 @@ def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
         if relu_node is not None:
             gm.graph.erase_node(relu_node)
         gm.graph.erase_node(bn_node)
+        gm.delete_submodule(bn_node.target)  # it lives on as fused.bn: one name per tensor in the state_dict
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

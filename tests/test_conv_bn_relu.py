@@ -535,6 +535,8 @@ def test_fuse_torchvision_models_train_and_eval_identically(arch, fused_count, r
     standing = [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d) and id(m) not in inside]
     assert len(standing) == bn_standing  # no BatchNorm that follows a conv is left
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is unchanged
+    keys = list(fused.state_dict())
+    assert len(keys) == len({t.data_ptr() for t in fused.state_dict().values()})  # one name per tensor
     # DenseNet's last block is 1x1 at 48x48: a BatchNorm over two values per channel amplifies rounding
     # differences without bound, so it gets a larger batch and image.
     x = torch.randn((4, 3, 64, 64) if arch == "densenet121" else (2, 3, 48, 48), dtype=torch.float64)

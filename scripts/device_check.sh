@@ -53,7 +53,8 @@ if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nv
 fi
 
 if step build 240 bash -c 'source scripts/setup_env.sh'; then
-  step tests 180 "$PY" -m pytest tests -v -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
+  # the GPU tests (CI runs the CPU ones on every landing): every test marked cuda, verbose, as it goes
+  step tests 180 "$PY" -m pytest tests -m cuda -v -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step bench 200 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \

@@ -22,6 +22,10 @@ at::ScalarType batch_norm_stats_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::Tensor batch_norm_param(const at::Tensor* t, at::ScalarType dtype) {
+  return t ? t->to(dtype).contiguous() : at::Tensor();
+}
+
 void check_batch_norm_relu(const char* op, const at::Tensor& input, const at::Tensor* weight, const at::Tensor* bias,
                            double eps) {
   check_rank4(op, input, "input", "(N, C, H, W)");

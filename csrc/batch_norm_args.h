@@ -17,6 +17,9 @@ at::ScalarType batch_norm_stats_type(at::ScalarType input);
 void check_batch_norm_relu(const char* op, const at::Tensor& input, const at::Tensor* weight, const at::Tensor* bias,
                            double eps);
 
+// gamma or beta as the contiguous vector of `dtype` the kernels read (an undefined tensor when absent).
+at::Tensor batch_norm_param(const at::Tensor* t, at::ScalarType dtype);
+
 // grad_output like input; mean and var 1-D of C elements in batch_norm_stats_type; eps >= 0.
 void check_batch_norm_relu_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
                                     const at::Tensor& mean, const at::Tensor& var, const at::Tensor* weight,

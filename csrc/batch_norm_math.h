@@ -36,6 +36,21 @@ FASTCONV_HD acc_t batch_norm_invstd(acc_t var, acc_t eps) {
   return acc_t(1) / sqrt(var + eps);
 }
 
+// One channel's constants of the affine map: z = batch_norm_affine(x, mean, scale, shift) with
+// scale = invstd * gamma and shift = beta (gamma and beta null: 1 and 0). The forward, the backward and the
+// CPU twin all take them from here, so the backward's recomputed ReLU mask is the forward's decision.
+template <typename acc_t>
+struct BatchNormChannel {
+  acc_t mean, invstd, scale, shift;
+};
+
+template <typename acc_t>
+FASTCONV_HD BatchNormChannel<acc_t> batch_norm_channel(const acc_t* mean, const acc_t* var, const acc_t* gamma,
+                                                       const acc_t* beta, acc_t eps, int64_t c) {
+  const acc_t invstd = batch_norm_invstd<acc_t>(var[c], eps);
+  return {mean[c], invstd, invstd * (gamma ? gamma[c] : acc_t(1)), beta ? beta[c] : acc_t(0)};
+}
+
 // Welford's running (count, mean, M2) for one channel: numerically safe where sum and sum of squares
 // would cancel; `merge` is Chan et al.'s combination of two partial results. fp32 on the GPU, fp64 in
 // the CPU twin.

@@ -19,19 +19,6 @@
 namespace fastconv {
 namespace {
 
-// Per-channel constants of the affine map, in the statistics' type.
-template <typename stat_t>
-struct ChannelAffine {
-  stat_t mean, invstd, scale, shift;
-};
-
-template <typename stat_t>
-ChannelAffine<stat_t> channel_affine(const stat_t* mean, const stat_t* var, const stat_t* gamma, const stat_t* beta,
-                                     stat_t eps, int64_t c) {
-  const stat_t invstd = batch_norm_invstd<stat_t>(var[c], eps);
-  return {mean[c], invstd, invstd * (gamma ? gamma[c] : stat_t(1)), beta ? beta[c] : stat_t(0)};
-}
-
 template <typename scalar_t, typename stat_t>
 void forward_cpu(int64_t N, int64_t C, int64_t HW, const scalar_t* x, const stat_t* gamma, const stat_t* beta,
                  stat_t eps, bool relu, scalar_t* y, stat_t* mean, stat_t* var) {
@@ -44,7 +31,7 @@ void forward_cpu(int64_t N, int64_t C, int64_t HW, const scalar_t* x, const stat
       }
       mean[c] = static_cast<stat_t>(stats.mean);
       var[c] = static_cast<stat_t>(stats.var());
-      const ChannelAffine<stat_t> a = channel_affine(mean, var, gamma, beta, eps, c);
+      const BatchNormChannel<stat_t> a = batch_norm_channel(mean, var, gamma, beta, eps, c);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = (n * C + c) * HW;
         for (int64_t i = 0; i < HW; ++i) {
@@ -59,7 +46,7 @@ void forward_cpu(int64_t N, int64_t C, int64_t HW, const scalar_t* x, const stat
 // g = dy where the forward's ReLU passed: blocked where its output, rounded to the dtype as the forward
 // stored it, is <= 0 (torch's threshold_backward rule: a NaN output passes).
 template <typename scalar_t, typename stat_t>
-stat_t masked_grad(scalar_t dy, scalar_t x, const ChannelAffine<stat_t>& a, bool relu) {
+stat_t masked_grad(scalar_t dy, scalar_t x, const BatchNormChannel<stat_t>& a, bool relu) {
   if (relu) {
     const stat_t z = batch_norm_affine<stat_t>(static_cast<stat_t>(x), a.mean, a.scale, a.shift);
     if (static_cast<stat_t>(static_cast<scalar_t>(z)) <= stat_t(0)) return stat_t(0);
@@ -74,7 +61,7 @@ void backward_cpu(int64_t N, int64_t C, int64_t HW, const scalar_t* dy, const sc
   const double M = static_cast<double>(N * HW);
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      const ChannelAffine<stat_t> a = channel_affine(mean, var, gamma, beta, eps, c);
+      const BatchNormChannel<stat_t> a = batch_norm_channel(mean, var, gamma, beta, eps, c);
       GradSums<double> sums{0, 0};
       for (int64_t n = 0; n < N; ++n) {
         const int64_t o = (n * C + c) * HW;
@@ -99,11 +86,6 @@ void backward_cpu(int64_t N, int64_t C, int64_t HW, const scalar_t* dy, const sc
   });
 }
 
-// gamma or beta as a contiguous vector of the statistics' type (an undefined tensor when absent).
-at::Tensor channel_param(const at::Tensor* t, at::ScalarType stats) {
-  return t ? t->to(stats).contiguous() : at::Tensor();
-}
-
 template <typename stat_t>
 const stat_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<stat_t>() : nullptr;
@@ -123,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Ten
   at::Tensor mean = at::zeros({C}, input.options().dtype(stats)), var = at::zeros({C}, input.options().dtype(stats));
   at::Tensor y = at::empty({N, C, input.size(2), input.size(3)}, input.options());
   if (y.numel() > 0) {
-    const at::Tensor x = input.contiguous(), gamma = channel_param(w, stats), beta = channel_param(b, stats);
+    const at::Tensor x = input.contiguous(), gamma = batch_norm_param(w, stats), beta = batch_norm_param(b, stats);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_cpu", [&] {
       using stat_t = at::opmath_type<scalar_t>;
       forward_cpu<scalar_t, stat_t>(N, C, HW, x.const_data_ptr<scalar_t>(), ptr_or_null<stat_t>(gamma),
@@ -153,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   if (dx.numel() > 0) {
     const at::Tensor x = input.contiguous(), dy = grad_output.contiguous();
     const at::Tensor m = mean.contiguous(), v = var.contiguous();
-    const at::Tensor gamma = channel_param(w, stats), beta = channel_param(b, stats);
+    const at::Tensor gamma = batch_norm_param(w, stats), beta = batch_norm_param(b, stats);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
       using stat_t = at::opmath_type<scalar_t>;
       backward_cpu<scalar_t, stat_t>(N, C, HW, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),

@@ -32,8 +32,6 @@ at::Tensor channel_output(const at::Tensor& input) {
   return input.numel() == 0 ? at::zeros({input.size(1)}, options) : at::empty({input.size(1)}, options);
 }
 
-// gamma or beta as a contiguous fp32 vector (undefined when absent).
-at::Tensor channel_param(const at::Tensor* t) { return t ? t->to(at::kFloat).contiguous() : at::Tensor(); }
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
 at::Tensor workspace_for(const DenseActivation& a, const at::Tensor& like) {
@@ -56,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(const at::Te
   at::Tensor mean = channel_output(input), var = channel_output(input);
   at::Tensor y = at::empty(input.sizes(), input.options().memory_format(format));
   if (y.numel() == 0) return {y, mean, var};
-  const at::Tensor x = input.contiguous(format), gamma = channel_param(w), beta = channel_param(b);
+  const at::Tensor x = input.contiguous(format);
+  const at::Tensor gamma = batch_norm_param(w, at::kFloat), beta = batch_norm_param(b, at::kFloat);
   const DenseActivation a = dense_activation(x, format);
   at::Tensor workspace = workspace_for(a, x);
   check_launch(op, launch_batch_norm_relu_forward(a, dtype, x.const_data_ptr(),
@@ -85,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
   at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(format));
   if (dx.numel() == 0) return {dx, grad_gamma, grad_beta};
   const at::Tensor x = input.contiguous(format), dy = grad_output.contiguous(format);
-  const at::Tensor m = mean.contiguous(), v = var.contiguous(), gamma = channel_param(w), beta = channel_param(b);
+  const at::Tensor m = mean.contiguous(), v = var.contiguous();
+  const at::Tensor gamma = batch_norm_param(w, at::kFloat), beta = batch_norm_param(b, at::kFloat);
   const DenseActivation a = dense_activation(x, format);
   at::Tensor workspace = workspace_for(a, x);
   check_launch(op, launch_batch_norm_relu_backward(

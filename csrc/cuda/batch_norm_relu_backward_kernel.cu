@@ -16,19 +16,8 @@
 namespace fastconv {
 namespace {
 
-// The channel's constants, computed identically to the forward's normalize kernel.
-struct ChannelAffine {
-  float mean, invstd, scale, shift;
-};
-
-__device__ __forceinline__ ChannelAffine load_affine(int64_t c, const float* mean, const float* var, const float* gamma,
-                                                     const float* beta, float eps) {
-  const float invstd = batch_norm_invstd(var[c], eps);
-  return {mean[c], invstd, invstd * (gamma ? gamma[c] : 1.f), beta ? beta[c] : 0.f};
-}
-
 template <typename T>
-__device__ __forceinline__ float masked_grad(T dy, float x, const ChannelAffine& a, bool relu) {
+__device__ __forceinline__ float masked_grad(T dy, float x, const BatchNormChannel<float>& a, bool relu) {
   if (relu) {
     const float z = batch_norm_affine(x, a.mean, a.scale, a.shift);
     if (to_float(from_float<T>(z)) <= 0.f) return 0.f;  // torch's mask: blocked where output <= 0 (NaN passes)
@@ -46,7 +35,7 @@ batch_norm_relu_grad_partials_kernel(ChannelGrid g, const T* __restrict__ dy, co
   const int64_t c = channel_grid_channel(g);
   GradSums<float> acc{0.f, 0.f};
   if (c < g.C) {
-    const ChannelAffine a = load_affine(c, mean, var, gamma, beta, eps);
+    const BatchNormChannel<float> a = batch_norm_channel(mean, var, gamma, beta, eps, c);
     channel_grid_for_rows(g, c, [&](int64_t off) {
       const float xv = to_float(x[off]);
       const float gv = masked_grad(dy[off], xv, a, relu);
@@ -79,7 +68,7 @@ batch_norm_relu_grad_input_kernel(ChannelGrid g, const T* __restrict__ dy, const
                                   T* __restrict__ dx) {
   const int64_t c = channel_grid_channel(g);
   if (c >= g.C) return;
-  const ChannelAffine a = load_affine(c, mean, var, gamma, beta, eps);
+  const BatchNormChannel<float> a = batch_norm_channel(mean, var, gamma, beta, eps, c);
   const float inv_m = 1.f / static_cast<float>(g.M);
   const float mean_g = grad_beta[c] * inv_m, mean_g_xhat = grad_gamma[c] * inv_m;
   channel_grid_for_rows(g, c, [&](int64_t off) {

@@ -47,10 +47,9 @@ batch_norm_relu_normalize_kernel(ChannelGrid g, const T* __restrict__ x, const f
                                  const float* __restrict__ beta, float eps, bool relu, T* __restrict__ y) {
   const int64_t c = channel_grid_channel(g);
   if (c >= g.C) return;
-  const float m = mean[c], scale = batch_norm_invstd(var[c], eps) * (gamma ? gamma[c] : 1.f);
-  const float shift = beta ? beta[c] : 0.f;
+  const BatchNormChannel<float> a = batch_norm_channel(mean, var, gamma, beta, eps, c);
   channel_grid_for_rows(g, c, [&](int64_t off) {
-    const float z = batch_norm_affine(to_float(x[off]), m, scale, shift);
+    const float z = batch_norm_affine(to_float(x[off]), a.mean, a.scale, a.shift);
     y[off] = from_float<T>(relu && z < 0.f ? 0.f : z);  // NaN passes, as torch's relu
   });
 }

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 from .functional import check_algo
-from .nn import Conv2d, ConvBNReLU, MaxPool2d, ResidualAdd
+from .nn import Conv2d, ConvBNReLU, MaxPool2d, ResidualAdd, has_hooks
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
 _RELU_METHODS = ("relu", "relu_")
@@ -40,10 +40,6 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
-
-
-def _has_hooks(m: torch.nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _used_once(graph: fx.Graph, target: str) -> bool:
@@ -98,7 +94,7 @@ def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
         bn = modules[bn_node.target]
         if not (_used_once(gm.graph, node.target) and _used_once(gm.graph, bn_node.target)):
             continue  # a module called twice, or whose parameters the forward reads, keeps its own call
-        if _has_hooks(conv) or _has_hooks(bn):
+        if has_hooks(conv) or has_hooks(bn):
             continue  # hooks (pruning, quantisation observers, ...) must keep seeing the modules run
         relu_node = _only_user(bn_node)
         if relu_node is not None and not (_is_relu(relu_node, modules) and relu_node.args[:1] == (bn_node,)):
@@ -125,7 +121,7 @@ def _fuse_sequentials(model: torch.nn.Module, algo: str) -> torch.nn.Module:
         i = 0
         while i + 1 < len(names):
             conv, bn = container._modules[names[i]], container._modules[names[i + 1]]
-            if not (_is_conv(conv) and _is_bn(bn, conv)) or _has_hooks(conv) or _has_hooks(bn):
+            if not (_is_conv(conv) and _is_bn(bn, conv)) or has_hooks(conv) or has_hooks(bn):
                 i += 1
                 continue
             has_relu = i + 2 < len(names) and type(container._modules[names[i + 2]]) is torch.nn.ReLU

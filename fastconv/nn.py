@@ -218,7 +218,8 @@ class FoldCache:
             return self.value
 
 
-def _hooked(m: torch.nn.Module) -> bool:
+def has_hooks(m: torch.nn.Module) -> bool:
+    """Whether hooks are registered on the module itself (pruning, observers, ...): fused paths then run it."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
@@ -244,7 +245,7 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
     if bn.num_features != conv.weight.shape[0]:
         raise ValueError(f"fastconv.ConvBNReLU: conv produces {conv.weight.shape[0]} channels but bn has "
                          f"{bn.num_features} features (changed after construction?)")
-    if _hooked(conv) or _hooked(bn):
+    if has_hooks(conv) or has_hooks(bn):
         # Hooks (pruning's weight re-parametrisation, observers, ...) must see the modules run: call them.
         out = bn(conv(input))
         return torch.nn.functional.relu(out) if relu else out

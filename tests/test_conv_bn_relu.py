@@ -567,6 +567,17 @@ def test_fuse_torchvision_models_train_and_eval_identically(arch, fused_count, r
             assert_close_to(v, stats[k], 1e-10, k)
 
 
+def assert_fused_matches(model, fused, x):
+    """fused(x) == model(x) in eval and in training mode; the parameters are shared, so the original's
+    training step is undone before the fused model's."""
+    for mode in (False, True):
+        model.train(mode), fused.train(mode)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ref = model(x)
+        model.load_state_dict(state)
+        assert_close_to(fused(x), ref, 1e-12, f"train={mode}")
+
+
 def test_fuse_sequential_functional_relu_and_non_chains():
     class Net(torch.nn.Module):
         def __init__(self):
@@ -592,12 +603,7 @@ def test_fuse_sequential_functional_relu_and_non_chains():
     first, second = getattr(fused.body, "0"), getattr(fused.body, "3")  # fx keeps the names, not the Sequential
     assert isinstance(first, ConvBNReLU) and first.relu and isinstance(second, ConvBNReLU) and not second.relu
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    for mode in (False, True):
-        model.train(mode), fused.train(mode)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        ref = model(x)
-        model.load_state_dict(state)
-        assert_close_to(fused(x), ref, 1e-12, f"train={mode}")
+    assert_fused_matches(model, fused, x)
 
 
 def test_fuse_untraceable_model_falls_back_to_sequentials():
@@ -721,12 +727,7 @@ def test_fuse_leaves_shared_hooked_and_attribute_read_modules_alone():
     fused = fastconv.fuse(model)
     assert not any(isinstance(m, ConvBNReLU) for m in fused.modules())
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    for mode in (False, True):
-        model.train(mode), fused.train(mode)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        ref = model(x)
-        model.load_state_dict(state)
-        assert_close_to(fused(x), ref, 1e-12, f"train={mode}")
+    assert_fused_matches(model, fused, x)
     # a pruned (hooked) conv keeps running as itself
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).double().eval()
     torch.nn.utils.prune.l1_unstructured(seq[0], "weight", amount=0.5)

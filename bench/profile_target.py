@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastconv  # noqa: E402
 import shapes  # noqa: E402
-from fastconv import backends  # noqa: E402
+from conv_passes import fastconv_pass  # noqa: E402
 from fastconv.ops import CONV_OPS  # noqa: E402
 
 CONV_LAYERS = {layer.name: layer for layer in shapes.resnet50_layers() + shapes.alexnet_layers()
@@ -69,15 +69,7 @@ def build(args, device):
     w = torch.randn(layer.K, layer.C // layer.groups, layer.R, layer.S, device=device, dtype=dtype).to(memory_format=fmt)
     p, q = layer.output_hw()
     gy = torch.randn(layer.N, layer.K, p, q, device=device, dtype=dtype).to(memory_format=fmt)
-    ops = CONV_OPS[args.algo]
-    conv = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], layer.groups)
-    extra = (backends.workspace_limit(),) if args.algo == "im2col" else ()
-    calls = {
-        "fprop": lambda: ops.fprop(x, w, None, *conv, *extra, False),
-        "dgrad": lambda: ops.dgrad(gy, w, list(x.shape), *conv, *extra),
-        "wgrad": lambda: ops.wgrad(gy, x, list(w.shape), *conv, *extra),
-    }
-    return calls[args.op]
+    return fastconv_pass(args.algo, args.op, x, w, gy, layer)
 
 
 def main(argv=None) -> int:

@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastconv
 from conftest import DEVICE
-from fastconv import backends
+from conv_passes import conv_args, fastconv_pass
 from fastconv.ops import CONV_OPS
 from shapes import CPU_FULL_LAYERS, CPU_LAYERS, FULL, GPU_LAYERS
 
@@ -29,19 +28,13 @@ IMPLS = [f"fastconv-{algo}" for algo in CONV_OPS] + ["torch"]
 
 def pass_fn(impl, pas, x, w, gy, layer):
     """The callable that runs one pass of one implementation."""
-    args = ([layer.stride] * 2, [layer.padding] * 2, [1, 1], layer.groups)
-    if impl == "torch":
-        if pas == "fprop":
-            return lambda: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups)
-        mask = [pas == "dgrad", pas == "wgrad", False]
-        return lambda: torch.ops.aten.convolution_backward(gy, x, w, None, *args[:3], False, [0, 0], layer.groups, mask)
-    algo = impl.removeprefix("fastconv-")
-    ops, extra = CONV_OPS[algo], ((backends.workspace_limit(),) if algo == "im2col" else ())
+    if impl != "torch":
+        return fastconv_pass(impl.removeprefix("fastconv-"), pas, x, w, gy, layer)
     if pas == "fprop":
-        return lambda: ops.fprop(x, w, None, *args, *extra, False)
-    if pas == "dgrad":
-        return lambda: ops.dgrad(gy, w, list(x.shape), *args, *extra)
-    return lambda: ops.wgrad(gy, x, list(w.shape), *args, *extra)
+        return lambda: F.conv2d(x, w, None, layer.stride, layer.padding, 1, layer.groups)
+    mask = [pas == "dgrad", pas == "wgrad", False]
+    args = conv_args(layer)[:3]
+    return lambda: torch.ops.aten.convolution_backward(gy, x, w, None, *args, False, [0, 0], layer.groups, mask)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -27,3 +27,22 @@ def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, tol: float, wh
 
 # Unit roundoff of each dtype: a floor for the low-precision error bound.
 EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def randomize_bn(bn: torch.nn.BatchNorm2d) -> None:
+    """Non-trivial BatchNorm parameters and running statistics (a fresh module's are 1, 0, 0, 1)."""
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.normal_(1, 0.3)
+            bn.bias.normal_(0, 0.3)
+        if bn.track_running_stats:
+            bn.running_mean.normal_(0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+
+def nontrivial_batch_norms(model: torch.nn.Module, seed: int = 1) -> None:
+    """randomize_bn on every BatchNorm2d of `model`, from a fixed seed."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            randomize_bn(m)

@@ -16,7 +16,7 @@ from conv_cases import CASES
 from fastconv import ConvBNReLU, backends
 from fastconv.functional import conv_bn_relu
 from fastconv.ops import CONV_OPS
-from helpers import EPS, assert_close_to, rel_err
+from helpers import EPS, assert_close_to, nontrivial_batch_norms, randomize_bn, rel_err
 
 OPS = torch.ops.fastconv
 KERNELS = list(CONV_OPS)
@@ -268,16 +268,6 @@ def torch_sequence(fused: ConvBNReLU) -> torch.nn.Sequential:
     return seq.train(fused.training)
 
 
-def randomize_bn(bn: torch.nn.BatchNorm2d) -> None:
-    with torch.no_grad():
-        if bn.affine:
-            bn.weight.normal_(1, 0.3)
-            bn.bias.normal_(0, 0.3)
-        if bn.track_running_stats:
-            bn.running_mean.normal_(0, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-
-
 # (id, ConvBNReLU args, kwargs, input shape)
 MODULE_CONFIGS = [
     ("3x3", (3, 8, 3), dict(padding=1), (4, 3, 9, 8)),
@@ -511,13 +501,6 @@ def test_torch_compile_fullgraph_train_and_eval():
 
 def _torchvision():
     return pytest.importorskip("torchvision")
-
-
-def nontrivial_batch_norms(model: torch.nn.Module) -> None:
-    torch.manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            randomize_bn(m)
 
 
 # (model, chains fused, of which with a ReLU, BatchNorms left standing: DenseNet's pre-activation norms

@@ -9,22 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastconv
 from conftest import cuda
 from fastconv import models
-from helpers import EPS, assert_close_to, rel_err
+from helpers import EPS, assert_close_to, nontrivial_batch_norms, rel_err
 
 tv = pytest.importorskip("torchvision")
 
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"]
-
-
-def nontrivial_batch_norms(model: torch.nn.Module, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
 
 
 def twins(name: str, dtype=torch.float64, **kwargs):

@@ -11,7 +11,7 @@ def conv_args(layer):
 
 
 def fastconv_pass(algo: str, pas: str, x, w, gy, layer):
-    ops, extra = CONV_OPS[algo], ((backends.workspace_limit(),) if algo == "im2col" else ())
+    ops, extra = CONV_OPS[algo], backends.algo_args(algo)
     args = conv_args(layer)
     if pas == "fprop":
         return lambda: ops.fprop(x, w, None, *args, *extra, False)

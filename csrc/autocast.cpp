@@ -51,7 +51,9 @@ void promote(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 }
 
 constexpr const char* kConvOps[] = {"conv2d_direct", "conv2d_direct_dgrad", "conv2d_direct_wgrad",
-                                    "conv2d_im2col", "conv2d_im2col_dgrad", "conv2d_im2col_wgrad"};
+                                    "conv2d_im2col", "conv2d_im2col_dgrad", "conv2d_im2col_wgrad",
+                                    "conv2d_implicit_gemm", "conv2d_implicit_gemm_dgrad",
+                                    "conv2d_implicit_gemm_wgrad", "conv2d_implicit_gemm_fused"};
 
 template <c10::DeviceType device, c10::DispatchKey key>
 void register_autocast(torch::Library& m) {

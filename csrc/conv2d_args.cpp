@@ -2,7 +2,11 @@
 
 #include <c10/util/Exception.h>
 
+#include <utility>
+#include <vector>
+
 #include "conv2d_im2col_plan.h"
+#include "implicit_gemm_problem.h"
 #include "tensor_checks.h"
 
 namespace fastconv {
@@ -122,6 +126,29 @@ int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, at::Scal
                     " bytes, more than the workspace limit of ", workspace_bytes,
                     " bytes; raise it (fastconv.backends.set_workspace_limit) or use algo='direct'");
   return images;
+}
+
+void check_implicit_gemm_tile(const char* op, int64_t tile) {
+  TORCH_CHECK_VALUE(tile >= -1 && tile < kImplicitGemmTiles, op, ": tile must be -1 (chosen by size) or a ",
+                    "configuration index below ", kImplicitGemmTiles, ", got ", tile);
+}
+
+void check_conv2d_epilogue(const char* op, const Conv2dProblem& pb, const at::Tensor& input,
+                           const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                           const c10::optional<at::Tensor>& residual) {
+  for (const auto& [name, t] : {std::pair<const char*, const c10::optional<at::Tensor>*>{"scale", &scale},
+                                {"shift", &shift}}) {
+    if (!t->has_value()) continue;
+    check_same_dtype(op, input, "input", **t, name);
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == pb.K, op, ": ", name, " must be 1-D with ", pb.K,
+                      " elements (one per output channel), got shape ", (*t)->sizes());
+  }
+  if (residual.has_value()) {
+    check_same_dtype(op, input, "input", *residual, "residual");
+    const std::vector<int64_t> expected{pb.N, pb.K, pb.P, pb.Q};
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(expected), op, ": residual must have the output's shape ",
+                      at::IntArrayRef(expected), ", got ", residual->sizes());
+  }
 }
 
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b) {

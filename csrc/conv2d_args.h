@@ -35,6 +35,14 @@ void check_bias_grad(const char* op, const at::Tensor& grad_output);
 // dgrad's dcol are fp32, so every op of the family chunks alike and fits the limit.
 int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, at::ScalarType dtype, int64_t workspace_bytes);
 
+// The implicit-GEMM ops' extra argument: a tile configuration index in [0, kImplicitGemmTiles), or -1.
+void check_implicit_gemm_tile(const char* op, int64_t tile);
+// The fused epilogue's optional operands: scale and shift of shape (K), residual of the output's shape
+// (N, K, P, Q), all of the input's dtype and on its device.
+void check_conv2d_epilogue(const char* op, const Conv2dProblem& pb, const at::Tensor& input,
+                           const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                           const c10::optional<at::Tensor>& residual);
+
 // channels_last if any of the tensors suggests it (torch's rule for its own conv outputs), else NCHW.
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b);
 

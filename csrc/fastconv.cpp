@@ -33,6 +33,27 @@ TORCH_LIBRARY(fastconv, m) {
       "conv2d_im2col_wgrad(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, int workspace_bytes) -> Tensor");
 
+  // Implicit GEMM on tensor cores: the convolution as a GEMM whose activation operand is gathered on the fly
+  // (never materialised), channels_last activations and KRSC filters; fp16/bf16, and fp32 as TF32 when
+  // torch.backends.cudnn.allow_tf32 allows it. `tile` picks the kernel's tile configuration (-1: by size;
+  // fastconv.backends' autotuner times them). The CPU twin computes the same GEMMs in the accumulation
+  // precision.
+  m.def(
+      "conv2d_implicit_gemm(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int tile=-1, bool relu=False) -> Tensor");
+  m.def(
+      "conv2d_implicit_gemm_dgrad(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int tile=-1) -> Tensor");
+  m.def(
+      "conv2d_implicit_gemm_wgrad(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int tile=-1) -> Tensor");
+  // Its fused epilogue in full: relu?(conv(input, weight) * scale[k] + shift[k] + residual), every term
+  // optional. scale and shift are a folded BatchNorm's (or shift a bias); residual, shaped like the output,
+  // is a ResNet shortcut added before the ReLU, so a block's last conv + BN + add + ReLU is one kernel.
+  m.def(
+      "conv2d_implicit_gemm_fused(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, int tile=-1, bool relu=False) -> Tensor");
+
   // Sum of grad_output over batch and space: the gradient of a per-channel bias.
   m.def("conv2d_bias_grad(Tensor grad_output) -> Tensor");
 

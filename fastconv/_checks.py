@@ -153,10 +153,41 @@ def check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dil
     _check_grad_output_shape(op, grad_output, shape)
 
 
-def check_algo_args(op, extra) -> None:
-    """The algorithm-specific arguments after groups: im2col's workspace_bytes."""
-    if extra and extra[0] <= 0:
+#: Tile configurations of the implicit-GEMM CUDA kernels (kImplicitGemmTiles in csrc/implicit_gemm_problem.h).
+IMPLICIT_GEMM_TILES = 3
+
+
+def check_algo_args(op, algo: str, extra) -> None:
+    """The algorithm-specific arguments after groups: im2col's workspace_bytes, implicit_gemm's tile."""
+    if algo == "im2col" and extra and extra[0] <= 0:
         raise ValueError(f"{op}: workspace_bytes must be positive, got {extra[0]}")
+    if algo == "implicit_gemm" and extra:
+        check_implicit_gemm_tile(op, extra[0])
+
+
+def check_implicit_gemm_tile(op, tile: int) -> None:
+    if not -1 <= tile < IMPLICIT_GEMM_TILES:
+        raise ValueError(
+            f"{op}: tile must be -1 (chosen by size) or a configuration index below {IMPLICIT_GEMM_TILES}, got {tile}"
+        )
+
+
+def check_conv2d_epilogue(op, input, shape, scale, shift, residual) -> None:
+    """The fused epilogue's operands: scale and shift (K,), residual of the output's shape (N, K, P, Q)."""
+    check_devices(op, input=input, scale=scale, shift=shift, residual=residual)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        _check_same_dtype(op, input, "input", t, name)
+        if t.dim() != 1 or t.shape[0] != shape[1]:
+            raise ValueError(
+                f"{op}: {name} must be 1-D with {shape[1]} elements (one per output channel), got shape "
+                f"{list(t.shape)}"
+            )
+    if residual is not None:
+        _check_same_dtype(op, input, "input", residual, "residual")
+        if list(residual.shape) != list(shape):
+            raise ValueError(f"{op}: residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
 
 
 def check_bias_grad(op, grad_output) -> None:

@@ -1,14 +1,20 @@
-"""Algorithm choice and workspace limits, in the spirit of ``torch.backends.cudnn``.
+"""Algorithm choice, kernel tile choice and workspace limits, in the spirit of ``torch.backends.cudnn``.
 
 ``algo="auto"`` picks per call:
 
 1. with ``fastconv.backends.benchmark = True``, on CUDA and outside ``torch.compile`` tracing, the first
-   call for each (shapes, stride, padding, dilation, groups, dtype, memory formats, device) times the
-   forward pass of every algorithm and caches the fastest (like ``torch.backends.cudnn.benchmark``);
-2. otherwise the shape heuristic :func:`heuristic_algo`: depthwise convolutions (one input channel per
+   call for each (shapes, stride, padding, dilation, groups, dtype, memory formats, GPU model) times the
+   forward pass of every algorithm, and of every tile configuration of ``"implicit_gemm"``, and caches the
+   fastest (like ``torch.backends.cudnn.benchmark``). The cache can be saved to and loaded from a JSON file
+   (:func:`save_benchmark_cache`, :func:`load_benchmark_cache`), so a deployment tunes once;
+2. otherwise the shape heuristic :func:`heuristic_algo`: on a CUDA GPU with tensor cores (sm_80+), float16
+   and bfloat16 convolutions whose input channels per group are a multiple of 8 go to ``"implicit_gemm"``
+   (its tile chosen by the kernel from the problem size); depthwise convolutions (one input channel per
    group) go to ``"direct"``, whose per-channel loops beat a GEMM of width 1; everything else goes to
    ``"im2col"`` (1x1 stride-1 convolutions skip im2col there and are a plain GEMM), unless one image's
-   im2col matrix would exceed the workspace limit, in which case ``"direct"``.
+   im2col matrix would exceed the workspace limit, in which case ``"direct"``. (float32 goes to
+   ``"implicit_gemm"`` only when asked for or when the benchmark picks it: it runs as TF32 there, which
+   torch.backends.cudnn.allow_tf32 must allow.)
 
 The im2col workspace limit defaults to 256 MiB; set it with :func:`set_workspace_limit` or the
 environment variable ``FASTCONV_WORKSPACE_LIMIT_MB``. Results never depend on it.
@@ -19,10 +25,14 @@ other the heuristic, so capture sees no synchronisation and no data-dependent ho
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import threading
 
 import torch
+
+from . import _checks
 
 #: Time every algorithm once per configuration on CUDA and cache the fastest (off by default).
 benchmark: bool = False
@@ -60,12 +70,59 @@ def _im2col_bytes_per_image(input: torch.Tensor, weight: torch.Tensor, stride, p
     return max(p, 0) * max(q, 0) * c * r * s * max(input.element_size(), 4)
 
 
+def algo_args(algo: str, tile: int = -1) -> tuple:
+    """The algorithm's own op arguments after ``groups``: im2col's workspace limit, implicit_gemm's tile."""
+    if algo == "im2col":
+        return (workspace_limit(),)
+    if algo == "implicit_gemm":
+        return (tile,)
+    return ()
+
+
+def parse_choice(choice: str) -> tuple[str, int]:
+    """``"implicit_gemm/1"`` -> ``("implicit_gemm", 1)``; a plain algorithm name -> ``(name, -1)``."""
+    algo, _, tile = choice.partition("/")
+    return algo, int(tile) if tile else -1
+
+
+def candidate_choices(input: torch.Tensor) -> list[str]:
+    """What the benchmark times: every algorithm, implicit_gemm once per tile configuration (on CUDA)."""
+    from .ops import CONV_OPS
+
+    choices = [name for name in CONV_OPS if name != "implicit_gemm"]
+    if input.is_cuda and _tensor_cores(input.device) and (input.dtype != torch.float32 or _tf32_allowed()):
+        choices += [f"implicit_gemm/{t}" for t in range(_checks.IMPLICIT_GEMM_TILES)]
+    return choices
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _tensor_cores(device: torch.device) -> bool:
+    # (a fake CUDA tensor on a machine without a GPU has none to ask)
+    return device.type == "cuda" and torch.cuda.is_available() and _device_capability(device)[0] >= 8
+
+
+def _tf32_allowed() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def heuristic_algo(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> str:
     """The documented shape rule (module docstring, step 2)."""
     if any(v <= 0 for v in stride):
         return "direct"  # invalid: the op itself raises the error that names it
     if weight.shape[1] == 1 and groups > 1:
         return "direct"
+    if (input.is_cuda and input.dtype in (torch.float16, torch.bfloat16) and weight.shape[1] % 8 == 0
+            and _tensor_cores(input.device)):
+        return "implicit_gemm"
     pointwise = tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
     if not pointwise and _im2col_bytes_per_image(input, weight, stride, padding, dilation) > _workspace_bytes:
         return "direct"
@@ -79,12 +136,14 @@ def _benchmarkable(input: torch.Tensor) -> bool:
 
 
 def choose_algo(input, weight, bias, stride, padding, dilation, groups: int, candidates: dict) -> str:
-    """The algorithm ``algo="auto"`` runs for this call; `candidates` maps names to forward callables."""
+    """The choice ``algo="auto"`` runs for this call (an algorithm name, or ``"implicit_gemm/<tile>"``, see
+    :func:`parse_choice`); `candidates` maps choices to forward callables."""
     if not _benchmarkable(input):
         return heuristic_algo(input, weight, stride, padding, dilation, groups)
+    # JSON-friendly (save_benchmark_cache), and keyed on the GPU model rather than its index
     key = (tuple(input.shape), tuple(weight.shape), bias is not None, tuple(stride), tuple(padding), tuple(dilation),
-           groups, input.dtype, input.is_contiguous(memory_format=torch.channels_last),
-           weight.is_contiguous(memory_format=torch.channels_last), input.device)
+           groups, str(input.dtype), input.is_contiguous(memory_format=torch.channels_last),
+           weight.is_contiguous(memory_format=torch.channels_last), _device_name(input.device))
     with _benchmark_lock:  # one thread times a configuration; the others wait for its answer
         if key not in _benchmark_cache:
             if torch.cuda.is_current_stream_capturing():
@@ -111,3 +170,39 @@ def _time_candidates(candidates: dict) -> str:
                 elapsed.append(start.elapsed_time(end))
             times[name] = sorted(elapsed)[1]
     return min(times, key=times.get)
+
+
+_CACHE_FORMAT = "fastconv-benchmark-cache/1"
+
+
+def save_benchmark_cache(path: str | os.PathLike) -> None:
+    """Write the benchmark's choices to a JSON file (keys name the GPU model, so a file tuned on one card
+    type is only used on that type)."""
+    with _benchmark_lock:
+        entries = [{"key": list(key), "choice": choice} for key, choice in _benchmark_cache.items()]
+    with open(path, "w") as f:
+        json.dump({"format": _CACHE_FORMAT, "entries": entries}, f, indent=1)
+
+
+def _as_key(value):
+    return tuple(_as_key(v) for v in value) if isinstance(value, list) else value
+
+
+def load_benchmark_cache(path: str | os.PathLike) -> int:
+    """Merge the choices saved by :func:`save_benchmark_cache` into the cache (with ``benchmark = True``,
+    those configurations are then not timed again). Returns the number of entries loaded."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+        raise ValueError(f"fastconv.backends.load_benchmark_cache: {path} is not a {_CACHE_FORMAT} file")
+    from .ops import CONV_OPS
+
+    loaded = {}
+    for entry in data["entries"]:
+        algo, tile = parse_choice(entry["choice"])
+        if algo not in CONV_OPS or not -1 <= tile < _checks.IMPLICIT_GEMM_TILES:
+            raise ValueError(f"fastconv.backends.load_benchmark_cache: unknown choice {entry['choice']!r} in {path}")
+        loaded[_as_key(entry["key"])] = entry["choice"]
+    with _benchmark_lock:
+        _benchmark_cache.update(loaded)
+    return len(loaded)

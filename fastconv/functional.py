@@ -19,9 +19,11 @@ def check_algo(algo: str) -> None:
         raise ValueError(f"fastconv: unknown algo {algo!r}; expected one of {CONV_ALGOS}")
 
 
-def _conv_call(algo: str, input, weight, bias, stride, padding, dilation, groups, relu=False):
-    """Runs one algorithm's forward op (im2col also takes the workspace limit; `relu` fuses a ReLU)."""
-    extra = (backends.workspace_limit(),) if algo == "im2col" else ()
+def _conv_call(choice: str, input, weight, bias, stride, padding, dilation, groups, relu=False):
+    """Runs one algorithm's forward op; `choice` is an algorithm or ``"implicit_gemm/<tile>"``
+    (backends.parse_choice), its own arguments come from backends.algo_args; `relu` fuses a ReLU."""
+    algo, tile = backends.parse_choice(choice)
+    extra = backends.algo_args(algo, tile)
     return CONV_OPS[algo].fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra, relu)
 
 
@@ -84,7 +86,10 @@ def conv2d(
             ``'same'`` (output as large as the input; stride 1 only).
         groups: splits the channels into independent groups (``groups == C`` is depthwise).
         algo: one of :data:`CONV_ALGOS`: ``"direct"``, ``"im2col"`` (im2col + GEMM, the batch chunked to
-            the workspace limit of :mod:`fastconv.backends`), or ``"auto"`` (chosen per call, see there).
+            the workspace limit of :mod:`fastconv.backends`), ``"implicit_gemm"`` (a GEMM on tensor cores
+            whose activation operand is gathered on the fly; CUDA sm_80+ with float16/bfloat16, or float32
+            as TF32; best with channels_last tensors; a reference twin on the CPU), or ``"auto"`` (chosen
+            per call, see :mod:`fastconv.backends`).
 
     The output has torch's memory format (channels_last if the input or the weight is). Supported dtypes
     are float32, float16 and bfloat16, plus float64 on the CPU; fp16/bf16 accumulate in fp32.
@@ -106,8 +111,10 @@ def conv2d(
     return output.squeeze(0) if unbatched else output
 
 
-def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, relu):
-    """conv2d of a 4-D input after normalising the arguments as torch does; `relu` fuses a ReLU."""
+def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, relu, residual=None):
+    """conv2d of a 4-D input after normalising the arguments as torch does; `relu` fuses a ReLU and
+    `residual` (the output's shape) is added before it: in the kernel's epilogue with implicit_gemm, by
+    fastconv's residual add otherwise."""
     check_no_forward_ad(op, input, weight, bias)
     if weight.dim() != 4:
         raise ValueError(
@@ -128,10 +135,25 @@ def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, re
     if not isinstance(groups, int) or isinstance(groups, bool):
         raise ValueError(f"{op}: groups must be an int, got {groups!r}")
     args = (input, weight, bias, stride, padding, dilation, groups)
+    choice = algo
     if algo == "auto":
-        candidates = {name: (lambda name=name: _conv_call(name, *args, relu)) for name in CONV_OPS}
-        algo = backends.choose_algo(*args, candidates=candidates)
-    return _conv_call(algo, *args, relu)
+        candidates = {c: (lambda c=c: _conv_call(c, *args, relu)) for c in backends.candidate_choices(input)}
+        choice = backends.choose_algo(*args, candidates=candidates)
+    if residual is None:
+        return _conv_call(choice, *args, relu)
+    chosen, tile = backends.parse_choice(choice)
+    if chosen == "implicit_gemm":
+        return ops.implicit_gemm_fused(input, weight, None, bias, residual, list(stride), list(padding),
+                                       list(dilation), groups, tile, relu)
+    output = _conv_call(choice, *args, False)
+    _check_residual(op, residual, output)
+    return ops.residual_add(output, residual, 1, relu)
+
+
+def _check_residual(op: str, residual: torch.Tensor, output: torch.Tensor) -> None:
+    # residual_add would zero-pad a residual with fewer channels; here it must match the output exactly
+    if residual.shape != output.shape:
+        raise ValueError(f"{op}: residual must have the output's shape {list(output.shape)}, got {list(residual.shape)}")
 
 
 def max_pool2d(
@@ -251,9 +273,11 @@ def conv_bn_relu(
     relu: bool = True,
     algo: str = "auto",
     folded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``relu(batch_norm(conv2d(input, weight, bias, ...), running_mean, running_var, bn_weight, bn_bias,
-    training, momentum, eps))`` on fastconv's fused kernels; ``relu=False`` drops the ReLU.
+    training, momentum, eps) + residual)`` on fastconv's fused kernels; ``relu=False`` drops the ReLU and
+    ``residual=None`` (the default) the add. The residual (a ResNet block's shortcut) has the output's shape.
 
     Arguments are those of :func:`conv2d` and :func:`torch.nn.functional.batch_norm`, with the same meaning:
 
@@ -265,7 +289,9 @@ def conv_bn_relu(
       convolution's own backward. Only the conv output and two per-channel vectors are saved.
     * ``training=False``: the running statistics are folded into the convolution
       (:func:`fold_batch_norm`), and conv + bias + ReLU is one kernel launch. ``folded`` may pass weights
-      folded beforehand (:class:`fastconv.ConvBNReLU` caches them).
+      folded beforehand (:class:`fastconv.ConvBNReLU` caches them). With a residual and the
+      ``"implicit_gemm"`` algorithm, conv + bias + residual + ReLU is one kernel (a ResNet block's end);
+      other algorithms add it with fastconv's residual add.
 
     ``input`` is 4-D ``(N, C, H, W)``, NCHW or channels_last. BatchNorm parameters may be in the input's
     dtype or float32; statistics are computed in float32 (float64 for float64 input).
@@ -277,17 +303,23 @@ def conv_bn_relu(
     if input.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input (BatchNorm2d's), got a {input.dim()}-D tensor "
                          f"of shape {list(input.shape)}")
-    check_no_forward_ad(op, input, weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    check_no_forward_ad(op, input, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual)
+    if residual is not None and not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{op}: residual must be a tensor or None")
     conv_args = (stride, padding, dilation, groups, algo)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError(f"{op}: running_mean and running_var are required when training=False")
         if folded is None:
             folded = fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-        return _conv2d(op, input, folded[0], folded[1], *conv_args, relu=relu)
+        return _conv2d(op, input, folded[0], folded[1], *conv_args, relu=relu, residual=residual)
     y = _conv2d(op, input, weight, bias, *conv_args, relu=False)
-    output, mean, var = ops.batch_norm_relu(y, bn_weight, bn_bias, float(eps), bool(relu))
+    # with a residual the ReLU comes after the add (residual_add applies it)
+    output, mean, var = ops.batch_norm_relu(y, bn_weight, bn_bias, float(eps), bool(relu) and residual is None)
     count = y.numel() // y.shape[1] if y.shape[1] else 0
     if count > 0:  # an empty batch leaves the running statistics alone, as torch does
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    if residual is not None:
+        _check_residual(op, residual, output)
+        output = ops.residual_add(output, residual, 1, bool(relu))
     return output

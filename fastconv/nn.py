@@ -237,9 +237,10 @@ def invalidate_fold_caches(model: torch.nn.Module) -> None:
 
 
 def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Tensor, *, relu: bool, algo: str,
-                cache: FoldCache) -> torch.Tensor:
-    """``relu?(bn(conv(input)))`` for any conv + BatchNorm pair, on the fused path (what
-    :class:`ConvBNReLU` runs; the models call it on their torchvision-named ``conv1``/``bn1`` pairs)."""
+                cache: FoldCache, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu?(bn(conv(input)) + residual?)`` for any conv + BatchNorm pair, on the fused path (what
+    :class:`ConvBNReLU` runs; the models call it on their torchvision-named ``conv1``/``bn1`` pairs, and with
+    the shortcut as ``residual`` on a block's last pair)."""
     if input.dim() != 4:
         raise ValueError(f"fastconv.ConvBNReLU: expected 4D input (got {input.dim()}D input)")
     if bn.num_features != conv.weight.shape[0]:
@@ -248,6 +249,8 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
     if has_hooks(conv) or has_hooks(bn):
         # Hooks (pruning's weight re-parametrisation, observers, ...) must see the modules run: call them.
         out = bn(conv(input))
+        if residual is not None:
+            out = out + residual
         return torch.nn.functional.relu(out) if relu else out
     padding = conv.padding
     if conv.padding_mode != "zeros":
@@ -265,5 +268,5 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
         bn.running_mean if tracked else None, bn.running_var if tracked else None, bn.weight, bn.bias,
         stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
         training=batch_stats, momentum=factor, eps=bn.eps, relu=relu, algo=algo,
-        folded=None if batch_stats else cache.get(conv, bn),
+        folded=None if batch_stats else cache.get(conv, bn), residual=residual,
     )

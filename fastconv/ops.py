@@ -33,7 +33,16 @@ CONV_OPS: dict[str, ConvOps] = {
     "direct": ConvOps(_lib.conv2d_direct.default, _lib.conv2d_direct_dgrad.default, _lib.conv2d_direct_wgrad.default),
     # The im2col ops take one more argument, workspace_bytes; it rides along with the conv arguments.
     "im2col": ConvOps(_lib.conv2d_im2col.default, _lib.conv2d_im2col_dgrad.default, _lib.conv2d_im2col_wgrad.default),
+    # The implicit-GEMM ops take the kernel's tile configuration (-1: by size), which rides along the same way.
+    "implicit_gemm": ConvOps(_lib.conv2d_implicit_gemm.default, _lib.conv2d_implicit_gemm_dgrad.default,
+                             _lib.conv2d_implicit_gemm_wgrad.default),
 }
+
+# How many algorithm-specific arguments follow `groups` in each family's schemas.
+_EXTRA_ARGS = {"direct": 0, "im2col": 1, "implicit_gemm": 1}
+
+#: relu?(conv(input, weight) * scale + shift + residual) in one implicit-GEMM kernel (csrc/fastconv.cpp).
+implicit_gemm_fused = _lib.conv2d_implicit_gemm_fused.default
 
 bias_grad = _lib.conv2d_bias_grad.default
 
@@ -51,28 +60,29 @@ def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> tor
 # ---- fake implementations ---------------------------------------------------------------------------
 
 
-def _register_fakes(name: str, ops: ConvOps) -> None:
-    # `extra` is the algorithm's own arguments after groups (im2col: workspace_bytes); fprop's last argument
-    # is `relu`.
+def _register_fakes(algo: str, ops: ConvOps) -> None:
+    # `extra` is the algorithm's own arguments after groups (im2col: workspace_bytes; implicit_gemm: tile);
+    # fprop's last argument is `relu`.
     @torch.library.register_fake(ops.fprop)
     def _fprop_fake(input, weight, bias, stride, padding, dilation, groups, *extra_and_relu):
-        op = f"fastconv::{name}"
+        op = f"fastconv::conv2d_{algo}"
         shape = _checks.check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups)
-        _checks.check_algo_args(op, extra_and_relu[:-1])
+        # (the dispatcher may leave out trailing arguments equal to their defaults, relu=False and tile=-1)
+        _checks.check_algo_args(op, algo, extra_and_relu[:_EXTRA_ARGS[algo]])
         return _empty(shape, input, output_memory_format(input, weight))
 
     @torch.library.register_fake(ops.dgrad)
     def _dgrad_fake(grad_output, weight, input_size, stride, padding, dilation, groups, *extra):
-        op = f"fastconv::{name}_dgrad"
+        op = f"fastconv::conv2d_{algo}_dgrad"
         _checks.check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups)
-        _checks.check_algo_args(op, extra)
+        _checks.check_algo_args(op, algo, extra)
         return _empty(input_size, grad_output, output_memory_format(grad_output, weight))
 
     @torch.library.register_fake(ops.wgrad)
     def _wgrad_fake(grad_output, input, weight_size, stride, padding, dilation, groups, *extra):
-        op = f"fastconv::{name}_wgrad"
+        op = f"fastconv::conv2d_{algo}_wgrad"
         _checks.check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups)
-        _checks.check_algo_args(op, extra)
+        _checks.check_algo_args(op, algo, extra)
         return _empty(weight_size, grad_output, output_memory_format(grad_output, input))
 
 
@@ -155,8 +165,55 @@ def _bias_grad_backward(ctx, grad_grad_bias):
 torch.library.register_autograd(bias_grad, _bias_grad_backward, setup_context=_bias_grad_setup)
 
 for _name, _ops in CONV_OPS.items():
-    _register_fakes(f"conv2d_{_name}", _ops)
+    _register_fakes(_name, _ops)
     _register_autograd(_ops)
+
+
+# ---- the implicit-GEMM fused epilogue ---------------------------------------------------------------------
+
+
+@torch.library.register_fake(implicit_gemm_fused)
+def _implicit_gemm_fused_fake(input, weight, scale, shift, residual, stride, padding, dilation, groups, tile=-1,
+                              relu=False):
+    op = "fastconv::conv2d_implicit_gemm_fused"
+    shape = _checks.check_conv2d_fprop(op, input, weight, None, stride, padding, dilation, groups)
+    _checks.check_conv2d_epilogue(op, input, shape, scale, shift, residual)
+    _checks.check_implicit_gemm_tile(op, tile)
+    return _empty(shape, input, output_memory_format(input, weight))
+
+
+# y = relu?(c * scale + shift + residual) with c = conv(x, w): with g the masked grad_output,
+#   d residual = g,  d shift = sum(g),  d scale = sum(g * c),  and c's gradient g * scale goes to dgrad/wgrad.
+def _implicit_gemm_fused_setup(ctx, inputs, output):
+    input, weight, scale, shift, residual, *conv_args, relu = inputs
+    ctx.conv_args = conv_args  # stride, padding, dilation, groups, tile
+    ctx.has = (scale is not None, shift is not None, residual is not None)
+    ctx.save_for_backward(input, weight, scale, output if relu else None)
+
+
+def _implicit_gemm_fused_backward(ctx, grad_output):
+    input, weight, scale, output = ctx.saved_tensors
+    ops = CONV_OPS["implicit_gemm"]
+    g = grad_output if output is None else torch.where(output <= 0, torch.zeros_like(grad_output), grad_output)
+    has_scale, has_shift, has_residual = ctx.has
+    grad_conv = g * scale.view(1, -1, 1, 1) if has_scale else g
+    grad_input = grad_weight = grad_scale = grad_shift = grad_residual = None
+    if ctx.needs_input_grad[0]:
+        grad_input = ops.dgrad(grad_conv, weight, input.shape, *ctx.conv_args)
+    if ctx.needs_input_grad[1]:
+        grad_weight = ops.wgrad(grad_conv, input, weight.shape, *ctx.conv_args)
+    if has_scale and ctx.needs_input_grad[2]:
+        conv = ops.fprop(input, weight, None, *ctx.conv_args, False)  # recomputed: the output folds it away
+        grad_scale = bias_grad(g * conv)
+    if has_shift and ctx.needs_input_grad[3]:
+        grad_shift = bias_grad(g)
+    if has_residual and ctx.needs_input_grad[4]:
+        grad_residual = g
+    return (grad_input, grad_weight, grad_scale, grad_shift, grad_residual) + (None,) * (len(ctx.conv_args) + 1)
+
+
+torch.library.register_autograd(implicit_gemm_fused, _implicit_gemm_fused_backward,
+                                setup_context=_implicit_gemm_fused_setup)
 
 
 # ---- max pooling ----------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ def _pair(v):
 
 
 def fprop_with_relu(algo, x, w, b, case):
-    extra = [backends.workspace_limit()] if algo == "im2col" else []
     return CONV_OPS[algo].fprop(x, w, b, _pair(case.stride), _pair(case.padding), _pair(case.dilation), case.groups,
-                                *extra, True)
+                                *backends.algo_args(algo), True)
 
 
 OP_CASES = [c for c in CASES if isinstance(c.padding, (int, tuple)) and len(c.input_shape) == 4]
@@ -63,8 +62,7 @@ def test_conv_relu_epilogue_passes_nan_like_torch():
     ref = F.relu(F.conv2d(x, w, None, padding=1))  # the NaN spreads to every output that reads it
     assert ref.isnan().any()
     for algo in KERNELS:
-        y = CONV_OPS[algo].fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1,
-                                 *([backends.workspace_limit()] if algo == "im2col" else []), True)
+        y = CONV_OPS[algo].fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1, *backends.algo_args(algo), True)
         torch.testing.assert_close(y, ref, equal_nan=True)
 
 

@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DTYPES = ["float", "__half", "__nv_bfloat16"]
+IMPLICIT_GEMM_TILES = [f"fastconv::ImplicitGemmTile{i}" for i in range(3)]
 
 # Per source file: the kernel instantiations the extension's launchers use.
 KERNELS = {
@@ -30,6 +31,13 @@ KERNELS = {
     "conv2d_direct_wgrad_kernel.cu": [f"conv2d_direct_wgrad_kernel<{t}, {n}>" for t in DTYPES for n in (1, 9)],
     "gemm_kernel.cu": [f"gemm_simt_kernel<{t}, {o}>" for t in DTYPES for o in sorted({t, "float"})]
     + [f"gemm_wmma_kernel<{t}, {o}>" for t in DTYPES[1:] for o in (t, "float")],
+    "conv2d_implicit_gemm_fprop_kernel.cu": [f"conv2d_implicit_gemm_fprop_kernel<{t}, {c}>" for t in DTYPES
+                                              for c in IMPLICIT_GEMM_TILES],
+    "conv2d_implicit_gemm_dgrad_kernel.cu": [f"conv2d_implicit_gemm_dgrad_kernel<{t}, {c}>" for t in DTYPES
+                                              for c in IMPLICIT_GEMM_TILES],
+    "conv2d_implicit_gemm_wgrad_kernel.cu": [f"conv2d_implicit_gemm_wgrad_kernel<{t}, {c}>" for t in DTYPES
+                                              for c in IMPLICIT_GEMM_TILES]
+    + [f"conv2d_implicit_gemm_wgrad_reduce_kernel<{t}>" for t in DTYPES],
     "im2col_kernel.cu": [f"im2col_kernel<{t}>" for t in DTYPES] + [f"col2im_kernel<{t}>" for t in DTYPES],
     "max_pool2d_kernel.cu": [f"max_pool2d_{d}_kernel<{t}>" for t in DTYPES for d in ("forward", "backward")],
     "residual_add_kernel.cu": [f"residual_add_flat_kernel<{t}, {v}, {r}>" for t in DTYPES for v in (1, "16 / sizeof(" + t + ")")

@@ -53,3 +53,20 @@ def test_tensor_core_gemm_uses_hmma_for_every_dtype_and_arch():
     assert all(re.search(r"\bHMMA\.", b) for b in wmma), "a WMMA GEMM variant has no HMMA instruction"
     simt = [b for b in blocks if "gemm_simt_kernel" in b.split("\n", 1)[0]]
     assert simt and all("FFMA" in b for b in simt)
+
+
+def test_implicit_gemm_main_loop_uses_tensor_cores_ldmatrix_and_cp_async():
+    """Every implicit-GEMM kernel (3 passes x 3 dtypes x 3 tiles x 2 archs) issues HMMA (mma.sync; TF32 for
+    fp32) fed by LDGSTS (cp.async); the fp16/bf16 ones load fragments with LDSM (ldmatrix)."""
+    blocks = re.split(r"\n\s*Function : ", dump("-sass"))
+    ours = [b for b in blocks if re.match(r"\S*\d+conv2d_implicit_gemm_(fprop|dgrad|wgrad)_kernelI", b)]
+    assert len(ours) == 3 * 3 * 3 * 2, len(ours)
+    for b in ours:
+        name = b.split("\n", 1)[0]
+        assert re.search(r"\bHMMA\.", b), f"{name}: no HMMA"
+        assert "LDGSTS" in b, f"{name}: no cp.async (LDGSTS)"
+        is_fp32 = re.search(r"_kernelIfN", name) is not None  # first template argument `float`
+        if is_fp32:
+            assert re.search(r"HMMA\.\S*TF32", b), f"{name}: fp32 should run as TF32"
+        else:
+            assert "LDSM" in b, f"{name}: no ldmatrix (LDSM)"

@@ -13,6 +13,7 @@
 #endif
 
 #include "../conv2d_problem.h"
+#include "../implicit_gemm_problem.h"
 #include "../residual_add_shape.h"
 
 namespace fastconv {
@@ -121,6 +122,27 @@ cudaError_t launch_im2col(const Conv2dProblem& pb, DType dtype, const void* x, S
 // written through its strides.
 cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const float* col, int64_t n0, int64_t images,
                           void* dx, Strides4 dxs, cudaStream_t stream);
+
+// Implicit-GEMM convolution on tensor cores (sm_80+; csrc/implicit_gemm_problem.h has the GEMM of each
+// pass). Activations are dense NHWC, filters dense KRSC; the channels each pass loads as 16-byte vectors
+// must be multiples of 8 (fprop: C / groups; dgrad: K / groups; wgrad: both), which the host wrapper
+// ensures by zero padding. `tile` picks one of kImplicitGemmTiles configurations (-1: by problem size).
+bool implicit_gemm_device_supported();
+// fprop with its fused epilogue y = relu?(conv(x, w) * scale[k] + shift[k] + residual): scale, shift
+// (length K) and residual (NHWC like y) are optional (null), all of the element type.
+cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dtype, int tile, const void* x,
+                                              const void* w, const void* scale, const void* shift,
+                                              const void* residual, bool relu, void* y, cudaStream_t stream);
+// dgrad reads the filter transposed per group: wt[g][c][r][s][k] = w[g * Kg + k][r][s][c].
+cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dtype, int tile, const void* dy,
+                                              const void* wt, void* dx, cudaStream_t stream);
+// wgrad splits the reduction over N*P*Q into this many ranges (splits <= 0: chosen from the grid's size);
+// the returned count is what the launch uses, and the workspace holds that many fp32 filters.
+int conv2d_implicit_gemm_wgrad_splits(const Conv2dProblem& pb, DType dtype, int tile, int splits);
+// dw (KRSC, element type) = the sum of the `splits` fp32 partial filters the GEMM writes to `partial`.
+cudaError_t launch_conv2d_implicit_gemm_wgrad(const Conv2dProblem& pb, DType dtype, int tile, int splits,
+                                              const void* dy, const void* x, float* partial, void* dw,
+                                              cudaStream_t stream);
 
 #endif  // !defined(__CUDACC_RTC__)
 

@@ -6,7 +6,9 @@ Module names, shapes and initialisation are torchvision's (``conv1``/``bn1``/``r
 ``model.load_state_dict(torchvision_model.state_dict())`` works with ``strict=True`` and gives the same
 logits. What differs is the forward: every conv + BatchNorm pair runs fused (``fastconv.ConvBNReLU``'s
 path: folded into the conv in eval mode, fastconv's statistics and normalisation kernels in training), with
-the ReLU fused where one follows, and a block ends in fastconv's ``residual_add(relu=True)``.
+the ReLU fused where one follows, and a block's last pair takes the shortcut as a residual added before the
+ReLU: in the conv's epilogue with ``algo="implicit_gemm"`` in eval mode (conv + BN + add + ReLU in one kernel),
+else through fastconv's ``residual_add(relu=True)``.
 """
 from __future__ import annotations
 
@@ -33,8 +35,19 @@ class _FusedPairs(nn.Module):
     def _make_fold_caches(self, *names: str) -> None:
         self._fold_caches = {name: FoldCache() for name in names}
 
-    def _conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
-        return run_conv_bn(conv, bn, x, relu=relu, algo=self.algo, cache=self._fold_caches[name])
+    def _conv_bn(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, relu: bool,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        return run_conv_bn(conv, bn, x, relu=relu, algo=self.algo, cache=self._fold_caches[name], residual=residual)
+
+    def _conv_bn_add(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, shortcut: torch.Tensor,
+                     stride: int = 1) -> torch.Tensor:
+        """A block's end, ``relu(bn(conv(x)) + shortcut)``: the shortcut goes into the conv's epilogue when it
+        has the output's shape (one implicit-GEMM kernel in eval mode; the conv keeps x's spatial size),
+        else (the CIFAR shortcut, subsampled and zero-padded) through fastconv's residual add."""
+        if stride == 1 and tuple(shortcut.shape) == (x.shape[0], conv.out_channels, *x.shape[2:]):
+            return self._conv_bn(name, conv, bn, x, relu=True, residual=shortcut)
+        out = self._conv_bn(name, conv, bn, x, relu=False)
+        return functional.residual_add(out, shortcut, stride=stride, relu=True)
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         ds = self.downsample
@@ -72,8 +85,7 @@ class BasicBlock(_FusedPairs):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._conv_bn("1", self.conv1, self.bn1, x, relu=True)
-        out = self._conv_bn("2", self.conv2, self.bn2, out, relu=False)
-        return functional.residual_add(out, self._shortcut(x), stride=self.shortcut_stride, relu=True)
+        return self._conv_bn_add("2", self.conv2, self.bn2, out, self._shortcut(x), self.shortcut_stride)
 
 
 class Bottleneck(_FusedPairs):
@@ -101,8 +113,7 @@ class Bottleneck(_FusedPairs):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._conv_bn("1", self.conv1, self.bn1, x, relu=True)
         out = self._conv_bn("2", self.conv2, self.bn2, out, relu=True)
-        out = self._conv_bn("3", self.conv3, self.bn3, out, relu=False)
-        return functional.residual_add(out, self._shortcut(x), relu=True)
+        return self._conv_bn_add("3", self.conv3, self.bn3, out, self._shortcut(x))
 
 
 def init_like_torchvision(model: nn.Module, zero_init_residual: bool) -> None:

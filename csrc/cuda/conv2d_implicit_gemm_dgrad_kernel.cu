@@ -1,0 +1,68 @@
+// Implicit-GEMM dgrad on tensor cores: dx = the adjoint of the convolution applied to dy.
+//
+//   GEMM per group g: M = N*H*W input pixels, N = Cg input channels, K = R*S*Kg (taps x filters).
+//   A = dy gathered K-major (ActivationKMajorLoader<DGRAD>): input pixel (n, h, w) reads, through tap
+//       (r, s), the output pixel p = (h + pad - r*dil) / stride when that division is exact and in range,
+//       zero otherwise. B = the filter transposed per group to [Cg][R][S][Kg] (by the host wrapper, a
+//       small copy), so it is K-major like fprop's. Grid: (M tiles, N tiles, groups).
+//
+// Strided convolutions waste work here: for stride 2, three taps in four are zero-filled and still go
+// through the tensor cores (CUTLASS's strided dgrad splits the problem by stride phase instead; a later
+// version can do the same). Requires NHWC dy, Kg a multiple of the copy width (the wrapper pads).
+#include "implicit_gemm.cuh"
+
+namespace fastconv {
+namespace {
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS)
+conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, const T* __restrict__ wt,
+                                  T* __restrict__ dx) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  const int64_t g = blockIdx.z;
+  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t M = pb.N * pb.H * pb.W, Kred = pb.R * pb.S * Kg;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, true> a_loader(dy, pb, M, Kred, Kg, g * Kg, m0, 0);
+  DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(wt + g * Cg * Kred, Kred, Cg, Kred, n0);
+  float acc[Cfg::MI][Cfg::NI][4];
+  const int64_t k_tiles = (Kred + ImplicitGemmElement<T>::BK - 1) / ImplicitGemmElement<T>::BK;
+  implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, k_tiles);
+  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, g * Cg, dx, nullptr, nullptr, nullptr, false);
+#else
+  __trap();  // never launched below sm_80 (implicit_gemm_device_supported)
+#endif
+}
+
+}  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
+cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dtype, int tile, const void* dy,
+                                              const void* wt, void* dx, cudaStream_t stream) {
+  const int64_t M = pb.N * pb.H * pb.W, Cg = pb.C_per_group();
+  if (M == 0 || Cg == 0) return cudaSuccess;
+  tile = implicit_gemm_pick_tile(tile, M, Cg, pb.groups);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return dispatch_implicit_gemm_tile(tile, [&](auto cfg) {
+      using Cfg = decltype(cfg);
+      constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
+      const auto kernel = conv2d_implicit_gemm_dgrad_kernel<T, Cfg>;
+      const int64_t tiles_m = ceil_div(M, Cfg::BM), tiles_n = ceil_div(Cg, Cfg::BN);
+      if (!implicit_gemm_grid_fits(tiles_m, tiles_n, pb.groups)) return cudaErrorInvalidConfiguration;
+      const cudaError_t err = allow_shared_memory(kernel, smem);
+      if (err != cudaSuccess) return err;
+      kernel<<<dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(pb.groups)),
+               Cfg::THREADS, smem, stream>>>(pb, static_cast<const T*>(dy), static_cast<const T*>(wt),
+                                             static_cast<T*>(dx));
+      return cudaGetLastError();
+    });
+  });
+}
+
+#endif  // !defined(__CUDACC_RTC__)
+
+}  // namespace fastconv

@@ -1,0 +1,583 @@
+// The tensor-core main loop shared by the implicit-GEMM convolution kernels (fprop, dgrad and wgrad in
+// conv2d_implicit_gemm_*_kernel.cu; the GEMM each pass is: csrc/implicit_gemm_problem.h).
+//
+// Tiling. A block computes a BM x BN tile of C with WARPS_M x WARPS_N warps, each owning a WM x WN
+// sub-tile made of (WM/16) x (WN/8) mma.sync tiles of 16 x 8. Along the reduction the block walks tiles
+// of BK elements (64 bytes: 32 fp16/bf16, 16 fp32) in a STAGES-deep cp.async pipeline: while the tensor
+// cores work on stage i, the loads of stages i+1 .. i+STAGES-1 are in flight. Operands are loaded with
+// 16-byte cp.async copies (VEC = 8 fp16/bf16 or 4 fp32 channels): a copy whose source is padding (or
+// past the end of the matrix) has source size 0, which zero-fills the destination, so borders cost no
+// branches in the main loop.
+//
+// Shared-memory layouts. An operand tile is stored either K-major (one row per m or n, the reduction
+// index contiguous: activations gathered along (r, s, c) and filters) or MN-major (one row per reduction
+// index, m or n contiguous: wgrad's operands, whose reduction runs over pixels). Rows are padded by 16
+// bytes (32 for fp32 MN-major), which puts the 8 rows an ldmatrix phase reads (and the 32 scalars a TF32
+// fragment load reads) in distinct banks: no bank conflicts, no swizzle needed.
+//
+// Fragments. fp16/bf16: ldmatrix.x4 (".trans" for MN-major tiles) loads a 16x16 A fragment or two 16x8
+// B fragments per instruction, then mma.sync.m16n8k16 with fp32 accumulators. fp32: TF32 tensor cores,
+// mma.sync.m16n8k8, fragments read with scalar shared loads and rounded to TF32 (cvt.rna).
+#pragma once
+
+#include "kernel_utils.cuh"
+#include "../implicit_gemm_problem.h"
+
+namespace fastconv {
+
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct ImplicitGemmTile {
+  static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  static constexpr int MI = WM / 16, NI = WN / 8;  // mma tiles per warp
+  static_assert(WM % 16 == 0 && WN % 16 == 0, "a warp tile is a whole number of 16 x 16 fragments");
+};
+
+// The tile configurations the launchers instantiate, indexed by the ops' `tile` argument (-1 picks one by
+// the grid's size, see implicit_gemm_pick_tile).
+using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3>;  // 8 warps of 64 x 32
+using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4>;   // 4 warps of 64 x 32
+using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4>;    // 4 warps of 32 x 32
+
+// Element type T's reduction tile (64 bytes) and 16-byte copy width.
+template <typename T>
+struct ImplicitGemmElement {
+  static constexpr int VEC = 16 / sizeof(T);
+  static constexpr int BK = 64 / sizeof(T);
+  static constexpr int K_MAJOR_PAD = VEC;                      // 16 bytes
+  static constexpr int MN_MAJOR_PAD = sizeof(T) == 4 ? 8 : 8;  // 32 bytes (fp32), 16 bytes (fp16/bf16)
+};
+
+// Shared-memory elements of one stage of an operand tile of `rows` m (or n) by BK.
+template <typename T, bool K_MAJOR, int ROWS>
+struct OperandTile {
+  using E = ImplicitGemmElement<T>;
+  static constexpr int LD = K_MAJOR ? E::BK + E::K_MAJOR_PAD : ROWS + E::MN_MAJOR_PAD;  // elements per smem row
+  static constexpr int ELEMS = K_MAJOR ? ROWS * LD : E::BK * LD;
+  // Offset of element (row i in m or n, reduction index kk) of the tile.
+  __device__ __forceinline__ static int at(int i, int kk) { return K_MAJOR ? i * LD + kk : kk * LD + i; }
+};
+
+// ---- PTX wrappers -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared; zero-fills the destination when !valid (nothing is read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(p)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_address(p)));
+  }
+#endif
+}
+
+// d += a * b on one 16 x 8 tile (fp32 accumulators).
+template <typename T>
+__device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (same_type<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if constexpr (same_type<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {  // fp32 operands as TF32 (m16n8k8)
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+#endif
+  return r;
+}
+
+// ---- operand loaders ----------------------------------------------------------------------------------
+//
+// Each loader issues one stage's cp.async copies for its operand tile: `load(stage, k0)` for the reduction
+// tile starting at k0, called with increasing k0. Threads own fixed vectors of the tile, spread so that
+// neighbouring threads copy neighbouring 16-byte chunks (coalesced global reads).
+
+// A dense row-major matrix read K-major: element (i, k) at src[i * ld + k], rows i < rows, k < K (K and ld
+// multiples of VEC). The filter operand of fprop and dgrad.
+template <typename T, int ROWS, int THREADS>
+struct DenseKMajorLoader {
+  using E = ImplicitGemmElement<T>;
+  using Tile = OperandTile<T, true, ROWS>;
+  static constexpr int CHUNKS = E::BK / E::VEC;  // vectors per row
+  static constexpr int ITERS = ROWS * CHUNKS / THREADS;
+  static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
+  const T* src;
+  int64_t ld, K;
+  int row0, chunk_k;
+  bool row_valid[ITERS];
+
+  __device__ __forceinline__ DenseKMajorLoader(const T* src_, int64_t ld_, int64_t rows, int64_t K_, int64_t i0)
+      : src(src_ + i0 * ld_), ld(ld_), K(K_) {
+    row0 = threadIdx.x / CHUNKS;
+    chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) row_valid[it] = i0 + row0 + it * (THREADS / CHUNKS) < rows;
+  }
+  __device__ __forceinline__ void load(T* stage, int64_t k0) const {
+    const int64_t k = k0 + chunk_k;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int i = row0 + it * (THREADS / CHUNKS);
+      const bool valid = row_valid[it] && k < K;
+      cp_async_16(stage + Tile::at(i, chunk_k), valid ? src + i * ld + k : src, valid);
+    }
+  }
+};
+
+// A dense matrix read MN-major: element (k, i) at src[k * ld + i], k < K, i < cols (cols a multiple of
+// VEC). wgrad's A operand: dy as an (N*P*Q) x K matrix, i the output channel within the group.
+template <typename T, int COLS, int THREADS>
+struct DenseMNMajorLoader {
+  using E = ImplicitGemmElement<T>;
+  using Tile = OperandTile<T, false, COLS>;
+  static constexpr int CHUNKS = COLS / E::VEC;  // vectors per reduction row
+  static constexpr int ITERS = E::BK * CHUNKS / THREADS;
+  static_assert(ITERS >= 1 && E::BK * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
+  const T* src;
+  int64_t ld, K;
+  int kk0, col;
+  bool col_valid;
+
+  __device__ __forceinline__ DenseMNMajorLoader(const T* src_, int64_t ld_, int64_t cols, int64_t K_, int64_t i0)
+      : src(src_ + i0), ld(ld_), K(K_) {
+    kk0 = threadIdx.x / CHUNKS;
+    col = (threadIdx.x % CHUNKS) * E::VEC;
+    col_valid = i0 + col < cols;
+  }
+  __device__ __forceinline__ void load(T* stage, int64_t k0) const {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int kk = kk0 + it * (THREADS / CHUNKS);
+      const int64_t k = k0 + kk;
+      const bool valid = col_valid && k < K;
+      cp_async_16(stage + Tile::at(col, kk), valid ? src + k * ld + col : src, valid);
+    }
+  }
+};
+
+// fprop's and dgrad's A operand, K-major: row i is the pixel m0 + i (output pixel (n, p, q) for fprop,
+// input pixel (n, h, w) for dgrad), the reduction index k = (r, s, c) walks filter taps and the
+// `channels` channels of the group (from `channel0`) of the gathered activation. Each thread keeps its
+// rows' pixels and its chunk's (r, s, c), advanced by BK per call (no division in the main loop but the
+// stride test of dgrad).
+template <typename T, int ROWS, int THREADS, bool DGRAD>
+struct ActivationKMajorLoader {
+  using E = ImplicitGemmElement<T>;
+  using Tile = OperandTile<T, true, ROWS>;
+  static constexpr int CHUNKS = E::BK / E::VEC;
+  static constexpr int ITERS = ROWS * CHUNKS / THREADS;
+  static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
+  const T* src;
+  Conv2dProblem pb;
+  int64_t K, channels, channel0;
+  int row0, chunk_k;
+  int64_t image[ITERS];  // NHWC offset of the row's image, -1 past the last row
+  int y[ITERS], x[ITERS];
+  int r, s, c;  // tap and channel of this thread's chunk at the next load
+
+  __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb_, int64_t M, int64_t K_,
+                                                    int64_t channels_, int64_t channel0_, int64_t m0, int64_t k0)
+      : src(src_), pb(pb_), K(K_), channels(channels_), channel0(channel0_) {
+    row0 = threadIdx.x / CHUNKS;
+    chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
+    // the pixel grid the rows walk: the output's for fprop, the input's for dgrad
+    const int64_t height = DGRAD ? pb.H : pb.P, width = DGRAD ? pb.W : pb.Q;
+    const int64_t plane = DGRAD ? pb.P * pb.Q * pb.K : pb.H * pb.W * pb.C;  // elements per image of src
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t m = m0 + row0 + it * (THREADS / CHUNKS);
+      const Pixel px = split_pixel(m, height, width);
+      image[it] = m < M ? px.n * plane : -1;
+      y[it] = static_cast<int>(px.y);
+      x[it] = static_cast<int>(px.x);
+    }
+    const TapChannel t = split_tap_channel(k0 + chunk_k, channels, pb.S);
+    r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
+  }
+
+  __device__ __forceinline__ void load(T* stage, int64_t k0) {
+    const bool k_valid = k0 + chunk_k < K;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int i = row0 + it * (THREADS / CHUNKS);
+      int64_t offset = -1;
+      if (k_valid && image[it] >= 0) {
+        if (DGRAD) {
+          // the output pixel whose tap (r, s) reads input pixel (y, x): see Conv2dProblem::output_row
+          const int th = y[it] + static_cast<int>(pb.pad_h) - r * static_cast<int>(pb.dil_h);
+          const int tw = x[it] + static_cast<int>(pb.pad_w) - s * static_cast<int>(pb.dil_w);
+          const int sh = static_cast<int>(pb.stride_h), sw = static_cast<int>(pb.stride_w);
+          if (th >= 0 && tw >= 0) {
+            const int p = th / sh, q = tw / sw;
+            if (p * sh == th && q * sw == tw && p < pb.P && q < pb.Q)
+              offset = image[it] + (static_cast<int64_t>(p) * pb.Q + q) * pb.K + channel0 + c;
+          }
+        } else {
+          const int h = y[it] * static_cast<int>(pb.stride_h) - static_cast<int>(pb.pad_h) + r * static_cast<int>(pb.dil_h);
+          const int w = x[it] * static_cast<int>(pb.stride_w) - static_cast<int>(pb.pad_w) + s * static_cast<int>(pb.dil_w);
+          if (h >= 0 && h < pb.H && w >= 0 && w < pb.W)
+            offset = image[it] + (static_cast<int64_t>(h) * pb.W + w) * pb.C + channel0 + c;
+        }
+      }
+      cp_async_16(stage + Tile::at(i, chunk_k), offset >= 0 ? src + offset : src, offset >= 0);
+    }
+    // advance this chunk's (r, s, c) by one reduction tile
+    c += E::BK;
+    while (c >= channels) {
+      c -= static_cast<int>(channels);
+      if (++s == pb.S) s = 0, ++r;
+    }
+  }
+};
+
+// wgrad's B operand, MN-major: element (k, j) with k the output pixel (n, p, q) and j = (r, s, c) the
+// filter element: x gathered at (n, p, q) through tap (r, s), channel channel0 + c. A thread's column
+// (hence its (r, s, c)) is fixed; its rows change with every tile.
+template <typename T, int COLS, int THREADS>
+struct ActivationMNMajorLoader {
+  using E = ImplicitGemmElement<T>;
+  using Tile = OperandTile<T, false, COLS>;
+  static constexpr int CHUNKS = COLS / E::VEC;
+  static constexpr int ITERS = E::BK * CHUNKS / THREADS;
+  static_assert(ITERS >= 1 && E::BK * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
+  const T* src;
+  Conv2dProblem pb;
+  int64_t K;  // reduction extent N * P * Q
+  int kk0, col;
+  bool col_valid;
+  int dh, dw;          // r * dil - pad, s * dil - pad of this thread's tap
+  int64_t channel;     // absolute channel of this thread's vector
+  uint32_t plane, width;
+
+  __device__ __forceinline__ ActivationMNMajorLoader(const T* src_, const Conv2dProblem& pb_, int64_t cols, int64_t K_,
+                                                     int64_t channels, int64_t channel0, int64_t j0)
+      : src(src_), pb(pb_), K(K_) {
+    kk0 = threadIdx.x / CHUNKS;
+    col = (threadIdx.x % CHUNKS) * E::VEC;
+    col_valid = j0 + col < cols;
+    const TapChannel t = split_tap_channel(j0 + col, channels, pb.S);
+    dh = static_cast<int>(t.r * pb.dil_h - pb.pad_h);
+    dw = static_cast<int>(t.s * pb.dil_w - pb.pad_w);
+    channel = channel0 + t.c;
+    plane = static_cast<uint32_t>(pb.P * pb.Q);
+    width = static_cast<uint32_t>(pb.Q);
+  }
+  __device__ __forceinline__ void load(T* stage, int64_t k0) const {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int kk = kk0 + it * (THREADS / CHUNKS);
+      const int64_t k = k0 + kk;
+      int64_t offset = -1;
+      if (col_valid && k < K) {
+        // 32-bit pixel split: the host guarantees N * P * Q < 2^31
+        const uint32_t m = static_cast<uint32_t>(k);
+        const uint32_t n = m / plane, rest = m - n * plane;
+        const uint32_t p = rest / width, q = rest - p * width;
+        const int h = static_cast<int>(p) * static_cast<int>(pb.stride_h) + dh;
+        const int w = static_cast<int>(q) * static_cast<int>(pb.stride_w) + dw;
+        if (h >= 0 && h < pb.H && w >= 0 && w < pb.W)
+          offset = ((static_cast<int64_t>(n) * pb.H + h) * pb.W + w) * pb.C + channel;
+      }
+      cp_async_16(stage + Tile::at(col, kk), offset >= 0 ? src + offset : src, offset >= 0);
+    }
+  }
+};
+
+// ---- the main loop ------------------------------------------------------------------------------------
+
+// Fragment registers of one warp for one k step (k16 for fp16/bf16, k8 for TF32).
+template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR>
+struct WarpMma {
+  using ATile = OperandTile<T, A_K_MAJOR, Cfg::BM>;
+  using BTile = OperandTile<T, B_K_MAJOR, Cfg::BN>;
+  static constexpr bool kTf32 = sizeof(T) == 4;
+  static constexpr int KSTEP = kTf32 ? 8 : 16;
+
+  // acc[mi][ni] += the warp's (wm0, wn0) sub-tile over reduction indices [kk, kk + KSTEP) of the stage.
+  __device__ __forceinline__ static void step(float (&acc)[Cfg::MI][Cfg::NI][4], const T* As, const T* Bs, int wm0,
+                                              int wn0, int kk) {
+    const int lane = threadIdx.x % 32;
+    uint32_t a[Cfg::MI][4], b[Cfg::NI][2];
+    if constexpr (!kTf32) {
+      const int j = lane / 8, i = lane % 8;  // ldmatrix: lane supplies row i of 8x8 matrix j
+#pragma unroll
+      for (int mi = 0; mi < Cfg::MI; ++mi) {
+        // matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) = a0..a3
+        const int m = wm0 + mi * 16 + (j % 2) * 8, k = kk + (j / 2) * 8;
+        if constexpr (A_K_MAJOR) {
+          ldmatrix_x4<false>(a[mi], As + ATile::at(m + i, k));
+        } else {
+          ldmatrix_x4<true>(a[mi], As + ATile::at(m, k + i));
+        }
+      }
+#pragma unroll
+      for (int nj = 0; nj < Cfg::NI; nj += 2) {
+        // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of two n8 tiles
+        const int n = wn0 + nj * 8 + (j / 2) * 8, k = kk + (j % 2) * 8;
+        uint32_t r[4];
+        if constexpr (B_K_MAJOR) {
+          ldmatrix_x4<false>(r, Bs + BTile::at(n + i, k));
+        } else {
+          ldmatrix_x4<true>(r, Bs + BTile::at(n, k + i));
+        }
+        b[nj][0] = r[0], b[nj][1] = r[1], b[nj + 1][0] = r[2], b[nj + 1][1] = r[3];
+      }
+    } else {
+      const int g = lane / 4, t = lane % 4;  // TF32 fragments: a (g|g+8, t|t+4), b (t|t+4, g)
+#pragma unroll
+      for (int mi = 0; mi < Cfg::MI; ++mi) {
+        const int m = wm0 + mi * 16 + g;
+        a[mi][0] = to_tf32(As[ATile::at(m, kk + t)]);
+        a[mi][1] = to_tf32(As[ATile::at(m + 8, kk + t)]);
+        a[mi][2] = to_tf32(As[ATile::at(m, kk + t + 4)]);
+        a[mi][3] = to_tf32(As[ATile::at(m + 8, kk + t + 4)]);
+      }
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ++ni) {
+        const int n = wn0 + ni * 8 + g;
+        b[ni][0] = to_tf32(Bs[BTile::at(n, kk + t)]);
+        b[ni][1] = to_tf32(Bs[BTile::at(n, kk + t + 4)]);
+      }
+    }
+#pragma unroll
+    for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < Cfg::NI; ++ni) mma_16x8<T>(acc[mi][ni], a[mi], b[ni]);
+  }
+};
+
+
+// The block's accumulators over reduction tiles [kt_begin, kt_end) (each BK wide): the cp.async pipeline
+// around WarpMma. `smem` holds STAGES stages of A then STAGES stages of B.
+template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR, typename ALoader, typename BLoader>
+__device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], T* smem, ALoader& a_loader,
+                                                       BLoader& b_loader, int64_t kt_begin, int64_t kt_end) {
+  using Mma = WarpMma<T, Cfg, A_K_MAJOR, B_K_MAJOR>;
+  constexpr int BK = ImplicitGemmElement<T>::BK;
+  constexpr int A_ELEMS = Mma::ATile::ELEMS, B_ELEMS = Mma::BTile::ELEMS;
+  T* As = smem;
+  T* Bs = smem + Cfg::STAGES * A_ELEMS;
+  const int warp = threadIdx.x / 32;
+  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+
+  const int64_t tiles = kt_end - kt_begin;
+  // Prologue: stages 0 .. STAGES-2 in flight. Every step commits one group (empty past the end), so
+  // "all but the newest STAGES-2 groups complete" always means "the stage about to be used has landed".
+#pragma unroll
+  for (int st = 0; st < Cfg::STAGES - 1; ++st) {
+    if (st < tiles) {
+      a_loader.load(As + st * A_ELEMS, (kt_begin + st) * BK);
+      b_loader.load(Bs + st * B_ELEMS, (kt_begin + st) * BK);
+    }
+    cp_async_commit();
+  }
+  for (int64_t t = 0; t < tiles; ++t) {
+    cp_async_wait<Cfg::STAGES - 2>();
+    __syncthreads();  // stage t % STAGES is visible to all; stage (t - 1) % STAGES is no longer read
+    const int64_t next = t + Cfg::STAGES - 1;
+    if (next < tiles) {
+      const int st = static_cast<int>(next % Cfg::STAGES);
+      a_loader.load(As + st * A_ELEMS, (kt_begin + next) * BK);
+      b_loader.load(Bs + st * B_ELEMS, (kt_begin + next) * BK);
+    }
+    cp_async_commit();
+    const int st = static_cast<int>(t % Cfg::STAGES);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += Mma::KSTEP) Mma::step(acc, As + st * A_ELEMS, Bs + st * B_ELEMS, wm0, wn0, kk);
+  }
+  cp_async_wait<0>();
+}
+
+// Visits the accumulators with their tile coordinates: f(i, j, v0, v1) for the pair of columns (j, j + 1)
+// of row i (i, j relative to the block's tile), the mma.sync C fragment layout (rows g and g + 8, columns
+// 2t and 2t + 1 of each 16 x 8 tile).
+template <typename Cfg, typename F>
+__device__ __forceinline__ void for_each_accumulator_pair(const float (&acc)[Cfg::MI][Cfg::NI][4], F&& f) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < Cfg::NI; ++ni) {
+      const int i = wm0 + mi * 16 + g, j = wn0 + ni * 8 + 2 * t;
+      f(i, j, acc[mi][ni][0], acc[mi][ni][1]);
+      f(i + 8, j, acc[mi][ni][2], acc[mi][ni][3]);
+    }
+}
+
+// ---- epilogue ----------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void store2(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
+__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+
+// The convolution epilogue of fprop and dgrad: for the block's tile at (m0, n0) of an M x Ncols GEMM whose
+// C is the NHWC tensor out (row m at m * ldc, column n at channel col0 + n),
+//     out = relu?(acc * scale[ch] + shift[ch] + residual[m, ch])     (ch = col0 + n)
+// each term optional (null pointer): bias or a folded BatchNorm's shift, its scale, a ResNet shortcut added
+// before the ReLU. Column pairs go out as one 4- or 8-byte store when the row offsets keep them aligned.
+template <typename T, typename Cfg>
+__device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::NI][4], int64_t m0, int64_t n0, int64_t M,
+                                              int64_t Ncols, int64_t ldc, int64_t col0, T* out, const T* scale,
+                                              const T* shift, const T* residual, bool relu) {
+  const bool paired = (ldc % 2 == 0) && (col0 % 2 == 0);  // n0 and the fragment columns are even
+  for_each_accumulator_pair<Cfg>(acc, [&](int i, int j, float v0, float v1) {
+    const int64_t m = m0 + i, n = n0 + j;
+    if (m >= M || n >= Ncols) return;
+    const int64_t ch = col0 + n, at = m * ldc + ch;
+    const bool two = n + 1 < Ncols;
+    if (scale != nullptr) {
+      v0 *= to_float(scale[ch]);
+      if (two) v1 *= to_float(scale[ch + 1]);
+    }
+    if (shift != nullptr) {
+      v0 += to_float(shift[ch]);
+      if (two) v1 += to_float(shift[ch + 1]);
+    }
+    if (residual != nullptr) {
+      if (two && paired) {
+        const float2 r = load2(residual + at);
+        v0 += r.x, v1 += r.y;
+      } else {
+        v0 += to_float(residual[at]);
+        if (two) v1 += to_float(residual[at + 1]);
+      }
+    }
+    if (relu) {  // NaN passes, as torch's relu
+      if (v0 < 0.f) v0 = 0.f;
+      if (v1 < 0.f) v1 = 0.f;
+    }
+    if (two && paired) {
+      store2(out + at, v0, v1);
+    } else {
+      out[at] = from_float<T>(v0);
+      if (two) out[at + 1] = from_float<T>(v1);
+    }
+  });
+}
+
+#if !defined(__CUDACC_RTC__)  // host side: tile choice and launch helpers
+
+// Dynamic shared memory of one block: STAGES stages of both operand tiles.
+template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR>
+constexpr int implicit_gemm_smem_bytes() {
+  return Cfg::STAGES * (OperandTile<T, A_K_MAJOR, Cfg::BM>::ELEMS + OperandTile<T, B_K_MAJOR, Cfg::BN>::ELEMS) *
+         static_cast<int>(sizeof(T));
+}
+
+// Calls f(Cfg{}) with the tile configuration of index `tile` (0 .. kImplicitGemmTiles - 1).
+template <typename F>
+cudaError_t dispatch_implicit_gemm_tile(int tile, F&& f) {
+  switch (tile) {
+    case 0: return f(ImplicitGemmTile0{});
+    case 1: return f(ImplicitGemmTile1{});
+    case 2: return f(ImplicitGemmTile2{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The block tile (BM x BN) of configuration `tile`.
+inline void implicit_gemm_tile_extent(int tile, int* bm, int* bn) {
+  dispatch_implicit_gemm_tile(tile, [&](auto cfg) {
+    *bm = decltype(cfg)::BM, *bn = decltype(cfg)::BN;
+    return cudaSuccess;
+  });
+}
+
+inline int multiprocessor_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    return 108;
+  return sms;
+}
+
+// The tile for `tile` = -1: the largest whose grid (over an M x N GEMM, `batches` times) still fills every
+// SM; a 128-wide N tile only when N needs it.
+inline int implicit_gemm_pick_tile(int tile, int64_t M, int64_t N, int64_t batches) {
+  if (tile >= 0) return tile;
+  const int64_t sms = multiprocessor_count();
+  if (N > 64 && ceil_div(M, 128) * ceil_div(N, 128) * batches >= sms) return 0;
+  if (ceil_div(M, 128) * ceil_div(N, 64) * batches >= sms) return 1;
+  return 2;
+}
+
+// Opts the kernel into `bytes` of dynamic shared memory (above the 48 KiB default). The attribute belongs to
+// the current device, so it is set before every launch (a host-side call, no synchronisation).
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
+  if (bytes <= kSharedMemoryBudgetBytes) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+// Grid extents the launchers use, checked against CUDA's limits (y and z at most 65535).
+inline bool implicit_gemm_grid_fits(int64_t x, int64_t y, int64_t z) {
+  return x >= 1 && x <= 0x7fffffff && y >= 1 && y <= 65535 && z >= 1 && z <= 65535;
+}
+
+#endif  // !defined(__CUDACC_RTC__)
+
+}  // namespace fastconv

@@ -1,0 +1,66 @@
+// The implicit-GEMM view of a convolution: which GEMM each pass is, and where each operand element lives.
+//
+// All tensors are dense and channels-last: activations NHWC (x: N,H,W,C; dy: N,P,Q,K), the filter KRSC
+// (K rows of R*S*Cg, the channel fastest). Per group g (channels [g*Cg, (g+1)*Cg) of the input and
+// [g*Kg, (g+1)*Kg) of the output), each pass is one GEMM C[m, n] = sum over k of A[m, k] * B[k, n]:
+//
+//   pass   M          N          K (reduction)   A[m, k]                         B[k, n]
+//   fprop  N*P*Q      Kg         R*S*Cg          x gathered at (n,p,q),(r,s,c)   w[g*Kg + n][k]
+//   dgrad  N*H*W      Cg         R*S*Kg          dy gathered at (n,h,w),(r,s,k)  wt[g][n][k] (w transposed)
+//   wgrad  Kg         R*S*Cg     N*P*Q           dy[k][g*Kg + m]                 x gathered at (n,p,q),(r,s,c)
+//
+// "Gathered" means A (or B) is never materialised: its element is read from the activation at the
+// position the filter tap selects, or is zero in the padding (and, for dgrad, where the tap falls between
+// strides). The reduction index of a gathered operand is (r, s, c) with c fastest, the filter's own order,
+// so runs of consecutive k are consecutive channels of one pixel: the GPU loads them as 16-byte vectors.
+//
+// Plain C++ (nvcc, g++ and NVRTC): the CPU twin (csrc/cpu/conv2d_implicit_gemm.cpp) computes every element
+// through these functions, so the CPU tests exercise the GPU kernels' index math.
+#pragma once
+
+#include "conv2d_problem.h"
+
+namespace fastconv {
+
+// Tile configurations of the CUDA kernels (csrc/cuda/implicit_gemm.cuh); the ops' `tile` argument is an
+// index below this, or -1 for the kernels' own choice.
+constexpr int kImplicitGemmTiles = 3;
+
+// Reduction index k of a gathered operand split into filter tap (r, s) and channel c within the group.
+struct TapChannel {
+  int64_t r, s, c;
+};
+FASTCONV_HD TapChannel split_tap_channel(int64_t k, int64_t channels, int64_t S) {
+  const int64_t rs = k / channels;
+  return {rs / S, rs % S, k - rs * channels};
+}
+
+// A GEMM row or column index over output (or input) pixels split into (image, row, column).
+struct Pixel {
+  int64_t n, y, x;
+};
+FASTCONV_HD Pixel split_pixel(int64_t m, int64_t height, int64_t width) {
+  const int64_t plane = height * width;
+  const int64_t n = m / plane, rest = m - n * plane;
+  return {n, rest / width, rest % width};
+}
+
+// fprop's and wgrad's gather: the NHWC offset of x[n, h, w, channel] that output pixel (n, p, q) reads
+// through tap (r, s), or -1 in the padding. `channel` is absolute (group offset included).
+FASTCONV_HD int64_t fprop_gather_offset(const Conv2dProblem& pb, const Pixel& out, int64_t r, int64_t s,
+                                        int64_t channel) {
+  const int64_t h = pb.input_row(out.y, r), w = pb.input_col(out.x, s);
+  if (h < 0 || h >= pb.H || w < 0 || w >= pb.W) return -1;
+  return ((out.n * pb.H + h) * pb.W + w) * pb.C + channel;
+}
+
+// dgrad's gather: the NHWC offset of dy[n, p, q, channel] whose tap (r, s) reads input pixel (n, h, w), or
+// -1 when no output does (the tap falls between strides or outside the output).
+FASTCONV_HD int64_t dgrad_gather_offset(const Conv2dProblem& pb, const Pixel& in, int64_t r, int64_t s,
+                                        int64_t channel) {
+  const int64_t p = pb.output_row(in.y, r), q = pb.output_col(in.x, s);
+  if (p < 0 || q < 0) return -1;
+  return ((in.n * pb.P + p) * pb.Q + q) * pb.K + channel;
+}
+
+}  // namespace fastconv

@@ -170,8 +170,11 @@ class ConvBNReLU(torch.nn.Module):
         module.train(bn.training)
         return module
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return run_conv_bn(self.conv, self.bn, input, relu=self.relu, algo=self.algo, cache=self._fold_cache)
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``relu(bn(conv(input)))``, or with a ``residual`` of the output's shape (a ResNet shortcut)
+        ``relu(bn(conv(input)) + residual)``: one kernel in eval mode with ``algo="implicit_gemm"``."""
+        return run_conv_bn(self.conv, self.bn, input, relu=self.relu, algo=self.algo, cache=self._fold_cache,
+                           residual=residual)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, algo={self.algo!r}"

@@ -59,9 +59,10 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step bench 200 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
-  # one Nsight Compute profile: the im2col GEMM of a ResNet-50 3x3 layer, bf16 channels_last
-  step ncu 60 bash scripts/profile.sh --set detailed --count 3 --out "$OUT/ncu/fprop-resnet50_l1_3x3-im2col" \
-    -- --op fprop --layer resnet50_l1_3x3 --algo im2col --dtype bfloat16 --layout channels_last
+  # one Nsight Compute profile: the implicit-GEMM fprop of a ResNet-50 3x3 layer, bf16 channels_last
+  step ncu 60 bash scripts/profile.sh --kernel implicit_gemm --set detailed --count 3 \
+    --out "$OUT/ncu/fprop-resnet50_l1_3x3-implicit_gemm" \
+    -- --op fprop --layer resnet50_l1_3x3 --algo implicit_gemm --dtype bfloat16 --layout channels_last
 fi
 
 echo

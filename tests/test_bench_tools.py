@@ -32,9 +32,10 @@ def test_peaks_known_cards_and_units():
 def test_report_writes_markdown_and_chart(tmp_path):
     pytest.importorskip("matplotlib")
     rows = []
-    for impl, ms in (("fastconv-im2col", 2.0), ("fastconv-direct", 4.0), ("torch", 1.0)):
-        rows.append(dict(layer="l1", dtype="bfloat16", impl=impl, ms=ms, rate=7e3 / ms, unit="GFLOP/s", peak_frac=0.1,
-                         bytes=5e7, work=7e9, **{"pass": "fprop"}))
+    for layer, scale in (("l1", 1.0), ("l2", 4.0)):
+        for impl, ms in (("fastconv-im2col", 2.0), ("fastconv-direct", 4.0), ("torch", 1.0)):
+            rows.append(dict(layer=layer, dtype="bfloat16", impl=impl, ms=ms * scale if impl != "torch" else ms,
+                             rate=7e3 / ms, unit="GFLOP/s", peak_frac=0.1, bytes=5e7, work=7e9, **{"pass": "fprop"}))
     for impl, ms in (("fastconv", 0.5), ("torch", 1.0)):
         rows.append(dict(layer="add", dtype="float32", impl=impl, ms=ms, rate=100 / ms, unit="GB/s", peak_frac=None,
                          **{"pass": "fwd"}))
@@ -46,6 +47,9 @@ def test_report_writes_markdown_and_chart(tmp_path):
     assert "report.png" in out.stdout
     md = (tmp_path / "report.md").read_text()
     assert "| l1 | fprop | bfloat16 | fastconv-im2col | 2.000 |" in md and "0.50x" in md and "2.00x" in md
+    # per implementation, pass and dtype: im2col's ratios 0.5 and 0.125 have geometric mean 0.25
+    assert "| fastconv-im2col | fprop | bfloat16 | 2 | 0.250x |" in md
+    assert "| fastconv-direct | fprop | bfloat16 | 2 | 0.125x |" in md
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

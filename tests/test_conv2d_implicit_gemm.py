@@ -175,6 +175,18 @@ def test_conv_bn_relu_with_residual_matches_torch(algo, training):
         assert_close_to(g, rg, 1e-10, "gradient")
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_conv_bn_relu_module_takes_a_residual(training):
+    torch.manual_seed(3)
+    module = fastconv.ConvBNReLU(8, 8, 3, padding=1, algo="implicit_gemm").double()
+    ref = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)).double()
+    ref.load_state_dict({"0.weight": module.conv.weight, **{f"1.{k}": v for k, v in module.bn.state_dict().items()}})
+    module.train(training), ref.train(training)
+    x, res = torch.randn(2, 8, 6, 6, dtype=torch.float64), torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    assert_close_to(module(x, residual=res), F.relu(ref(x) + res), 1e-12, "ConvBNReLU with a residual")
+    assert_close_to(module(x), F.relu(ref(x)), 1e-12, "ConvBNReLU without")
+
+
 def test_conv_bn_relu_residual_shape_is_checked():
     x, w = torch.randn(2, 6, 7, 7), torch.randn(6, 6, 3, 3)
     mean, var, gamma, beta = bn_params(6, torch.float32)

@@ -35,7 +35,7 @@ TORCH_LIBRARY(fastconv, m) {
 
   // Implicit GEMM on tensor cores: the convolution as a GEMM whose activation operand is gathered on the fly
   // (never materialised), channels_last activations and KRSC filters; fp16/bf16, and fp32 as TF32 when
-  // torch.backends.cudnn.allow_tf32 allows it. `tile` picks the kernel's tile configuration (-1: by size;
+  // torch.backends.cudnn.allow_tf32 allows it (otherwise exactly, through the direct kernels). `tile` picks the kernel's tile configuration (-1: by size;
   // fastconv.backends' autotuner times them). The CPU twin computes the same GEMMs in the accumulation
   // precision.
   m.def(

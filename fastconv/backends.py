@@ -13,8 +13,8 @@
    group) go to ``"direct"``, whose per-channel loops beat a GEMM of width 1; everything else goes to
    ``"im2col"`` (1x1 stride-1 convolutions skip im2col there and are a plain GEMM), unless one image's
    im2col matrix would exceed the workspace limit, in which case ``"direct"``. (float32 goes to
-   ``"implicit_gemm"`` only when asked for or when the benchmark picks it: it runs as TF32 there, which
-   torch.backends.cudnn.allow_tf32 must allow.)
+   ``"implicit_gemm"`` only when asked for or when the benchmark picks it, which it considers only while
+   torch.backends.cudnn.allow_tf32 allows TF32: otherwise that algorithm runs the exact direct kernels.)
 
 The im2col workspace limit defaults to 256 MiB; set it with :func:`set_workspace_limit` or the
 environment variable ``FASTCONV_WORKSPACE_LIMIT_MB``. Results never depend on it.

@@ -88,7 +88,7 @@ def conv2d(
         algo: one of :data:`CONV_ALGOS`: ``"direct"``, ``"im2col"`` (im2col + GEMM, the batch chunked to
             the workspace limit of :mod:`fastconv.backends`), ``"implicit_gemm"`` (a GEMM on tensor cores
             whose activation operand is gathered on the fly; CUDA sm_80+ with float16/bfloat16, or float32
-            as TF32; best with channels_last tensors; a reference twin on the CPU), or ``"auto"`` (chosen
+            as TF32 while torch.backends.cudnn.allow_tf32 allows it; best with channels_last tensors; a reference twin on the CPU), or ``"auto"`` (chosen
             per call, see :mod:`fastconv.backends`).
 
     The output has torch's memory format (channels_last if the input or the weight is). Supported dtypes

@@ -16,6 +16,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _exact_float32():
+    """float32 tests compare full fp32 precision (1e-5): no TF32 tensor cores, in torch's reference convs or in
+    fastconv's implicit GEMM (which then runs its exact fp32 fallback). The TF32 path has tests of its own
+    that switch it on."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

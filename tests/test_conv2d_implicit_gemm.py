@@ -357,18 +357,25 @@ def test_gpu_fused_epilogue_and_its_backward(terms):
 def test_gpu_float32_runs_as_tf32_only_when_allowed():
     x = torch.randn(2, 32, 12, 12, device="cuda").contiguous(memory_format=torch.channels_last)
     w = torch.randn(48, 32, 3, 3, device="cuda")
+    ref = F.conv2d(x.double(), w.double(), None, 1, 1)
+    gy = torch.randn(ref.shape, device="cuda")
+    ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=1)
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), padding=1)
     before = torch.backends.cudnn.allow_tf32
     try:
-        torch.backends.cudnn.allow_tf32 = True
-        y = IG.fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1, -1, False)
-        ref = F.conv2d(x.double(), w.double(), None, 1, 1)
-        assert rel_err(y, ref) < 4e-3  # TF32: 10-bit mantissa
-        gy = torch.randn_like(y)
-        assert rel_err(IG.wgrad(gy, x, list(w.shape), [1, 1], [1, 1], [1, 1], 1, -1),
-                       torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), padding=1)) < 4e-3
-        torch.backends.cudnn.allow_tf32 = False
-        with pytest.raises(RuntimeError, match="allow_tf32"):
-            IG.fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1, -1, False)
+        torch.backends.cudnn.allow_tf32 = True  # TF32: a 10-bit mantissa
+        assert rel_err(IG.fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1, -1, False), ref) < 4e-3
+        assert rel_err(IG.wgrad(gy, x, list(w.shape), [1, 1], [1, 1], [1, 1], 1, -1), ref_dw) < 4e-3
+        assert rel_err(IG.dgrad(gy, w, list(x.shape), [1, 1], [1, 1], [1, 1], 1, -1), ref_dx) < 4e-3
+        assert "implicit_gemm/0" in backends.candidate_choices(x)
+        torch.backends.cudnn.allow_tf32 = False  # full fp32 precision, as torch's own convs then
+        assert rel_err(IG.fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1, -1, False), ref) < 1e-5
+        assert rel_err(IG.wgrad(gy, x, list(w.shape), [1, 1], [1, 1], [1, 1], 1, -1), ref_dw) < 1e-5
+        assert rel_err(IG.dgrad(gy, w, list(x.shape), [1, 1], [1, 1], [1, 1], 1, -1), ref_dx) < 1e-5
+        sc, sh, res = torch.rand(48, device="cuda"), torch.randn(48, device="cuda"), torch.randn(ref.shape, device="cuda")
+        fused = FUSED(x, w, sc, sh, res, [1, 1], [1, 1], [1, 1], 1, -1, True)
+        assert rel_err(fused, reference_fused(x.double(), w.double(), sc.double(), sh.double(), res.double(),
+                                              [1, 1], [1, 1], [1, 1], 1, True)) < 1e-5
         assert "implicit_gemm/0" not in backends.candidate_choices(x)
     finally:
         torch.backends.cudnn.allow_tf32 = before

@@ -4,10 +4,13 @@
 // (one 16-byte vector of fp16/bf16). The wrappers bring any input into that form: a channels_last tensor
 // is used in place; an NCHW one is copied once; a group whose channel count is not a multiple of 8 (the RGB
 // stem's 3, a grouped conv's 4) is zero-padded, which changes no sum. Outputs are channels_last, or NCHW
-// when torch's rule says so (one copy). fp32 runs on tensor cores as TF32, so only when
-// torch.backends.cudnn.allow_tf32 (torch's switch for its own convolutions) allows it.
+// when torch's rule says so (one copy). fp32 runs on tensor cores as TF32 when
+// torch.backends.cudnn.allow_tf32 (torch's switch for its own convolutions) allows it; when it does not,
+// the op keeps its promise of full fp32 precision through the exact fp32 direct kernels (slower), as
+// torch's convolutions do under the same switch.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -56,14 +59,32 @@ at::Tensor pad_channel_groups(const at::Tensor& t, int64_t groups, int64_t padde
   return v.reshape(shape);
 }
 
-// Can this GPU and dtype run the kernels at all? (Checked after the arguments, before any launch.)
-void check_runnable(const char* op, at::ScalarType dtype) {
+// Can this GPU run the kernels at all? (Checked after the arguments, before any launch.)
+void check_runnable(const char* op) {
   TORCH_CHECK(implicit_gemm_device_supported(), op,
               ": needs tensor cores of compute capability 8.0 or newer (mma.sync with bf16); use algo='im2col' or "
               "'direct' on this GPU");
-  TORCH_CHECK(dtype != at::kFloat || at::globalContext().allowTF32CuDNN(), op,
-              ": float32 runs on tensor cores as TF32, which torch.backends.cudnn.allow_tf32 = False forbids; allow "
-              "TF32, or use algo='im2col' or 'direct' for full float32 precision");
+}
+
+// fp32 while torch.backends.cudnn.allow_tf32 is False: TF32 tensor cores are not allowed.
+bool exact_fp32_requested(at::ScalarType dtype) {
+  return dtype == at::kFloat && !at::globalContext().allowTF32CuDNN();
+}
+
+// The direct algorithm's ops (exact fp32), for exact_fp32_requested.
+at::Tensor direct_fprop(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastconv::conv2d_direct", "").typed<
+      at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, at::IntArrayRef,
+                 at::IntArrayRef, at::IntArrayRef, int64_t, bool)>();
+  return op.call(x, w, c10::nullopt, stride, padding, dilation, groups, false);
+}
+at::Tensor direct_backward(const char* name, const at::Tensor& a, const at::Tensor& b, at::IntArrayRef size,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<
+      at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                 at::IntArrayRef, int64_t)>();
+  return op.call(a, b, c10::fromIntArrayRefSlow(size), stride, padding, dilation, groups);
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
@@ -85,7 +106,15 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
   const auto format = conv2d_output_format(input, weight);
   at::Tensor y = at::empty({pb.N, pb.P, pb.Q, pb.K}, input.options());
   if (y.numel() == 0) return from_nhwc(y, format);
-  check_runnable(op, input.scalar_type());
+  check_runnable(op);
+  if (exact_fp32_requested(input.scalar_type())) {
+    at::Tensor out = direct_fprop(input, weight, stride, padding, dilation, groups);  // torch's output format
+    if (scale) out.mul_(scale->view({1, -1, 1, 1}));
+    if (shift) out.add_(shift->view({1, -1, 1, 1}));
+    if (residual) out.add_(*residual);
+    if (relu) out.relu_();  // NaN passes
+    return out;
+  }
   Conv2dProblem padded = pb;
   const int64_t Cg = round_up(pb.C_per_group(), kChannelMultiple);
   padded.C = Cg * pb.groups;
@@ -130,7 +159,11 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
   const auto format = conv2d_output_format(grad_output, weight);
   at::Tensor dx = at::empty({pb.N, pb.H, pb.W, pb.C}, grad_output.options());
   if (dx.numel() == 0) return from_nhwc(dx, format);
-  check_runnable(op, grad_output.scalar_type());
+  check_runnable(op);
+  if (exact_fp32_requested(grad_output.scalar_type())) {
+    return direct_backward("fastconv::conv2d_direct_dgrad", grad_output, weight, input_size, stride, padding, dilation,
+                           groups);
+  }
   // dgrad loads dy's channels (the filters of a group) as vectors: pad K per group
   Conv2dProblem padded = pb;
   const int64_t Kg = round_up(pb.K_per_group(), kChannelMultiple), Cg = pb.C_per_group();
@@ -160,9 +193,13 @@ at::Tensor conv2d_implicit_gemm_wgrad_cuda(const at::Tensor& grad_output, const 
   if (pb.K * pb.C_per_group() == 0 || pixels == 0) {
     return from_nhwc(at::zeros({pb.K, pb.R, pb.S, pb.C_per_group()}, grad_output.options()), format);
   }
+  check_runnable(op);
+  if (exact_fp32_requested(grad_output.scalar_type())) {
+    return direct_backward("fastconv::conv2d_direct_wgrad", grad_output, input, weight_size, stride, padding, dilation,
+                           groups);
+  }
   TORCH_CHECK_VALUE(pixels < (int64_t{1} << 31), op, ": N * P * Q = ", pixels,
                     " output pixels exceed the kernel's 32-bit pixel index; use algo='im2col' or 'direct'");
-  check_runnable(op, grad_output.scalar_type());
   // wgrad loads dy's channels (A) and x's channels (B) as vectors: pad both per group
   Conv2dProblem padded = pb;
   const int64_t Kg = round_up(pb.K_per_group(), kChannelMultiple), Cg = round_up(pb.C_per_group(), kChannelMultiple);

@@ -4,7 +4,9 @@ Covers direct conv fprop (8 and 1 output channels per thread, input staged in sh
 dgrad, wgrad (1x1 and 3x3 tap chunks) and the bias gradient; im2col, col2im and the GEMM (SIMT for fp32,
 WMMA for fp16/bf16, the 1x1 path without im2col); max pooling forward and backward; residual add
 forward and backward (flat vectorised with a scalar tail, and strided); the fused conv + bias + ReLU
-epilogue of both conv algorithms and the training-mode BatchNorm + ReLU kernels (statistics, normalise,
+epilogue of the conv algorithms; the implicit-GEMM kernels (every tile configuration, the fused
+scale/shift/residual/ReLU epilogue, split-K wgrad and its reduce, TF32 for fp32, padded channel counts);
+and the training-mode BatchNorm + ReLU kernels (statistics, normalise,
 backward sums, input gradient; thin and wide channel counts), in fp32, fp16 and bf16, NCHW and channels_last, and checks each result against torch so that a silent wrong answer fails too. Exit
 code 0 = all ran and matched.
 """
@@ -87,13 +89,50 @@ def check_conv_bn_relu(dtype, layout, tol) -> int:
     return failures
 
 
+ALGOS = ("direct", "im2col", "implicit_gemm")
+
+
+def algo_tol(algo, dtype, tol) -> float:
+    # implicit_gemm's fp32 runs on TF32 tensor cores (allowed below): a 10-bit mantissa
+    return 5e-3 if algo == "implicit_gemm" and dtype == torch.float32 else tol
+
+
+def check_implicit_gemm_tiles(dtype, layout, tol) -> int:
+    """Each tile configuration once: fused fprop (scale, shift, residual, ReLU), dgrad, split-K wgrad."""
+    failures = 0
+    ig = torch.ops.fastconv
+    x = torch.randn(4, 32, 10, 10, device="cuda", dtype=dtype).to(memory_format=layout)
+    w = torch.randn(40, 32, 3, 3, device="cuda", dtype=dtype)
+    scale, shift = torch.rand(40, device="cuda", dtype=dtype) + 0.5, torch.randn(40, device="cuda", dtype=dtype)
+    conv = ([2, 2], [1, 1], [1, 1], 1)
+    ref = F.conv2d(x.double(), w.double(), None, *conv)
+    res = torch.randn(ref.shape, device="cuda", dtype=dtype).to(memory_format=layout)
+    ref_fused = torch.relu(ref * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1) + res.double())
+    gy = torch.randn(ref.shape, device="cuda", dtype=dtype).to(memory_format=layout)
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), stride=2, padding=1)
+    ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), stride=2, padding=1)
+    for tile in range(3):
+        y = ig.conv2d_implicit_gemm_fused(x, w, scale, shift, res, *conv, tile, True)
+        dx = ig.conv2d_implicit_gemm_dgrad(gy, w, list(x.shape), *conv, tile)
+        dw = ig.conv2d_implicit_gemm_wgrad(gy, x, list(w.shape), *conv, tile)
+        torch.cuda.synchronize()
+        for name, a, r in (("fused y", y, ref_fused), ("dx", dx, ref_dx), ("dw", dw, ref_dw)):
+            err = rel_err(a, r)
+            if not err <= algo_tol("implicit_gemm", dtype, tol):
+                failures += 1
+                print(f"MISMATCH implicit_gemm tile {tile} {dtype} {layout} {name}: relative error {err:.3g}")
+    return failures
+
+
 def main() -> int:
     assert fastconv.WITH_CUDA and torch.cuda.is_available(), "needs a GPU and the CUDA build"
+    torch.backends.cudnn.allow_tf32 = True  # so that implicit_gemm's fp32 runs its TF32 kernels
     failures = 0
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)):
         for layout in (torch.contiguous_format, torch.channels_last):
             failures += check_pool_and_residual(dtype, layout)
             failures += check_conv_bn_relu(dtype, layout, tol)
+            failures += check_implicit_gemm_tiles(dtype, layout, tol)
             for xs, ws, stride, padding, dilation, groups in CASES:
                 x = torch.randn(xs, device="cuda", dtype=dtype).to(memory_format=layout).requires_grad_()
                 w = torch.randn(ws, device="cuda", dtype=dtype).requires_grad_()
@@ -102,13 +141,13 @@ def main() -> int:
                 x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
                 ref = F.conv2d(x64, w64, b64, *args)
                 ref_grads = torch.autograd.grad(ref, (x64, w64, b64), torch.ones_like(ref))
-                for algo in ("direct", "im2col"):
+                for algo in ALGOS:
                     y = fastconv.functional.conv2d(x, w, b, *args, algo=algo)
                     grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
                     torch.cuda.synchronize()
                     for name, a, r in [("y", y, ref)] + list(zip(("dx", "dw", "db"), grads, ref_grads)):
                         err = rel_err(a, r)
-                        if not err <= tol:
+                        if not err <= algo_tol(algo, dtype, tol):
                             failures += 1
                             print(f"MISMATCH {algo} {dtype} {layout} {xs} {ws} {name}: relative error {err:.3g}")
     print(f"sanitizer smoke: {failures} mismatches")

@@ -36,6 +36,7 @@ struct ImplicitGemmTile {
 
 // The tile configurations the launchers instantiate, indexed by the ops' `tile` argument (-1 picks one by
 // the grid's size, see implicit_gemm_pick_tile).
+// (Tile 0 sits at ~128 registers, two blocks per SM; forcing that with launch bounds spills on sm_80.)
 using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3>;  // 8 warps of 64 x 32
 using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4>;   // 4 warps of 64 x 32
 using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4>;    // 4 warps of 32 x 32
@@ -46,7 +47,7 @@ struct ImplicitGemmElement {
   static constexpr int VEC = 16 / sizeof(T);
   static constexpr int BK = 64 / sizeof(T);
   static constexpr int K_MAJOR_PAD = VEC;                      // 16 bytes
-  static constexpr int MN_MAJOR_PAD = sizeof(T) == 4 ? 8 : 8;  // 32 bytes (fp32), 16 bytes (fp16/bf16)
+  static constexpr int MN_MAJOR_PAD = 8;       // 32 bytes (fp32), 16 bytes (fp16/bf16)
 };
 
 // Shared-memory elements of one stage of an operand tile of `rows` m (or n) by BK.
@@ -69,18 +70,19 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+               "r"(valid ? 16 : 0)
+               : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -90,11 +92,13 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   if constexpr (TRANS) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(p)));
+                 : "r"(smem_address(p))
+                 : "memory");
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_address(p)));
+                 : "r"(smem_address(p))
+                 : "memory");
   }
 #endif
 }
@@ -238,7 +242,8 @@ struct ActivationKMajorLoader {
       y[it] = static_cast<int>(px.y);
       x[it] = static_cast<int>(px.x);
     }
-    const TapChannel t = split_tap_channel(k0 + chunk_k, channels, pb.S);
+    // (no channels: no reduction tile is ever loaded, and nothing to divide by)
+    const TapChannel t = channels > 0 ? split_tap_channel(k0 + chunk_k, channels, pb.S) : TapChannel{0, 0, 0};
     r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
   }
 
@@ -302,7 +307,7 @@ struct ActivationMNMajorLoader {
     kk0 = threadIdx.x / CHUNKS;
     col = (threadIdx.x % CHUNKS) * E::VEC;
     col_valid = j0 + col < cols;
-    const TapChannel t = split_tap_channel(j0 + col, channels, pb.S);
+    const TapChannel t = channels > 0 ? split_tap_channel(j0 + col, channels, pb.S) : TapChannel{0, 0, 0};
     dh = static_cast<int>(t.r * pb.dil_h - pb.pad_h);
     dw = static_cast<int>(t.s * pb.dil_w - pb.pad_w);
     channel = channel0 + t.c;

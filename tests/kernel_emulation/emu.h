@@ -1,0 +1,317 @@
+// A CPU emulation of the CUDA execution model the implicit-GEMM kernels (csrc/cuda/implicit_gemm.cuh,
+// csrc/cuda/conv2d_implicit_gemm_*_kernel.cu) rely on, so that g++ can run their unmodified C++ on a
+// machine without a GPU. tests/test_kernel_emulation.py compiles copies of the kernel sources in which
+// only the bodies of the PTX wrappers are replaced by the functions below:
+//
+//   cp.async.cg 16 bytes     emu_cp_async: copy (or zero-fill) deferred to the issuing thread's
+//   commit_group / wait_group  emu_commit / emu_wait, or done at issue (g_cp_async_immediate)
+//   ldmatrix.x4 (.trans)     emu_ldmatrix: warp-collective, the PTX ISA's fragment layout
+//   mma.sync m16n8k16 / k8   emu_mma: warp-collective, the PTX ISA's A/B/C fragment layouts
+//   cvt.rna.tf32.f32         emu_tf32
+//
+// Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier, the warp-collective
+// instructions meet at a warp barrier. This is an emulation on the CPU, not a GPU run: it checks the
+// kernels' index math, fragment layouts, cp.async pipeline synchronisation and the alignment and bounds of
+// their cp.async / ldmatrix addresses (plus the bank-conflict-free ldmatrix layout the kernels document, a
+// property of the addresses). It says nothing about speed, nor about real hardware behaviour beyond the
+// PTX ISA's documented semantics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define EMU_CHECK(cond, ...)                                                                   \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
+      std::fprintf(stderr, "emulation check failed (%s:%d): %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                                                       \
+      std::fprintf(stderr, "\n");                                                              \
+      std::abort();                                                                            \
+    }                                                                                          \
+  } while (0)
+
+// ---- the CUDA built-ins the kernels use ------------------------------------------------------------------
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+inline thread_local uint3 threadIdx, blockIdx;
+inline uint3 gridDim, blockDim;  // one launch at a time
+// kernel_utils.cuh's block_sum uses it; no implicit-GEMM kernel does
+inline float __shfl_down_sync(unsigned, float, int) {
+  EMU_CHECK(false, "__shfl_down_sync is not emulated");
+  return 0.f;
+}
+
+// ---- emulated machine state --------------------------------------------------------------------------
+
+// Global memory: the buffers the driver registered (a valid cp.async must read inside one of them).
+struct GlobalBuffer {
+  const unsigned char* begin;
+  size_t bytes;
+};
+inline std::vector<GlobalBuffer> g_global_buffers;
+
+// cp.async completion: false lands a copy at the wait_group that retires its group (the latest moment
+// the PTX ISA allows), true at issue (the earliest). Both must give the same result.
+inline bool g_cp_async_immediate = false;
+
+inline std::atomic<long> g_ldmatrix_phases{0}, g_ldmatrix_conflicted_phases{0};
+
+// What the lanes of a warp exchange at a warp-collective instruction.
+struct WarpExchange {
+  const void* row[32];  // ldmatrix: the row address each lane supplies
+  uint32_t a[32][4];    // mma: each lane's A and B fragment registers
+  uint32_t b[32][2];
+};
+
+struct BlockContext {
+  std::barrier<>* block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  std::vector<WarpExchange> warps;
+  unsigned char* smem;
+  size_t smem_bytes;
+};
+
+inline thread_local BlockContext* t_block;
+inline thread_local unsigned char* emu_smem;  // the patched kernels' `extern __shared__` array
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+inline thread_local std::vector<PendingCopy> t_open_group;
+inline thread_local std::vector<std::vector<PendingCopy>> t_committed_groups;  // oldest first
+
+inline void __syncthreads() { t_block->block_barrier->arrive_and_wait(); }
+
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<size_t>(static_cast<const unsigned char*>(p) - t_block->smem);
+}
+
+// ---- cp.async -----------------------------------------------------------------------------------------
+
+inline bool inside_global_buffer(const unsigned char* p, size_t bytes) {
+  for (const GlobalBuffer& b : g_global_buffers)
+    if (p >= b.begin && p + bytes <= b.begin + b.bytes) return true;
+  return false;
+}
+
+inline void land(const PendingCopy& c) {
+  if (c.valid) {
+    std::memcpy(c.dst, c.src, 16);
+  } else {
+    std::memset(c.dst, 0, 16);  // source size 0: zero-fill
+  }
+}
+
+inline void emu_cp_async(void* dst, const void* src, bool valid) {
+  const auto d = static_cast<unsigned char*>(dst);
+  const auto s = static_cast<const unsigned char*>(src);
+  const long offset = static_cast<long>(d - t_block->smem);
+  EMU_CHECK(offset >= 0 && offset + 16 <= static_cast<long>(t_block->smem_bytes),
+            "cp.async destination outside the block's shared memory (offset %ld of %zu)", offset,
+            t_block->smem_bytes);
+  EMU_CHECK(offset % 16 == 0, "cp.async destination not 16-byte aligned (shared offset %ld)", offset);
+  EMU_CHECK(reinterpret_cast<uintptr_t>(src) % 16 == 0, "cp.async source %p not 16-byte aligned", src);
+  // a zero-fill copy reads nothing, but its address must still be a global one (the kernels pass the base)
+  EMU_CHECK(inside_global_buffer(s, valid ? 16 : 0), "cp.async source %p outside every global buffer (valid %d)",
+            src, valid);
+  const PendingCopy c{dst, src, valid};
+  if (g_cp_async_immediate) {
+    land(c);
+  } else {
+    t_open_group.push_back(c);
+  }
+}
+
+inline void emu_commit() {
+  t_committed_groups.push_back(std::move(t_open_group));
+  t_open_group.clear();
+}
+
+// cp.async.wait_group n: every committed group but the newest n has landed (the open group is untouched).
+inline void emu_wait(int n) {
+  while (static_cast<int>(t_committed_groups.size()) > n) {
+    for (const PendingCopy& c : t_committed_groups.front()) land(c);
+    t_committed_groups.erase(t_committed_groups.begin());
+  }
+}
+
+// ---- ldmatrix -----------------------------------------------------------------------------------------
+
+inline uint16_t load_b16(const unsigned char* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8j + i supplies row i of matrix j; lane
+// (g = lane / 4, t = lane % 4) receives in r[j] the elements (g, 2t), (g, 2t + 1) of matrix j, or of its
+// transpose with .trans.
+inline void emu_ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  WarpExchange& x = t_block->warps[warp];
+  const long offset = static_cast<long>(static_cast<const unsigned char*>(p) - t_block->smem);
+  EMU_CHECK(offset >= 0 && offset + 16 <= static_cast<long>(t_block->smem_bytes),
+            "ldmatrix row outside the block's shared memory (offset %ld)", offset);
+  EMU_CHECK(offset % 16 == 0, "ldmatrix row not 16-byte aligned (shared offset %ld)", offset);
+  x.row[lane] = p;
+  t_block->warp_barriers[warp]->arrive_and_wait();
+  if (lane == 0) {
+    // one shared-memory phase per 8x8 matrix: its 8 rows of 16 bytes are conflict-free when they cover
+    // the 8 distinct 16-byte bank groups of a 128-byte line
+    for (int j = 0; j < 4; ++j) {
+      unsigned seen = 0;
+      bool conflict = false;
+      for (int i = 0; i < 8; ++i) {
+        const long o = static_cast<const unsigned char*>(x.row[8 * j + i]) - t_block->smem;
+        const unsigned group = 1u << ((o % 128) / 16);
+        conflict |= (seen & group) != 0;
+        seen |= group;
+      }
+      ++g_ldmatrix_phases;
+      if (conflict) ++g_ldmatrix_conflicted_phases;
+    }
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 4; ++j) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const auto row = static_cast<const unsigned char*>(x.row[8 * j + g]);
+      lo = load_b16(row + 2 * (2 * t));
+      hi = load_b16(row + 2 * (2 * t + 1));
+    } else {
+      lo = load_b16(static_cast<const unsigned char*>(x.row[8 * j + 2 * t]) + 2 * g);
+      hi = load_b16(static_cast<const unsigned char*>(x.row[8 * j + 2 * t + 1]) + 2 * g);
+    }
+    r[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  t_block->warp_barriers[warp]->arrive_and_wait();  // the rows are read before any lane reuses x.row
+}
+
+// ---- mma.sync -----------------------------------------------------------------------------------------
+
+inline float half_bits_to_float(uint16_t v) {
+  __half_raw raw;
+  raw.x = v;
+  return __half2float(__half(raw));
+}
+inline float bfloat16_bits_to_float(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// A TF32 operand register: the tensor core reads sign, exponent and the top 10 mantissa bits.
+inline float tf32_bits_to_float(uint32_t v) {
+  v &= ~0x1fffu;
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, to nearest with ties away from zero.
+inline uint32_t emu_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;  // Inf, NaN
+  return (u + 0x1000u) & ~0x1fffu;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16} (m16n8k8 .tf32 for fp32): d += a * b for the warp's
+// 16 x 8 tile. The products are summed in double: the driver's operands make every sum exact, so the
+// order the hardware adds in does not matter.
+template <typename T>
+inline void emu_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  WarpExchange& x = t_block->warps[warp];
+  for (int i = 0; i < 4; ++i) x.a[lane][i] = a[i];
+  x.b[lane][0] = b[0], x.b[lane][1] = b[1];
+  t_block->warp_barriers[warp]->arrive_and_wait();
+  constexpr bool kTf32 = sizeof(T) == 4;
+  constexpr int kSteps = kTf32 ? 8 : 16;
+  const auto element = [](uint32_t reg, int index) -> float {  // 16-bit element `index` (0 low, 1 high)
+    const uint16_t bits = static_cast<uint16_t>(index ? reg >> 16 : reg & 0xffff);
+    return std::is_same_v<T, __half> ? half_bits_to_float(bits) : bfloat16_bits_to_float(bits);
+  };
+  // The PTX ISA's fragment layouts (g = lane / 4, t = lane % 4).
+  const auto A = [&](int row, int col) -> float {
+    if constexpr (kTf32) {  // a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+      return tf32_bits_to_float(x.a[(row % 8) * 4 + col % 4][(row >= 8 ? 1 : 0) + (col >= 4 ? 2 : 0)]);
+    } else {  // a0 (g, 2t..2t+1), a1 (g + 8, ..), a2 (g, 2t+8..), a3 (g + 8, 2t+8..)
+      const uint32_t reg = x.a[(row % 8) * 4 + (col % 8) / 2][(row >= 8 ? 1 : 0) + (col >= 8 ? 2 : 0)];
+      return element(reg, col % 2);
+    }
+  };
+  const auto B = [&](int k, int n) -> float {
+    if constexpr (kTf32) {  // b0 (t, g), b1 (t + 4, g)
+      return tf32_bits_to_float(x.b[n * 4 + k % 4][k >= 4 ? 1 : 0]);
+    } else {  // b0 (2t..2t+1, g), b1 (2t+8..2t+9, g)
+      return element(x.b[n * 4 + (k % 8) / 2][k >= 8 ? 1 : 0], k % 2);
+    }
+  };
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {  // c0, c1 (g, 2t..2t+1), c2, c3 (g + 8, ..)
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    double sum = d[i];
+    for (int k = 0; k < kSteps; ++k) sum += static_cast<double>(A(row, k)) * B(k, col);
+    d[i] = static_cast<float>(sum);
+  }
+  t_block->warp_barriers[warp]->arrive_and_wait();  // fragments are read before any lane reuses x.a, x.b
+}
+
+// ---- launch -------------------------------------------------------------------------------------------
+
+// Runs kernel<<<grid, threads, smem_bytes>>>(args...): the blocks one after another, each with one
+// std::thread per CUDA thread and its shared memory poisoned with 0xff bytes (NaN in every element type),
+// so that reading a stage before its copies landed shows in the result.
+template <typename Kernel, typename... Args>
+void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args... args) {
+  EMU_CHECK(threads % 32 == 0, "block of %d threads is not whole warps", threads);
+  gridDim = uint3{grid.x, grid.y, grid.z};
+  blockDim = uint3{static_cast<unsigned>(threads), 1, 1};
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        std::barrier<> block_barrier(threads);
+        BlockContext block;
+        block.block_barrier = &block_barrier;
+        for (int w = 0; w < threads / 32; ++w) block.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+        block.warps.resize(threads / 32);
+        // 128-byte aligned, as the hardware's shared window (the bank check reads offsets from here)
+        block.smem = reinterpret_cast<unsigned char*>(std::aligned_alloc(128, (smem_bytes + 255) / 128 * 128));
+        block.smem_bytes = smem_bytes;
+        std::memset(block.smem, 0xff, smem_bytes);
+        std::vector<std::thread> workers;
+        for (int t = 0; t < threads; ++t)
+          workers.emplace_back([&, t] {
+            threadIdx = uint3{static_cast<unsigned>(t), 0, 0};
+            blockIdx = uint3{x, y, z};
+            t_block = &block;
+            emu_smem = block.smem;
+            t_open_group.clear();
+            t_committed_groups.clear();
+            kernel(args...);
+            bool outstanding = !t_open_group.empty();
+            for (const auto& group : t_committed_groups) outstanding |= !group.empty();
+            EMU_CHECK(!outstanding, "thread %d of block (%u, %u, %u) exits with cp.async copies not waited for", t,
+                      x, y, z);
+          });
+        for (std::thread& w : workers) w.join();
+        std::free(block.smem);
+      }
+}

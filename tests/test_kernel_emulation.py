@@ -1,0 +1,218 @@
+"""The implicit-GEMM CUDA kernels run in a CPU emulation (tests/kernel_emulation): no GPU needed.
+
+g++ compiles copies of the current kernel sources (csrc/cuda/implicit_gemm.cuh and
+conv2d_implicit_gemm_{fprop,dgrad,wgrad}_kernel.cu) in which only the PTX wrappers (cp.async, commit and
+wait_group, ldmatrix, mma.sync, cvt.rna.tf32, and the kernels' `extern __shared__` array) are replaced by
+emulators: one std::thread per CUDA thread, warp-collective instructions with the PTX ISA's fragment
+layouts, cp.async landing at the latest or the earliest moment the ISA allows. Every configuration's output
+must match a double-precision reference bit for bit, with aligned, in-bounds, bank-conflict-free addresses.
+
+This checks the kernels' index math, fragment layouts, pipeline synchronisation and alignment on any machine;
+it is not a GPU run and says nothing about speed or about hardware behaviour beyond the PTX ISA. A planted
+bug (a wait_group one stage short, swapped B fragment registers) must make it fail."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_SOURCES = ROOT / "csrc" / "cuda"
+EMULATION = ROOT / "tests" / "kernel_emulation"
+CUDA_HEADERS = ("cuda_fp16.h", "cuda_bf16.h", "cuda_runtime_api.h")  # what emu.h and the kernels include
+CXX = shutil.which("g++")
+
+
+def find_cuda_include():
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and all((Path(home) / "include" / h).exists() for h in CUDA_HEADERS):
+            return Path(home) / "include"
+    return None
+
+
+CUDA_INCLUDE = find_cuda_include()
+
+pytestmark = [
+    pytest.mark.skipif(CXX is None, reason="needs g++"),
+    pytest.mark.skipif(CUDA_INCLUDE is None, reason=f"needs the CUDA headers {', '.join(CUDA_HEADERS)} "
+                       "(in $CUDA_HOME/include, $CUDA_PATH/include or /usr/local/cuda/include)"),
+]
+
+# ---- patching the kernel sources --------------------------------------------------------------------------
+
+ARCH_GUARD = "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800"
+KERNEL_FILES = [f"conv2d_implicit_gemm_{p}_kernel.cu" for p in ("fprop", "dgrad", "wgrad")]
+
+# The PTX wrappers of implicit_gemm.cuh: signature, the PTX its guarded block must hold (the semantics
+# emu.h emulates), and the emulator call that replaces the block.
+PTX_WRAPPERS = [
+    ("void cp_async_16(void* dst, const void* src, bool valid)",
+     ["cp.async.cg.shared.global [%0], [%1], 16, %2;"], "emu_cp_async(dst, src, valid);"),
+    ("void cp_async_commit()", ["cp.async.commit_group;"], "emu_commit();"),
+    ("void cp_async_wait()", ["cp.async.wait_group %0;"], "emu_wait(N);"),
+    ("void ldmatrix_x4(uint32_t (&r)[4], const void* p)",
+     ["ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.shared.b16"],
+     "emu_ldmatrix(r, p, TRANS);"),
+    ("void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])",
+     ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"], "emu_mma<T>(d, a, b);"),
+    ("uint32_t to_tf32(float v)", ["cvt.rna.tf32.f32"], "r = emu_tf32(v);"),
+]
+
+# Planted bugs, each an edit of implicit_gemm.cuh the emulation must catch.
+PLANTED_BUGS = {
+    # waits for one stage less than the loop reads: the stage about to be used has not landed
+    "wait_group_one_short": ("cp_async_wait<Cfg::STAGES - 2>();", "cp_async_wait<Cfg::STAGES - 1>();"),
+    # the two k halves of a B fragment exchanged
+    "b_fragment_registers_swapped": ("b[nj][0] = r[0], b[nj][1] = r[1],", "b[nj][0] = r[1], b[nj][1] = r[0],"),
+}
+
+
+def stale(path: Path, what: str) -> str:
+    return (f"csrc/cuda/{path.name}: {what}. The kernel sources changed: update tests/kernel_emulation and the "
+            f"patching in tests/test_kernel_emulation.py to match.")
+
+
+def replace_once(text: str, old: str, new: str, path: Path) -> str:
+    count = text.count(old)
+    assert count == 1, stale(path, f"expected exactly one {old!r}, found {count}")
+    return text.replace(old, new)
+
+
+def replace_ptx_block(text: str, signature: str, ptx: list, call: str, path: Path) -> str:
+    """The `#if <sm_80+> ... #endif` block of the wrapper declared by `signature` becomes `call`."""
+    assert text.count(signature) == 1, stale(path, f"expected one PTX wrapper `{signature}`")
+    start = text.index(signature)
+    guard = text.find(ARCH_GUARD, start)
+    end = text.find("#endif", guard)
+    assert guard >= 0 and end >= 0 and text[start:guard].count("{") == 1, \
+        stale(path, f"`{signature}` no longer opens with an sm_80 guard around its PTX")
+    block = text[guard + len(ARCH_GUARD):end]
+    assert "#if" not in block, stale(path, f"`{signature}`: nested #if in its PTX block")
+    for instruction in ptx:
+        assert instruction in block, stale(path, f"`{signature}` no longer issues `{instruction}` (emu.h emulates that)")
+    return text[:guard] + "  " + call + text[end + len("#endif"):]
+
+
+def patched_sources(out_dir: Path, planted_bug: str = None) -> Path:
+    """Writes the emulation's copies of the current kernel sources to out_dir/cuda; returns that directory."""
+    cuda = out_dir / "cuda"
+    cuda.mkdir(parents=True)
+
+    path = CUDA_SOURCES / "implicit_gemm.cuh"
+    text = path.read_text()
+    for signature, ptx, call in PTX_WRAPPERS:
+        text = replace_ptx_block(text, signature, ptx, call, path)
+    assert ARCH_GUARD not in text and not re.search(r"\basm\b", text), \
+        stale(path, "a PTX block the emulation does not know (emu.h has no emulator for it)")
+    if planted_bug is not None:
+        text = replace_once(text, *PLANTED_BUGS[planted_bug], path)
+    (cuda / path.name).write_text(text)
+
+    for name in KERNEL_FILES:
+        path = CUDA_SOURCES / name
+        text = path.read_text()
+        text = replace_once(text, ARCH_GUARD, "#if 1", path)  # the kernel body
+        text = replace_once(text, "extern __shared__ __align__(16) unsigned char smem_bytes[];",
+                            "unsigned char* smem_bytes = emu_smem;", path)
+        # the launchers (<<<...>>>) go: the driver launches through emu_launch
+        text, count = re.subn(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\s*// !defined\(__CUDACC_RTC__\)",
+                              "", text, flags=re.S)
+        assert count == 1, stale(path, "expected one `#if !defined(__CUDACC_RTC__)  // host code` section")
+        assert not re.search(r"\basm\b", text), stale(path, "inline PTX in a kernel file")
+        (cuda / name).write_text(text)
+    return cuda
+
+
+def build(out_dir: Path, planted_bug: str = None, defines=()) -> Path:
+    sources = patched_sources(out_dir, planted_bug)
+    binary = out_dir / "emulate_implicit_gemm"
+    command = [CXX, "-std=c++20", "-O2", "-pthread", *[f"-D{d}" for d in defines],
+               "-I", str(sources), "-I", str(CUDA_SOURCES), "-isystem", str(CUDA_INCLUDE),
+               str(EMULATION / "emulate_implicit_gemm.cpp"), "-o", str(binary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"building the emulation failed:\n{' '.join(command)}\n{result.stderr[-6000:]}"
+    return binary
+
+
+def emulate(binary: Path, args: dict) -> subprocess.CompletedProcess:
+    argv = [f"{k}={v}" for k, v in args.items()]
+    # (a run takes seconds; the timeout turns a deadlocked emulation into a failure)
+    return subprocess.run([str(binary), *argv], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("kernel_emulation"))
+
+
+# ---- the configurations ------------------------------------------------------------------------------------
+
+SHAPES = {
+    # 40 channels: the reduction's last tile is partial (BK = 32 fp16/bf16, 16 fp32)
+    "c40": dict(N=2, C=40, H=7, W=7, K=24, R=3, S=3, pad=1),
+    # the RGB stem: 3 channels, which the host pads to 8; 7x7 taps, stride 2
+    "rgb_stem": dict(N=1, C=3, H=11, W=11, K=16, R=7, S=7, stride=2, pad=3),
+    "groups2_dilation2": dict(N=1, C=16, H=9, W=9, K=20, R=3, S=3, pad=2, dil=2, groups=2),
+    # 3 channels and 3 filters per group: both padded, odd output columns (unpaired stores)
+    "groups4_of_3": dict(N=1, C=12, H=6, W=6, K=12, R=3, S=3, pad=1, groups=4),
+    # several block tiles along M and N (128-wide tiles too), images straddling tiles
+    "multi_tile": dict(N=2, C=16, H=9, W=9, K=136, R=3, S=3, pad=1),
+    "pointwise_stride2": dict(N=2, C=64, H=8, W=8, K=72, R=1, S=1, stride=2),
+    "asymmetric": dict(N=3, C=8, H=7, W=9, K=8, R=3, S=3, stride="2,1", pad="0,2", dil="1,2"),
+    "stride3_groups2": dict(N=1, C=16, H=10, W=10, K=20, R=3, S=3, stride=3, pad=1, groups=2),
+    "depthwise": dict(N=1, C=8, H=7, W=7, K=8, R=3, S=3, pad=1, groups=8),
+}
+FULL_EPILOGUE = "scale+shift+residual+relu"
+
+
+def case(pass_, dtype, tile, cp_async, shape, **extra):
+    args = {"pass": pass_, "dtype": dtype, "tile": tile, "cp_async": cp_async, **SHAPES[shape], **extra}
+    name = "-".join([pass_, dtype, f"tile{tile}", cp_async, shape, *(f"{k}={v}" for k, v in extra.items())])
+    return pytest.param(args, id=name)
+
+
+# Every pass runs each dtype and each tile at least once, each in both cp.async completion modes somewhere.
+CASES = [
+    case("fprop", "fp16", 0, "deferred", "c40", epilogue=FULL_EPILOGUE),
+    case("fprop", "bf16", 1, "immediate", "rgb_stem", epilogue=FULL_EPILOGUE),
+    case("fprop", "fp32", 2, "deferred", "groups2_dilation2", epilogue="shift"),
+    case("fprop", "fp16", 2, "immediate", "groups4_of_3", epilogue=FULL_EPILOGUE),
+    case("fprop", "bf16", 0, "deferred", "multi_tile", epilogue="scale+shift+relu"),
+    case("fprop", "fp32", 1, "immediate", "pointwise_stride2"),
+    case("fprop", "fp16", 1, "deferred", "depthwise", epilogue="residual"),
+    case("dgrad", "fp16", 0, "deferred", "c40"),
+    case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
+    case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
+    case("dgrad", "fp16", 2, "immediate", "groups4_of_3"),
+    case("dgrad", "bf16", 2, "deferred", "asymmetric"),
+    case("dgrad", "fp32", 1, "immediate", "pointwise_stride2"),
+    case("wgrad", "fp16", 0, "deferred", "c40", splits=1),
+    case("wgrad", "bf16", 1, "immediate", "rgb_stem", splits=3),
+    case("wgrad", "fp32", 2, "deferred", "groups2_dilation2", splits=7),
+    case("wgrad", "fp16", 2, "immediate", "groups4_of_3", splits=2),
+    case("wgrad", "bf16", 2, "deferred", "asymmetric", splits=4),
+    case("wgrad", "fp32", 0, "immediate", "multi_tile", splits=5),
+]
+
+
+@pytest.mark.parametrize("args", CASES)
+def test_kernel_matches_reference_bit_exactly(emulator, args):
+    result = emulate(emulator, args)
+    assert result.returncode == 0 and "bit-exact" in result.stdout, \
+        f"exit status {result.returncode}\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
+
+
+# ---- the test has teeth -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
+def test_planted_bug_is_caught(tmp_path, bug):
+    # fp16 fprop alone keeps this build short; deferred cp.async, so that a copy waited for too late is missed
+    binary = build(tmp_path, planted_bug=bug, defines=["EMU_PASSES=1", "EMU_DTYPES=1"])
+    result = emulate(binary, {"pass": "fprop", "dtype": "fp16", "tile": 2, "cp_async": "deferred", **SHAPES["c40"],
+                              "epilogue": FULL_EPILOGUE})
+    assert result.returncode == 1 and "mismatch at" in result.stdout, \
+        f"planted bug {bug} not caught: exit status {result.returncode}\n{result.stdout[-4000:]}{result.stderr[-4000:]}"

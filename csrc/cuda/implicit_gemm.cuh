@@ -208,39 +208,62 @@ struct DenseMNMajorLoader {
 
 // fprop's and dgrad's A operand, K-major: row i is the pixel m0 + i (output pixel (n, p, q) for fprop,
 // input pixel (n, h, w) for dgrad), the reduction index k = (r, s, c) walks filter taps and the
-// `channels` channels of the group (from `channel0`) of the gathered activation. Each thread keeps its
-// rows' pixels and its chunk's (r, s, c), advanced by BK per call (no division in the main loop but the
-// stride test of dgrad).
+// `channels` channels of the group (from `channel0`) of the gathered activation.
+//
+// Address arithmetic is split so that the per-copy work is small: per row (once per block) the NHWC
+// offset of the pixel the taps are relative to, and its coordinates y0, x0 in the source's grid; per
+// reduction tile (once per thread, shared by its rows) the tap's offset (dy, dx) and the matching element
+// offset `delta`; per copy two bounds tests and one 64-bit add. fprop reads x at (y0 + r*dil, x0 + s*dil)
+// with (y0, x0) = (p*stride - pad, q*stride - pad). dgrad reads dy at ((h + pad - r*dil) / stride, ...)
+// with (y0, x0) = (h + pad, w + pad) and negated taps, the quotient tested for exactness per copy (a
+// stride-1 fast path in fprop's form spilled registers in tile 0, so dgrad keeps the general form). Each
+// thread keeps its chunk's (r, s, c), advanced by BK per call (no division in the main loop but dgrad's).
 template <typename T, int ROWS, int THREADS, bool DGRAD>
 struct ActivationKMajorLoader {
   using E = ImplicitGemmElement<T>;
   using Tile = OperandTile<T, true, ROWS>;
   static constexpr int CHUNKS = E::BK / E::VEC;
   static constexpr int ITERS = ROWS * CHUNKS / THREADS;
+  static constexpr int kNoRow = -(1 << 29);  // y0 of a row past the end: every tap lands outside the source
   static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
   const T* src;
-  Conv2dProblem pb;
-  int64_t K, channels, channel0;
+  int64_t K, channels;
+  int src_h, src_w;       // the source's spatial grid: x's H x W (fprop), dy's P x Q (dgrad)
+  int64_t src_c;          // its channels (pixel stride)
+  int dil_h, dil_w, stride_h, stride_w, S;
   int row0, chunk_k;
-  int64_t image[ITERS];  // NHWC offset of the row's image, -1 past the last row
-  int y[ITERS], x[ITERS];
-  int r, s, c;  // tap and channel of this thread's chunk at the next load
+  int64_t base[ITERS];    // element offset of the row's reference pixel (y0, x0), channel channel0
+  int y0[ITERS], x0[ITERS];
+  int r, s, c;            // tap and channel of this thread's chunk at the next load
 
-  __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb_, int64_t M, int64_t K_,
-                                                    int64_t channels_, int64_t channel0_, int64_t m0, int64_t k0)
-      : src(src_), pb(pb_), K(K_), channels(channels_), channel0(channel0_) {
+  __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb, int64_t M, int64_t K_,
+                                                    int64_t channels_, int64_t channel0, int64_t m0, int64_t k0)
+      : src(src_), K(K_), channels(channels_) {
     row0 = threadIdx.x / CHUNKS;
     chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
+    src_h = static_cast<int>(DGRAD ? pb.P : pb.H);
+    src_w = static_cast<int>(DGRAD ? pb.Q : pb.W);
+    src_c = DGRAD ? pb.K : pb.C;
+    dil_h = static_cast<int>(pb.dil_h), dil_w = static_cast<int>(pb.dil_w);
+    stride_h = static_cast<int>(pb.stride_h), stride_w = static_cast<int>(pb.stride_w);
+    S = static_cast<int>(pb.S);
     // the pixel grid the rows walk: the output's for fprop, the input's for dgrad
     const int64_t height = DGRAD ? pb.H : pb.P, width = DGRAD ? pb.W : pb.Q;
-    const int64_t plane = DGRAD ? pb.P * pb.Q * pb.K : pb.H * pb.W * pb.C;  // elements per image of src
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int64_t m = m0 + row0 + it * (THREADS / CHUNKS);
       const Pixel px = split_pixel(m, height, width);
-      image[it] = m < M ? px.n * plane : -1;
-      y[it] = static_cast<int>(px.y);
-      x[it] = static_cast<int>(px.x);
+      int yy, xx;
+      if (DGRAD) {
+        yy = static_cast<int>(px.y + pb.pad_h), xx = static_cast<int>(px.x + pb.pad_w);
+      } else {
+        yy = static_cast<int>(px.y * pb.stride_h - pb.pad_h), xx = static_cast<int>(px.x * pb.stride_w - pb.pad_w);
+      }
+      const int64_t image = px.n * src_h * src_w * src_c;
+      // dgrad adds the whole (p, q) offset per copy; fprop the tap's offset from (y0, x0)
+      base[it] = image + channel0 + (DGRAD ? 0 : (static_cast<int64_t>(yy) * src_w + xx) * src_c);
+      y0[it] = m < M ? yy : kNoRow;
+      x0[it] = xx;
     }
     // (no channels: no reduction tile is ever loaded, and nothing to divide by)
     const TapChannel t = channels > 0 ? split_tap_channel(k0 + chunk_k, channels, pb.S) : TapChannel{0, 0, 0};
@@ -249,35 +272,35 @@ struct ActivationKMajorLoader {
 
   __device__ __forceinline__ void load(T* stage, int64_t k0) {
     const bool k_valid = k0 + chunk_k < K;
+    // the tap's offset from (y0, x0): forward for fprop, backward for dgrad
+    const int dy = DGRAD ? -r * dil_h : r * dil_h, dx = DGRAD ? -s * dil_w : s * dil_w;
+    if constexpr (!DGRAD) {
+      const int64_t delta = (static_cast<int64_t>(dy) * src_w + dx) * src_c + c;
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int i = row0 + it * (THREADS / CHUNKS);
-      int64_t offset = -1;
-      if (k_valid && image[it] >= 0) {
-        if (DGRAD) {
-          // the output pixel whose tap (r, s) reads input pixel (y, x): see Conv2dProblem::output_row
-          const int th = y[it] + static_cast<int>(pb.pad_h) - r * static_cast<int>(pb.dil_h);
-          const int tw = x[it] + static_cast<int>(pb.pad_w) - s * static_cast<int>(pb.dil_w);
-          const int sh = static_cast<int>(pb.stride_h), sw = static_cast<int>(pb.stride_w);
-          if (th >= 0 && tw >= 0) {
-            const int p = th / sh, q = tw / sw;
-            if (p * sh == th && q * sw == tw && p < pb.P && q < pb.Q)
-              offset = image[it] + (static_cast<int64_t>(p) * pb.Q + q) * pb.K + channel0 + c;
-          }
-        } else {
-          const int h = y[it] * static_cast<int>(pb.stride_h) - static_cast<int>(pb.pad_h) + r * static_cast<int>(pb.dil_h);
-          const int w = x[it] * static_cast<int>(pb.stride_w) - static_cast<int>(pb.pad_w) + s * static_cast<int>(pb.dil_w);
-          if (h >= 0 && h < pb.H && w >= 0 && w < pb.W)
-            offset = image[it] + (static_cast<int64_t>(h) * pb.W + w) * pb.C + channel0 + c;
-        }
+      for (int it = 0; it < ITERS; ++it) {
+        const int h = y0[it] + dy, w = x0[it] + dx;
+        const bool valid = k_valid && static_cast<unsigned>(h) < static_cast<unsigned>(src_h) &&
+                           static_cast<unsigned>(w) < static_cast<unsigned>(src_w);
+        cp_async_16(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), valid ? src + base[it] + delta : src,
+                    valid);
       }
-      cp_async_16(stage + Tile::at(i, chunk_k), offset >= 0 ? src + offset : src, offset >= 0);
+    } else {
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        // the output pixel whose tap (r, s) reads input pixel (h, w): see Conv2dProblem::output_row
+        const int th = y0[it] + dy, tw = x0[it] + dx;
+        const int p = th / stride_h, q = tw / stride_w;
+        const bool valid = k_valid && th >= 0 && tw >= 0 && p * stride_h == th && q * stride_w == tw &&
+                           p < src_h && q < src_w;
+        const int64_t offset = base[it] + (static_cast<int64_t>(p) * src_w + q) * src_c + c;
+        cp_async_16(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), valid ? src + offset : src, valid);
+      }
     }
     // advance this chunk's (r, s, c) by one reduction tile
     c += E::BK;
     while (c >= channels) {
       c -= static_cast<int>(channels);
-      if (++s == pb.S) s = 0, ++r;
+      if (++s == S) s = 0, ++r;
     }
   }
 };

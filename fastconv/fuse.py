@@ -1,6 +1,8 @@
-"""``fuse(model)``: Conv2d -> BatchNorm2d (-> ReLU) chains replaced by :class:`fastconv.ConvBNReLU`."""
+"""``fuse(model)``: Conv2d -> BatchNorm2d (-> ReLU) chains replaced by :class:`fastconv.ConvBNReLU`, and a
+residual block's end Conv2d -> BatchNorm2d -> add(shortcut) -> ReLU by one taking the shortcut."""
 from __future__ import annotations
 
+import operator
 
 import torch
 import torch.fx as fx
@@ -10,6 +12,8 @@ from .nn import Conv2d, ConvBNReLU, MaxPool2d, ResidualAdd, has_hooks
 
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
 _RELU_METHODS = ("relu", "relu_")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_ADD_METHODS = ("add", "add_")
 
 
 class _Tracer(fx.Tracer):
@@ -37,6 +41,17 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_method" and node.target in _RELU_METHODS
 
 
+def _shortcut_of_add(node: fx.Node, operand: fx.Node):
+    """The other operand when `node` is a plain two-tensor add of `operand` and one other node (no alpha), else
+    None."""
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _ADD_METHODS)
+    if not is_add or node.kwargs or len(node.args) != 2 or operand not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is operand else node.args[0]
+    return other if isinstance(other, fx.Node) and other is not operand else None
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -56,6 +71,10 @@ def _used_once(graph: fx.Graph, target: str) -> bool:
 
 def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
     """Replace every ``Conv2d -> BatchNorm2d (-> ReLU)`` chain in ``model`` by a :class:`fastconv.ConvBNReLU`.
+
+    A chain whose BatchNorm output is added to another tensor right before the ReLU (a residual block's end,
+    ``relu(bn(conv(x)) + shortcut)``) becomes one module called with the shortcut as its ``residual``: with
+    ``algo="implicit_gemm"`` in eval mode, conv + BatchNorm + add + ReLU is then one kernel.
 
     The chains are found in the model's dataflow (``torch.fx`` symbolic tracing), so they are fused wherever
     they appear: in ``nn.Sequential`` containers and in hand-written blocks such as torchvision's ResNet
@@ -97,15 +116,34 @@ def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
         if has_hooks(conv) or has_hooks(bn):
             continue  # hooks (pruning, quantisation observers, ...) must keep seeing the modules run
         relu_node = _only_user(bn_node)
-        if relu_node is not None and not (_is_relu(relu_node, modules) and relu_node.args[:1] == (bn_node,)):
+        # a residual block's end: bn -> add(shortcut) -> relu, the shortcut going into the conv's epilogue
+        add_node, shortcut = relu_node, None
+        if add_node is not None and (shortcut := _shortcut_of_add(add_node, bn_node)) is not None:
+            relu_node = _only_user(add_node)
+            if relu_node is None or not (_is_relu(relu_node, modules) and relu_node.args[:1] == (add_node,)):
+                add_node, shortcut, relu_node = None, None, _only_user(bn_node)
+        else:
+            add_node = None
+        if shortcut is None and relu_node is not None and \
+                not (_is_relu(relu_node, modules) and relu_node.args[:1] == (bn_node,)):
             relu_node = None
         fused = ConvBNReLU.from_modules(conv, bn, relu=relu_node is not None, algo=algo)
         gm.add_submodule(node.target, fused)
-        last = relu_node if relu_node is not None else bn_node
-        last.replace_all_uses_with(node)
-        if relu_node is not None:
-            gm.graph.erase_node(relu_node)
-        gm.graph.erase_node(bn_node)
+        if shortcut is not None:
+            # the fused call moves to the ReLU's place, where the shortcut (often computed after the bn, as
+            # torchvision's downsample is) exists; ConvBNReLU falls back to a plain add for a shortcut that
+            # only broadcasts to the output
+            with gm.graph.inserting_before(relu_node):
+                call = gm.graph.call_module(node.target, (node.args[0],), {"residual": shortcut})
+            relu_node.replace_all_uses_with(call)
+            for dead in (relu_node, add_node, bn_node, node):
+                gm.graph.erase_node(dead)
+        else:
+            last = relu_node if relu_node is not None else bn_node
+            last.replace_all_uses_with(node)
+            if relu_node is not None:
+                gm.graph.erase_node(relu_node)
+            gm.graph.erase_node(bn_node)
         gm.delete_submodule(bn_node.target)  # it lives on as fused.bn: one name per tensor in the state_dict
     gm.graph.lint()
     gm.delete_all_unused_submodules()

@@ -239,6 +239,16 @@ def invalidate_fold_caches(model: torch.nn.Module) -> None:
                         c.key = None
 
 
+def _conv_output_shape(conv: torch.nn.Conv2d, input: torch.Tensor) -> tuple:
+    n, _, h, w = input.shape
+    if conv.padding == "same":
+        return (n, conv.out_channels, h, w)
+    pad = (0, 0) if conv.padding == "valid" else conv.padding
+    extents = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, p, d, k, s in zip((h, w), pad, conv.dilation, conv.kernel_size, conv.stride)]
+    return (n, conv.out_channels, *extents)
+
+
 def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Tensor, *, relu: bool, algo: str,
                 cache: FoldCache, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``relu?(bn(conv(input)) + residual?)`` for any conv + BatchNorm pair, on the fused path (what
@@ -249,6 +259,11 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
     if bn.num_features != conv.weight.shape[0]:
         raise ValueError(f"fastconv.ConvBNReLU: conv produces {conv.weight.shape[0]} channels but bn has "
                          f"{bn.num_features} features (changed after construction?)")
+    if residual is not None and (tuple(residual.shape) != _conv_output_shape(conv, input)
+                                 or residual.dtype != input.dtype or residual.device != input.device):
+        # a shortcut that only broadcasts to the output, or needs type promotion: torch's add does that
+        out = run_conv_bn(conv, bn, input, relu=False, algo=algo, cache=cache) + residual
+        return torch.nn.functional.relu(out) if relu else out
     if has_hooks(conv) or has_hooks(bn):
         # Hooks (pruning's weight re-parametrisation, observers, ...) must see the modules run: call them.
         out = bn(conv(input))

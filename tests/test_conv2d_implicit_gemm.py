@@ -222,6 +222,51 @@ def test_resnet_block_end_runs_as_one_fused_kernel_in_eval():
     assert not any("residual_add" in f for f in seen)
 
 
+def test_fuse_takes_torchvision_block_ends_into_the_conv_epilogue():
+    """fuse(torchvision resnet18, algo='implicit_gemm'): each block's bn2 -> add(shortcut) -> relu becomes the
+    fused op in eval mode (no add left in the graph), matching the original."""
+    torchvision = pytest.importorskip("torchvision")
+    from helpers import nontrivial_batch_norms
+
+    model = torchvision.models.resnet18(num_classes=10).double()
+    nontrivial_batch_norms(model)
+    fused = fastconv.fuse(model, algo="implicit_gemm").eval()
+    model.eval()
+    assert not [n for n in fused.graph.nodes if "add" in str(n.target)]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        out = fused(x)
+    with torch.no_grad():
+        assert_close_to(out, model(x), 1e-10, "logits")
+    assert sum("conv2d_implicit_gemm_fused" in f for f in seen) == 8
+
+
+def test_fused_shortcut_that_only_broadcasts_falls_back_to_torchs_add():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False), torch.nn.BatchNorm2d(6)
+            self.shift = torch.nn.Parameter(torch.randn(1, 6, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + self.shift)  # a per-channel shift, not a shortcut
+
+    model = Block().double().eval()
+    from helpers import randomize_bn
+    randomize_bn(model.bn)
+    fused = fastconv.fuse(model, algo="implicit_gemm").eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_to(fused(x), model(x), 1e-12, "broadcast shortcut")
+
+
 # ---- the autotuner's choices ---------------------------------------------------------------------------
 
 

@@ -502,8 +502,9 @@ def _torchvision():
 
 
 # (model, chains fused, of which with a ReLU, BatchNorms left standing: DenseNet's pre-activation norms
-# follow concatenations, not convs)
-@pytest.mark.parametrize("arch,fused_count,relu_count,bn_standing", [("resnet18", 20, 9, 0), ("mobilenet_v2", 52, 0, 0),
+# follow concatenations, not convs). ResNet-18's ReLUs: the stem's, each block's first pair's, and each
+# block's end (bn -> add(shortcut) -> relu, fused with the shortcut as the residual).
+@pytest.mark.parametrize("arch,fused_count,relu_count,bn_standing", [("resnet18", 20, 17, 0), ("mobilenet_v2", 52, 0, 0),
                                                                      ("densenet121", 59, 59, 62)])
 def test_fuse_torchvision_models_train_and_eval_identically(arch, fused_count, relu_count, bn_standing):
     tv = _torchvision()

@@ -197,6 +197,19 @@ def test_conv_bn_relu_residual_shape_is_checked():
                                         residual=torch.randn(2, 3, 7, 7))
 
 
+def run_recording_ops(model, x):
+    """model(x) without gradients, and the names of the ops it dispatched."""
+    seen = []
+
+    class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Recorder():
+        return model(x), seen
+
+
 def test_resnet_block_end_runs_as_one_fused_kernel_in_eval():
     """With algo='implicit_gemm' in eval mode, a block's last conv + BN + add + ReLU is the fused op (no
     separate residual add), and the model still matches torchvision."""
@@ -208,15 +221,7 @@ def test_resnet_block_end_runs_as_one_fused_kernel_in_eval():
     model = fastconv.models.resnet18(num_classes=10, algo="implicit_gemm").double().eval()
     model.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    seen = []
-
-    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Spy():
-        out = model(x)
+    out, seen = run_recording_ops(model, x)
     assert_close_to(out, ref(x), 1e-10, "logits")
     assert sum("conv2d_implicit_gemm_fused" in f for f in seen) == 8  # one per BasicBlock
     assert not any("residual_add" in f for f in seen)
@@ -234,15 +239,7 @@ def test_fuse_takes_torchvision_block_ends_into_the_conv_epilogue():
     model.eval()
     assert not [n for n in fused.graph.nodes if "add" in str(n.target)]
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    seen = []
-
-    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Spy():
-        out = fused(x)
+    out, seen = run_recording_ops(fused, x)
     with torch.no_grad():
         assert_close_to(out, model(x), 1e-10, "logits")
     assert sum("conv2d_implicit_gemm_fused" in f for f in seen) == 8

@@ -23,7 +23,7 @@ CASES = [  # (input shape, weight shape, stride, padding, dilation, groups)
     ((2, 16, 13, 11), (24, 16, 3, 3), 1, 1, 1, 1),  # 8 channels per thread, staged input
     ((2, 6, 9, 9), (6, 1, 3, 3), 2, 1, 1, 6),  # depthwise: 1 channel per thread
     ((1, 8, 7, 6), (16, 8, 1, 1), 2, 0, 1, 1),  # 1x1, strided
-    ((2, 8, 5, 6), (16, 8, 1, 1), 1, 0, 1, 2),  # 1x1 stride 1: im2col's GEMM reads the input in place
+    ((2, 8, 5, 6), (16, 4, 1, 1), 1, 0, 1, 2),  # 1x1 stride 1: im2col's GEMM reads the input in place
     ((1, 2, 130, 130), (8, 2, 3, 3), 1, 1, 60, 1),  # patch too large: input read from global
     ((1, 3, 23, 23), (4, 3, 11, 11), 4, 2, 1, 1),  # AlexNet-like
 ]

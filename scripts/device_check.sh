@@ -4,7 +4,7 @@
 # tests active, compute-sanitizer (memcheck, and racecheck for the shared-memory kernels) on
 # scripts/sanitizer_smoke.py, then the benchmarks against native torch and one ncu profile. Everything goes under $OUT as it
 # goes; a summary table is printed last. Each step has its own time limit; the whole fits 8 minutes on an
-# H100.    Usage (device tool):  bash scripts/device_check.sh
+# H100.    Usage (device tool):  FASTCONV_COMMIT=<short hash of HEAD> bash scripts/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
@@ -37,7 +37,10 @@ step() {  # step NAME SECONDS COMMAND...  (the step gets the smaller of SECONDS 
 
 {
   date -u
-  git log -1 --format='commit %H %s' 2>/dev/null || echo "commit: (no git)"
+  # The device's copy of the repository may carry a stale .git (seen 2026-11-28): the caller names the commit
+  # of the working tree it sent (FASTCONV_COMMIT=$(git rev-parse --short HEAD), written into the command).
+  [ -n "${FASTCONV_COMMIT:-}" ] && echo "commit ${FASTCONV_COMMIT} (working tree sent, as the caller named it)"
+  git log -1 --format='git HEAD here: %H %s' 2>/dev/null || echo "commit: (no git)"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
   "${FASTCONV_PYTHON:-python3}" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
   which nvcc compute-sanitizer ncu
@@ -66,7 +69,14 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
 fi
 
 echo
+printf '%s\n' "${SUMMARY[@]}" > "$OUT/summary.txt"
+# The device tool brings back at most 8 files (the 2026-11-28 run lost its test log, racecheck log, summary
+# and ncu report to that): keep the ones read first, archive the rest.
+(cd "$OUT" && tar czf logs.tar.gz --remove-files build.log memcheck.log racecheck.log ncu.log bench.log \
+   bench_pytest_benchmark.json tests.xml ncu 2>/dev/null) || true
+echo "== files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+[ -f "$OUT/bench.md" ] && tail -n 40 "$OUT/bench.md"
+# the summary last, so that the reply's output tail always holds it
 echo "== summary ($(head -n 3 "$OUT/env.txt" | tail -n 1))"
-printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
-[ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+cat "$OUT/summary.txt"
 exit 0

@@ -133,6 +133,7 @@ void check_implicit_gemm_tile(const char* op, int64_t tile) {
                     "configuration index below ", kImplicitGemmTiles, ", got ", tile);
 }
 
+namespace {
 void check_conv2d_epilogue(const char* op, const Conv2dProblem& pb, const at::Tensor& input,
                            const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                            const c10::optional<at::Tensor>& residual) {
@@ -149,6 +150,29 @@ void check_conv2d_epilogue(const char* op, const Conv2dProblem& pb, const at::Te
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(expected), op, ": residual must have the output's shape ",
                       at::IntArrayRef(expected), ", got ", residual->sizes());
   }
+}
+}  // namespace
+
+Conv2dProblem check_conv2d_implicit_gemm_fprop(const char* op, c10::DeviceType backend, const at::Tensor& input,
+                                               const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                                               const c10::optional<at::Tensor>& shift,
+                                               const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                               int64_t tile, bool shift_is_bias) {
+  check_devices(op, backend,
+                {{"input", &input}, {"weight", &weight}, {"scale", scale ? &*scale : nullptr},
+                 {shift_is_bias ? "bias" : "shift", shift ? &*shift : nullptr},
+                 {"residual", residual ? &*residual : nullptr}});
+  const Conv2dProblem pb =
+      check_conv2d_fprop(op, input, weight, shift_is_bias ? shift : c10::nullopt, stride, padding, dilation, groups);
+  check_conv2d_epilogue(op, pb, input, scale, shift, residual);
+  check_implicit_gemm_tile(op, tile);
+  return pb;
+}
+
+at::Tensor conv2d_output_from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format) {
+  const at::Tensor v = nhwc.permute({0, 3, 1, 2});  // channels_last strides
+  return format == at::MemoryFormat::ChannelsLast ? v : v.contiguous();
 }
 
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b) {

@@ -37,11 +37,19 @@ int64_t check_im2col_workspace(const char* op, const Conv2dProblem& pb, at::Scal
 
 // The implicit-GEMM ops' extra argument: a tile configuration index in [0, kImplicitGemmTiles), or -1.
 void check_implicit_gemm_tile(const char* op, int64_t tile);
-// The fused epilogue's optional operands: scale and shift of shape (K), residual of the output's shape
-// (N, K, P, Q), all of the input's dtype and on its device.
-void check_conv2d_epilogue(const char* op, const Conv2dProblem& pb, const at::Tensor& input,
-                           const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                           const c10::optional<at::Tensor>& residual);
+// The implicit-GEMM fprop ops (plain and fused), on one backend: the conv's arguments, the epilogue's
+// optional operands (scale and shift of shape (K), residual of the output's shape (N, K, P, Q), all of the
+// input's dtype and device) and the tile. The plain op's bias is passed as `shift` and checked and named as
+// a bias (shift_is_bias).
+Conv2dProblem check_conv2d_implicit_gemm_fprop(const char* op, c10::DeviceType backend, const at::Tensor& input,
+                                               const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                                               const c10::optional<at::Tensor>& shift,
+                                               const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                               int64_t tile, bool shift_is_bias);
+// A dense (N, H, W, C) result as the (N, C, H, W) tensor torch's conv returns in `format` (a view when that
+// is channels_last, one copy otherwise): the implicit-GEMM twins compute channels-last.
+at::Tensor conv2d_output_from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format);
 
 // channels_last if any of the tensors suggests it (torch's rule for its own conv outputs), else NCHW.
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b);

@@ -22,11 +22,6 @@ namespace {
 // A (N, C, H, W) tensor as a dense NHWC array (free when it is channels_last already).
 at::Tensor nhwc(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
 
-// A dense (N, H, W, C) result as the (N, C, H, W) tensor torch's conv would return.
-at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat format) {
-  const at::Tensor v = t.permute({0, 3, 1, 2});  // channels_last strides
-  return format == at::MemoryFormat::ChannelsLast ? v : v.contiguous();
-}
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<acc_t> to_acc(const at::Tensor& t) {
@@ -137,15 +132,9 @@ at::Tensor fused_cpu(const char* op, const at::Tensor& input, const at::Tensor& 
                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                      const c10::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                      at::IntArrayRef dilation, int64_t groups, int64_t tile, bool relu, bool shift_is_bias) {
-  check_devices(op, c10::DeviceType::CPU,
-                {{"input", &input}, {"weight", &weight}, {"scale", scale ? &*scale : nullptr},
-                 {shift_is_bias ? "bias" : "shift", shift ? &*shift : nullptr},
-                 {"residual", residual ? &*residual : nullptr}});
-  // the plain op's bias is checked (and named) as a bias, the fused op's shift as a shift
-  const Conv2dProblem pb =
-      check_conv2d_fprop(op, input, weight, shift_is_bias ? shift : c10::nullopt, stride, padding, dilation, groups);
-  check_conv2d_epilogue(op, pb, input, scale, shift, residual);
-  check_implicit_gemm_tile(op, tile);
+  const Conv2dProblem pb = check_conv2d_implicit_gemm_fprop(op, c10::DeviceType::CPU, input, weight, scale, shift,
+                                                            residual, stride, padding, dilation, groups, tile,
+                                                            shift_is_bias);
   at::Tensor y = at::empty({pb.N, pb.P, pb.Q, pb.K}, input.options());
   if (y.numel() > 0) {
     const at::Tensor x = nhwc(input), w = nhwc(weight);  // KRSC
@@ -156,7 +145,7 @@ at::Tensor fused_cpu(const char* op, const at::Tensor& input, const at::Tensor& 
                           data_or_null<scalar_t>(res), relu, y.mutable_data_ptr<scalar_t>());
     });
   }
-  return from_nhwc(y, conv2d_output_format(input, weight));
+  return conv2d_output_from_nhwc(y, conv2d_output_format(input, weight));
 }
 
 at::Tensor conv2d_implicit_gemm_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -190,7 +179,7 @@ at::Tensor conv2d_implicit_gemm_dgrad_cpu(const at::Tensor& grad_output, const a
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_dgrad_cpu",
                                     [&] { dgrad_cpu<scalar_t>(pb, dy.const_data_ptr<scalar_t>(), w, dx.mutable_data_ptr<scalar_t>()); });
   }
-  return from_nhwc(dx, conv2d_output_format(grad_output, weight));
+  return conv2d_output_from_nhwc(dx, conv2d_output_format(grad_output, weight));
 }
 
 at::Tensor conv2d_implicit_gemm_wgrad_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -209,7 +198,7 @@ at::Tensor conv2d_implicit_gemm_wgrad_cpu(const at::Tensor& grad_output, const a
                                                           dw.mutable_data_ptr<scalar_t>());
                                     });
   }
-  return from_nhwc(dw, conv2d_output_format(grad_output, input));
+  return conv2d_output_from_nhwc(dw, conv2d_output_format(grad_output, input));
 }
 
 }  // namespace

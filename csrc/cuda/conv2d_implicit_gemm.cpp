@@ -40,10 +40,6 @@ at::Tensor aligned(const at::Tensor& t) {
 
 at::Tensor nhwc(const at::Tensor& t) { return aligned(t.permute({0, 2, 3, 1}).contiguous()); }
 
-at::Tensor from_nhwc(const at::Tensor& t, at::MemoryFormat format) {
-  const at::Tensor v = t.permute({0, 3, 1, 2});  // channels_last strides
-  return format == at::MemoryFormat::ChannelsLast ? v : v.contiguous();
-}
 
 // t (dense, channels last) with its last dimension read as `groups` blocks of channels, each block
 // zero-padded to `padded` channels. No copy when nothing needs padding.
@@ -94,18 +90,13 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
                       const c10::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups, int64_t tile, bool relu, bool shift_is_bias) {
   const NvtxRange nvtx_range(op);
-  check_devices(op, c10::DeviceType::CUDA,
-                {{"input", &input}, {"weight", &weight}, {"scale", scale ? &*scale : nullptr},
-                 {shift_is_bias ? "bias" : "shift", shift ? &*shift : nullptr},
-                 {"residual", residual ? &*residual : nullptr}});
-  const Conv2dProblem pb =
-      check_conv2d_fprop(op, input, weight, shift_is_bias ? shift : c10::nullopt, stride, padding, dilation, groups);
-  check_conv2d_epilogue(op, pb, input, scale, shift, residual);
-  check_implicit_gemm_tile(op, tile);
+  const Conv2dProblem pb = check_conv2d_implicit_gemm_fprop(op, c10::DeviceType::CUDA, input, weight, scale, shift,
+                                                            residual, stride, padding, dilation, groups, tile,
+                                                            shift_is_bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const auto format = conv2d_output_format(input, weight);
   at::Tensor y = at::empty({pb.N, pb.P, pb.Q, pb.K}, input.options());
-  if (y.numel() == 0) return from_nhwc(y, format);
+  if (y.numel() == 0) return conv2d_output_from_nhwc(y, format);
   check_runnable(op);
   if (exact_fp32_requested(input.scalar_type())) {
     at::Tensor out = direct_fprop(input, weight, stride, padding, dilation, groups);  // torch's output format
@@ -126,7 +117,7 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
                                                      x.const_data_ptr(), w.const_data_ptr(), data_or_null(sc),
                                                      data_or_null(sh), data_or_null(res), relu, y.mutable_data_ptr(),
                                                      c10::cuda::getCurrentCUDAStream().stream()));
-  return from_nhwc(y, format);
+  return conv2d_output_from_nhwc(y, format);
 }
 
 at::Tensor conv2d_implicit_gemm_cuda(const at::Tensor& input, const at::Tensor& weight,
@@ -158,7 +149,7 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format = conv2d_output_format(grad_output, weight);
   at::Tensor dx = at::empty({pb.N, pb.H, pb.W, pb.C}, grad_output.options());
-  if (dx.numel() == 0) return from_nhwc(dx, format);
+  if (dx.numel() == 0) return conv2d_output_from_nhwc(dx, format);
   check_runnable(op);
   if (exact_fp32_requested(grad_output.scalar_type())) {
     return direct_backward("fastconv::conv2d_direct_dgrad", grad_output, weight, input_size, stride, padding, dilation,
@@ -176,7 +167,7 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
   check_launch(op, launch_conv2d_implicit_gemm_dgrad(padded, cuda_dtype(op, grad_output.scalar_type()),
                                                      static_cast<int>(tile), dy.const_data_ptr(), wt.const_data_ptr(),
                                                      dx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
-  return from_nhwc(dx, format);
+  return conv2d_output_from_nhwc(dx, format);
 }
 
 at::Tensor conv2d_implicit_gemm_wgrad_cuda(const at::Tensor& grad_output, const at::Tensor& input,
@@ -191,7 +182,7 @@ at::Tensor conv2d_implicit_gemm_wgrad_cuda(const at::Tensor& grad_output, const 
   const auto format = conv2d_output_format(grad_output, input);
   const int64_t pixels = pb.N * pb.P * pb.Q;
   if (pb.K * pb.C_per_group() == 0 || pixels == 0) {
-    return from_nhwc(at::zeros({pb.K, pb.R, pb.S, pb.C_per_group()}, grad_output.options()), format);
+    return conv2d_output_from_nhwc(at::zeros({pb.K, pb.R, pb.S, pb.C_per_group()}, grad_output.options()), format);
   }
   check_runnable(op);
   if (exact_fp32_requested(grad_output.scalar_type())) {
@@ -220,7 +211,7 @@ at::Tensor conv2d_implicit_gemm_wgrad_cuda(const at::Tensor& grad_output, const 
              .slice(4, 0, pb.C_per_group())
              .reshape({pb.K, pb.R, pb.S, pb.C_per_group()});  // copies the kept part, dense KRSC
   }
-  return from_nhwc(dw, format);
+  return conv2d_output_from_nhwc(dw, format);
 }
 
 }  // namespace

@@ -56,17 +56,12 @@ cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dty
     using T = decltype(tag);
     return dispatch_implicit_gemm_tile(tile, [&](auto cfg) {
       using Cfg = decltype(cfg);
-      constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
-      const auto kernel = conv2d_implicit_gemm_fprop_kernel<T, Cfg>;
-      const int64_t tiles_m = ceil_div(M, Cfg::BM), tiles_n = ceil_div(Kg, Cfg::BN);
-      if (!implicit_gemm_grid_fits(tiles_m, tiles_n, pb.groups)) return cudaErrorInvalidConfiguration;
-      const cudaError_t err = allow_shared_memory(kernel, smem);
-      if (err != cudaSuccess) return err;
-      kernel<<<dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(pb.groups)),
-               Cfg::THREADS, smem, stream>>>(pb, static_cast<const T*>(x), static_cast<const T*>(w),
-                                             static_cast<const T*>(scale), static_cast<const T*>(shift),
-                                             static_cast<const T*>(residual), relu, static_cast<T*>(y));
-      return cudaGetLastError();
+      return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_kernel<T, Cfg>,
+                                       implicit_gemm_smem_bytes<T, Cfg, true, true>(), ceil_div(M, Cfg::BM),
+                                       ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
+                                       static_cast<const T*>(w), static_cast<const T*>(scale),
+                                       static_cast<const T*>(shift), static_cast<const T*>(residual), relu,
+                                       static_cast<T*>(y));
     });
   });
 }

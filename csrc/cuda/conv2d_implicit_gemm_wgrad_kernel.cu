@@ -102,16 +102,10 @@ cudaError_t launch_conv2d_implicit_gemm_wgrad(const Conv2dProblem& pb, DType dty
     using T = decltype(tag);
     const cudaError_t gemm = dispatch_implicit_gemm_tile(tile, [&](auto cfg) {
       using Cfg = decltype(cfg);
-      constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, false, false>();
-      const auto kernel = conv2d_implicit_gemm_wgrad_kernel<T, Cfg>;
-      const int64_t tiles_m = ceil_div(Kg, Cfg::BM), tiles_n = ceil_div(Ncols, Cfg::BN);
-      if (!implicit_gemm_grid_fits(tiles_m, tiles_n, pb.groups * splits)) return cudaErrorInvalidConfiguration;
-      const cudaError_t err = allow_shared_memory(kernel, smem);
-      if (err != cudaSuccess) return err;
-      kernel<<<dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n),
-                    static_cast<unsigned>(pb.groups * splits)),
-               Cfg::THREADS, smem, stream>>>(pb, splits, static_cast<const T*>(dy), static_cast<const T*>(x), partial);
-      return cudaGetLastError();
+      return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_wgrad_kernel<T, Cfg>,
+                                       implicit_gemm_smem_bytes<T, Cfg, false, false>(), ceil_div(Kg, Cfg::BM),
+                                       ceil_div(Ncols, Cfg::BN), pb.groups * splits, stream, pb, splits,
+                                       static_cast<const T*>(dy), static_cast<const T*>(x), partial);
     });
     if (gemm != cudaSuccess) return gemm;
     constexpr int kThreads = 256;

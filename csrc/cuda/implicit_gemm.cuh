@@ -606,6 +606,21 @@ inline bool implicit_gemm_grid_fits(int64_t x, int64_t y, int64_t z) {
   return x >= 1 && x <= 0x7fffffff && y >= 1 && y <= 65535 && z >= 1 && z <= 65535;
 }
 
+#if defined(__CUDACC__)  // the <<<>>> launch is nvcc's (the kernel emulation compiles this header with g++)
+// Launches `kernel` (Cfg's threads per block, `smem` bytes of dynamic shared memory) over a grid of
+// tiles_m x tiles_n x batches blocks, after checking the grid and opting into the shared memory.
+template <typename Cfg, typename... Params, typename... Args>
+cudaError_t launch_implicit_gemm(void (*kernel)(Params...), int smem, int64_t tiles_m, int64_t tiles_n,
+                                 int64_t batches, cudaStream_t stream, Args... args) {
+  if (!implicit_gemm_grid_fits(tiles_m, tiles_n, batches)) return cudaErrorInvalidConfiguration;
+  const cudaError_t err = allow_shared_memory(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(batches)),
+           Cfg::THREADS, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif  // defined(__CUDACC__)
+
 #endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

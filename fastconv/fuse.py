@@ -52,6 +52,21 @@ def _shortcut_of_add(node: fx.Node, operand: fx.Node):
     return other if isinstance(other, fx.Node) and other is not operand else None
 
 
+def _relu_of(node: fx.Node, modules: dict) -> fx.Node | None:
+    """The ReLU that is `node`'s only user and takes it as its input, if there is one."""
+    user = _only_user(node)
+    return user if user is not None and _is_relu(user, modules) and user.args[:1] == (node,) else None
+
+
+def _residual_block_end(bn_node: fx.Node, modules: dict):
+    """(add, shortcut, relu) when the BatchNorm's output goes only to a plain add with one other tensor, whose
+    output goes only to a ReLU; else None."""
+    add = _only_user(bn_node)
+    shortcut = _shortcut_of_add(add, bn_node) if add is not None else None
+    relu = _relu_of(add, modules) if shortcut is not None else None
+    return (add, shortcut, relu) if relu is not None else None
+
+
 def _only_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -115,18 +130,9 @@ def fuse(model: torch.nn.Module, *, algo: str = "auto") -> torch.nn.Module:
             continue  # a module called twice, or whose parameters the forward reads, keeps its own call
         if has_hooks(conv) or has_hooks(bn):
             continue  # hooks (pruning, quantisation observers, ...) must keep seeing the modules run
-        relu_node = _only_user(bn_node)
-        # a residual block's end: bn -> add(shortcut) -> relu, the shortcut going into the conv's epilogue
-        add_node, shortcut = relu_node, None
-        if add_node is not None and (shortcut := _shortcut_of_add(add_node, bn_node)) is not None:
-            relu_node = _only_user(add_node)
-            if relu_node is None or not (_is_relu(relu_node, modules) and relu_node.args[:1] == (add_node,)):
-                add_node, shortcut, relu_node = None, None, _only_user(bn_node)
-        else:
-            add_node = None
-        if shortcut is None and relu_node is not None and \
-                not (_is_relu(relu_node, modules) and relu_node.args[:1] == (bn_node,)):
-            relu_node = None
+        # a residual block's end (bn -> add(shortcut) -> relu) puts the shortcut into the conv's epilogue
+        block_end = _residual_block_end(bn_node, modules)
+        add_node, shortcut, relu_node = block_end if block_end else (None, None, _relu_of(bn_node, modules))
         fused = ConvBNReLU.from_modules(conv, bn, relu=relu_node is not None, algo=algo)
         gm.add_submodule(node.target, fused)
         if shortcut is not None:

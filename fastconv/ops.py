@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch._prims_common import suggest_memory_format
 
-from . import _checks
+from . import _checks, backends
 
 _lib = torch.ops.fastconv
 
@@ -37,9 +37,6 @@ CONV_OPS: dict[str, ConvOps] = {
     "implicit_gemm": ConvOps(_lib.conv2d_implicit_gemm.default, _lib.conv2d_implicit_gemm_dgrad.default,
                              _lib.conv2d_implicit_gemm_wgrad.default),
 }
-
-# How many algorithm-specific arguments follow `groups` in each family's schemas.
-_EXTRA_ARGS = {"direct": 0, "im2col": 1, "implicit_gemm": 1}
 
 #: relu?(conv(input, weight) * scale + shift + residual) in one implicit-GEMM kernel (csrc/fastconv.cpp).
 implicit_gemm_fused = _lib.conv2d_implicit_gemm_fused.default
@@ -68,7 +65,7 @@ def _register_fakes(algo: str, ops: ConvOps) -> None:
         op = f"fastconv::conv2d_{algo}"
         shape = _checks.check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups)
         # (the dispatcher may leave out trailing arguments equal to their defaults, relu=False and tile=-1)
-        _checks.check_algo_args(op, algo, extra_and_relu[:_EXTRA_ARGS[algo]])
+        _checks.check_algo_args(op, algo, extra_and_relu[:len(backends.algo_args(algo))])
         return _empty(shape, input, output_memory_format(input, weight))
 
     @torch.library.register_fake(ops.dgrad)

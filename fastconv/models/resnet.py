@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import functional
 from ..functional import check_algo
-from ..nn import Conv2d, FoldCache, MaxPool2d, run_conv_bn
+from ..nn import Conv2d, FoldCache, MaxPool2d, _conv_output_shape, run_conv_bn
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, algo: str = "auto") -> Conv2d:
@@ -42,9 +42,9 @@ class _FusedPairs(nn.Module):
     def _conv_bn_add(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, shortcut: torch.Tensor,
                      stride: int = 1) -> torch.Tensor:
         """A block's end, ``relu(bn(conv(x)) + shortcut)``: the shortcut goes into the conv's epilogue when it
-        has the output's shape (one implicit-GEMM kernel in eval mode; the conv keeps x's spatial size),
+        has the output's shape (one implicit-GEMM kernel in eval mode),
         else (the CIFAR shortcut, subsampled and zero-padded) through fastconv's residual add."""
-        if stride == 1 and tuple(shortcut.shape) == (x.shape[0], conv.out_channels, *x.shape[2:]):
+        if stride == 1 and tuple(shortcut.shape) == _conv_output_shape(conv, x):
             return self._conv_bn(name, conv, bn, x, relu=True, residual=shortcut)
         out = self._conv_bn(name, conv, bn, x, relu=False)
         return functional.residual_add(out, shortcut, stride=stride, relu=True)

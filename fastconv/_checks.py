@@ -14,6 +14,29 @@ _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
+    """An int or a pair of ints (a one-element sequence counts as both), as torch's conv and pooling take them."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = tuple(value)
+        if len(values) == 1:
+            values = values * 2
+    else:
+        values = (value, value)
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def same_padding(filter_size, stride, dilation, op: str = "fastconv.conv2d") -> tuple[tuple[int, int], tuple[int, int]]:
+    """padding='same' as torch does it: half the dilated kernel on each side, and when that total is odd the
+    extra row/column of zeros goes at the bottom/right. Returns ((top, left), (extra bottom, extra right))."""
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{op}: padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, filter_size)]
+    begin = (total[0] // 2, total[1] // 2)
+    return begin, (total[0] - 2 * begin[0], total[1] - 2 * begin[1])
+
+
 def conv_output_extent(size: int, pad: int, dil: int, taps: int, stride: int) -> int:
     return (size + 2 * pad - dil * (taps - 1) - 1) // stride + 1
 

@@ -7,7 +7,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from . import backends, ops
+from . import _checks, backends, ops
+from ._checks import pair as _pair
 from .ops import CONV_OPS
 
 #: Every name ``algo=`` accepts. ``"auto"`` chooses per call (:mod:`fastconv.backends`).
@@ -39,26 +40,9 @@ def check_no_forward_ad(op: str, *tensors) -> None:
         )
 
 
-def _pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        values = tuple(value)
-        if len(values) == 1:
-            values = values * 2
-    else:
-        values = (value, value)
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    return values
-
-
-def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride, dilation) -> tuple[torch.Tensor, tuple[int, int]]:
-    """padding='same' as torch does it: half the dilated kernel on each side, and when that total is odd
-    the extra row/column of zeros goes at the bottom/right (an explicit pad of the input)."""
-    if any(s != 1 for s in stride):
-        raise ValueError("fastconv.conv2d: padding='same' is not supported for strided convolutions")
-    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-    begin = (total[0] // 2, total[1] // 2)
-    extra_h, extra_w = total[0] - 2 * begin[0], total[1] - 2 * begin[1]
+def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride, dilation, op) -> tuple[torch.Tensor, tuple[int, int]]:
+    """padding='same' as torch does it (_checks.same_padding); an odd total pads the input explicitly."""
+    begin, (extra_h, extra_w) = _checks.same_padding(weight.shape[2:], stride, dilation, op)
     if extra_h or extra_w:
         input = F.pad(input, (0, extra_w, 0, extra_h))
     return input, begin
@@ -127,7 +111,7 @@ def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, re
         if padding == "valid":
             padding = (0, 0)
         elif padding == "same":
-            input, padding = _same_padding(input, weight, stride, dilation)
+            input, padding = _same_padding(input, weight, stride, dilation, op)
         else:
             raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
     else:

@@ -17,6 +17,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _checks, backends
+from ._extension import _C  # noqa: F401  (the ops' schemas; the build instructions when missing)
 
 _lib = torch.ops.fastconv
 

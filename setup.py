@@ -7,6 +7,8 @@ Environment switches:
   FASTCONV_CUDA_ARCH    architectures, e.g. "9.0" or "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST). Default: an
                         explicit TORCH_CUDA_ARCH_LIST, else the visible GPU's, else "8.0;9.0".
   FASTCONV_FORCE_CPU=1  skip the CUDA kernels.
+  FASTCONV_NO_EXTENSION=1  no compiled extension at all (a machine without a compiler): the package then
+                        offers fastconv.cupy's build-free path, which compiles the kernels with NVRTC at run time.
   MAX_JOBS              parallel compile jobs (honoured by torch's ninja build).
   CUDA_HOME             the toolkit; defaults to /usr/local/cuda when nvcc is there.
   FASTCONV_LINEINFO=0   drop nvcc's -lineinfo (default on: Nsight Compute then attributes samples and stalls
@@ -23,6 +25,7 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
+from setuptools.command.build_py import build_py  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -80,6 +83,22 @@ def make_extension():
     )
 
 
+class build_py_with_kernel_sources(build_py):
+    """Also copies the kernel sources into the package as fastconv/_csrc, for fastconv.cupy's build-free path
+    (fastconv/_nvrtc.py compiles them with NVRTC). Copied at build time only: csrc/ stays the one source."""
+
+    def run(self):
+        super().run()
+        for pattern in ("*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"):
+            for path in glob.glob(os.path.join(ROOT, "csrc", pattern)):
+                rel = os.path.relpath(path, os.path.join(ROOT, "csrc"))
+                target = os.path.join(self.build_lib, "fastconv", "_csrc", rel)
+                self.mkpath(os.path.dirname(target))
+                self.copy_file(path, target)
+
+
+NO_EXTENSION = os.environ.get("FASTCONV_NO_EXTENSION", "0") not in ("", "0")
+
 setup(
     name="fastconv",
     version="0.1.0",
@@ -87,7 +106,7 @@ setup(
     packages=["fastconv", "fastconv.models"],
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[] if NO_EXTENSION else [make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": build_py_with_kernel_sources},
     zip_safe=False,
 )

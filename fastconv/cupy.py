@@ -8,17 +8,26 @@
     p = fcp.max_pool2d(z, 3, 2, 1)
     r = fcp.residual_add(p, shortcut, stride=2, relu=True)
 
-Arrays cross to torch and back through DLPack, zero-copy (strides kept, so channels_last layouts stay
-channels_last), and the kernels run on CuPy's current stream: torch's current stream is set to it for the
-call, so no synchronisation is added in either direction. The functions take the arguments of their
-:mod:`fastconv.functional` namesakes and raise the same errors (plus ``TypeError`` for anything that is not a
-``cupy.ndarray``). No autograd: these are inference entry points. Importable only when CuPy is installed;
-the compiled extension does the work (the kernel sources also compile under NVRTC, see tests/test_nvrtc.py,
-the groundwork of a build-free path that is not wired up yet).
+The functions take the arguments of their :mod:`fastconv.functional` namesakes and raise the same errors (plus
+``TypeError`` for anything that is not a ``cupy.ndarray``), run on CuPy's current stream and return CuPy arrays
+in torch's memory format (channels_last stays channels_last). No autograd: these are inference entry points.
+Importable only when CuPy is installed. Two backends, named by :data:`BACKEND`:
+
+* ``"extension"``, when the compiled extension (fastconv._C, with CUDA) is there: arrays cross to torch and
+  back through DLPack, zero-copy, torch's current stream is set to CuPy's for the call, and every
+  ``algo`` of :mod:`fastconv.functional` is available.
+* ``"nvrtc"``, the build-free path, when it is not (a pip install without a compiler): the kernels are
+  compiled at first use by NVRTC (``cupy.RawModule``) from the same ``csrc/cuda/*.cu`` files and launched
+  directly on the CuPy arrays (:mod:`fastconv._nvrtc`, :mod:`fastconv._nvrtc_ops`). It runs the direct
+  convolution (``algo="auto"`` or ``"direct"``), max pooling and the residual add; torch is used only for
+  the argument checks.
+
+``FASTCONV_CUPY_BACKEND=nvrtc`` (or ``extension``) forces one.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 try:
     import cupy
@@ -27,17 +36,54 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import torch
 
-from . import functional
 
-__all__ = ["conv2d", "conv_bn_relu", "max_pool2d", "residual_add"]
+def _extension_has_cuda() -> bool:
+    try:
+        from ._extension import _C
+    except ImportError:
+        return False
+    return bool(_C.WITH_CUDA)
 
 
-def _tensor(op: str, name: str, a, optional: bool = False):
-    if a is None and optional:
-        return None
-    if not isinstance(a, cupy.ndarray):
-        raise TypeError(f"{op}: {name} must be a cupy.ndarray, got {type(a).__name__}")
-    return torch.from_dlpack(a)  # zero-copy; the array stays alive through the capsule's owner
+#: "extension" (the compiled extension through DLPack) or "nvrtc" (the build-free path).
+BACKEND: str = os.environ.get("FASTCONV_CUPY_BACKEND") or ("extension" if _extension_has_cuda() else "nvrtc")
+if BACKEND not in ("extension", "nvrtc"):
+    raise ImportError(f"fastconv.cupy: FASTCONV_CUPY_BACKEND must be 'extension' or 'nvrtc', got {BACKEND!r}")
+
+__all__ = ["BACKEND", "conv2d", "conv_bn_relu", "max_pool2d", "residual_add"]
+
+if BACKEND == "extension":
+    from . import functional
+from . import _nvrtc, _nvrtc_ops  # noqa: E402  (torch-only imports: they work without the extension)
+
+_runtime = None
+
+
+def _nvrtc_runtime() -> _nvrtc_ops.Runtime:
+    """The build-free path's runtime: CuPy arrays, kernels compiled by NVRTC, launched on CuPy's current stream."""
+    global _runtime
+    if _runtime is None:
+        launcher = _nvrtc.CupyLauncher()
+        _runtime = _nvrtc_ops.Runtime(xp=cupy, launch=lambda launch: launcher(launch, cupy.cuda.get_current_stream().ptr),
+                                      device=lambda a: a.device.id, address=lambda a: a.data.ptr)
+    return _runtime
+
+
+def _check_arrays(op: str, **arrays) -> None:
+    for name, a in arrays.items():
+        if a is not None and not isinstance(a, cupy.ndarray):
+            raise TypeError(f"{op}: {name} must be a cupy.ndarray, got {type(a).__name__}")
+
+
+@contextlib.contextmanager
+def _on_device_of(a):
+    """CuPy's current device := the input's, for allocation and launch (the nvrtc backend)."""
+    with cupy.cuda.Device(a.device.id):
+        yield
+
+
+def _tensor(a):
+    return None if a is None else torch.from_dlpack(a)  # zero-copy; the array stays alive through the capsule's owner
 
 
 @contextlib.contextmanager
@@ -57,8 +103,12 @@ def _array(t: torch.Tensor):
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo: str = "auto"):
     """:func:`fastconv.functional.conv2d` on CuPy arrays."""
     op = "fastconv.cupy.conv2d"
+    _check_arrays(op, input=input, weight=weight, bias=bias)
+    if BACKEND == "nvrtc":
+        with _on_device_of(input):
+            return _nvrtc_ops.conv2d(_nvrtc_runtime(), input, weight, bias, stride, padding, dilation, groups, algo=algo)
     with _cupy_stream():
-        x, w, b = _tensor(op, "input", input), _tensor(op, "weight", weight), _tensor(op, "bias", bias, True)
+        x, w, b = _tensor(input), _tensor(weight), _tensor(bias)
         return _array(functional.conv2d(x, w, b, stride, padding, dilation, groups, algo=algo))
 
 
@@ -67,28 +117,37 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight=None,
     """Inference conv + BatchNorm (+ ReLU): BatchNorm's running statistics folded into the convolution and the
     ReLU in its epilogue, one kernel (:func:`fastconv.functional.conv_bn_relu` with ``training=False``)."""
     op = "fastconv.cupy.conv_bn_relu"
+    arrays = dict(input=input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                  bn_weight=bn_weight, bn_bias=bn_bias)
+    _check_arrays(op, **arrays)
+    if BACKEND == "nvrtc":
+        with _on_device_of(input):
+            return _nvrtc_ops.conv_bn_relu(_nvrtc_runtime(), *arrays.values(), stride=stride, padding=padding,
+                                           dilation=dilation, groups=groups, eps=eps, relu=relu, algo=algo)
     with _cupy_stream():
-        args = [_tensor(op, "input", input), _tensor(op, "weight", weight), _tensor(op, "bias", bias, True),
-                _tensor(op, "running_mean", running_mean), _tensor(op, "running_var", running_var),
-                _tensor(op, "bn_weight", bn_weight, True), _tensor(op, "bn_bias", bn_bias, True)]
-        out = functional.conv_bn_relu(*args, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                      training=False, eps=eps, relu=relu, algo=algo)
+        out = functional.conv_bn_relu(*(_tensor(a) for a in arrays.values()), stride=stride, padding=padding,
+                                      dilation=dilation, groups=groups, training=False, eps=eps, relu=relu, algo=algo)
         return _array(out)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
                return_indices: bool = False):
     """:func:`fastconv.functional.max_pool2d` on CuPy arrays (indices as an int64 CuPy array)."""
-    op = "fastconv.cupy.max_pool2d"
+    _check_arrays("fastconv.cupy.max_pool2d", input=input)
+    if BACKEND == "nvrtc":
+        with _on_device_of(input):
+            return _nvrtc_ops.max_pool2d(_nvrtc_runtime(), input, kernel_size, stride, padding, dilation, ceil_mode,
+                                         return_indices)
     with _cupy_stream():
-        out = functional.max_pool2d(_tensor(op, "input", input), kernel_size, stride, padding, dilation, ceil_mode,
-                                    return_indices)
+        out = functional.max_pool2d(_tensor(input), kernel_size, stride, padding, dilation, ceil_mode, return_indices)
         return (_array(out[0]), _array(out[1])) if return_indices else _array(out)
 
 
 def residual_add(residual, shortcut, *, stride: int = 1, relu: bool = False):
     """:func:`fastconv.functional.residual_add` on CuPy arrays."""
-    op = "fastconv.cupy.residual_add"
+    _check_arrays("fastconv.cupy.residual_add", residual=residual, shortcut=shortcut)
+    if BACKEND == "nvrtc":
+        with _on_device_of(residual):
+            return _nvrtc_ops.residual_add(_nvrtc_runtime(), residual, shortcut, stride=stride, relu=relu)
     with _cupy_stream():
-        r, s = _tensor(op, "residual", residual), _tensor(op, "shortcut", shortcut)
-        return _array(functional.residual_add(r, s, stride=stride, relu=relu))
+        return _array(functional.residual_add(_tensor(residual), _tensor(shortcut), stride=stride, relu=relu))

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastconv import _nvrtc
+
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DTYPES = ["float", "__half", "__nv_bfloat16"]
@@ -76,11 +78,12 @@ NVRTC = load_nvrtc()
 pytestmark = pytest.mark.skipif(NVRTC is None or not include_dirs(), reason="no NVRTC library or CUDA headers")
 
 
-def nvrtc_compile(path: Path, arch: int, names: list[str]):
-    """(ok, log, {name expression: lowered name})."""
+def nvrtc_compile(path: Path, arch: int, names: list[str], code: str = None):
+    """(ok, log, {name expression: lowered name}); `code` replaces the file's text."""
     lib = NVRTC
     prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), path.read_bytes(), str(path).encode(), 0, None, None) == 0
+    text = path.read_bytes() if code is None else code.encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), text, str(path).encode(), 0, None, None) == 0
     for n in names:
         assert lib.nvrtcAddNameExpression(prog, f"fastconv::{n}".encode()) == 0
     opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17", f"-I{path.parent}".encode()]
@@ -110,3 +113,46 @@ def test_kernel_source_compiles_with_nvrtc(source, arch):
     ok, log, lowered = nvrtc_compile(CUDA_DIR / source, arch, KERNELS[source])
     assert ok, log
     assert len(lowered) == len(KERNELS[source]) and all(v.startswith("_Z") for v in lowered.values())
+
+
+# ---- the build-free path (fastconv/_nvrtc.py) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", sorted(_nvrtc.STRUCTS))
+def test_build_free_path_layout_checks_hold(source):
+    """What fastconv.cupy's build-free path compiles: the file plus static_asserts that its ctypes mirrors and
+    copied constants match the kernel's (sizes, field names, types and order)."""
+    code = (CUDA_DIR / source).read_text() + _nvrtc.layout_checks(source)
+    assert "static_assert" in _nvrtc.layout_checks(source)
+    ok, log, _ = nvrtc_compile(CUDA_DIR / source, 90, KERNELS[source], code)
+    assert ok, log
+
+
+def test_build_free_path_refuses_a_mirror_out_of_step(monkeypatch):
+    class FpropTiling(ctypes.Structure):  # channels_fastest widened to an int: same size, wrong type
+        _fields_ = [(n, ctypes.c_int32) for n in ("tile_p", "tile_q", "k_lanes", "c_tile", "patch_h", "patch_w",
+                                                  "channels_fastest")] + [
+            (n, ctypes.c_int64) for n in ("tiles_p", "tiles_q", "k_blocks", "total_blocks")]
+
+    source = "conv2d_direct_fprop_kernel.cu"
+    monkeypatch.setitem(_nvrtc.STRUCTS[source], "fastconv::FpropTiling", FpropTiling)
+    code = (CUDA_DIR / source).read_text() + _nvrtc.layout_checks(source)
+    ok, log, _ = nvrtc_compile(CUDA_DIR / source, 90, [], code)
+    assert not ok and "type of channels_fastest: fastconv/_nvrtc.py's FpropTiling" in log, log
+    monkeypatch.setitem(_nvrtc.MIRRORED_CONSTANTS[source], "fastconv::kMaxTile", 32)
+    ok, log, _ = nvrtc_compile(CUDA_DIR / source, 90, [], code + _nvrtc.layout_checks(source))
+    assert not ok and "copies fastconv::kMaxTile = 32" in log, log
+
+
+@pytest.mark.parametrize("source", sorted(_nvrtc.STRUCTS))
+def test_cupy_compiles_what_the_build_free_path_launches(source, monkeypatch):
+    """CuPy's own NVRTC route (the one cupy.RawModule takes, with the flags CuPy adds), for sm_90. CuPy asks the
+    GPU for its architecture; without one the test names it."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import compiler
+
+    monkeypatch.setattr(compiler, "_get_arch_for_options_for_nvrtc", lambda arch=None: (f"-arch=sm_{arch}", "cubin"))
+    code = (_nvrtc.source_root() / "cuda" / source).read_text() + _nvrtc.layout_checks(source)
+    names = [f"fastconv::{n}" for n in KERNELS[source]]
+    cubin, mapping = compiler.compile_using_nvrtc(code, _nvrtc.compile_options(), arch=90, name_expressions=names)
+    assert cubin and sorted(mapping) == sorted(names), cupy.__version__

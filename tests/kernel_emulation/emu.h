@@ -1,6 +1,6 @@
 // A CPU emulation of the CUDA execution model the implicit-GEMM kernels (csrc/cuda/implicit_gemm.cuh,
 // csrc/cuda/conv2d_implicit_gemm_*_kernel.cu) rely on, so that g++ can run their unmodified C++ on a
-// machine without a GPU. tests/test_kernel_emulation.py compiles copies of the kernel sources in which
+// machine without a GPU; the kernels of the build-free path (tests/test_nvrtc_path.py) run on it too. tests/test_kernel_emulation.py compiles copies of the kernel sources in which
 // only the bodies of the PTX wrappers are replaced by the functions below:
 //
 //   cp.async.cg 16 bytes     emu_cp_async: copy (or zero-fill) deferred to the issuing thread's
@@ -21,8 +21,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -54,6 +56,12 @@ inline float __shfl_down_sync(unsigned, float, int) {
   EMU_CHECK(false, "__shfl_down_sync is not emulated");
   return 0.f;
 }
+inline float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+using std::isnan;
 
 // ---- emulated machine state --------------------------------------------------------------------------
 
@@ -281,7 +289,8 @@ inline void emu_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
 // so that reading a stage before its copies landed shows in the result.
 template <typename Kernel, typename... Args>
 void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args... args) {
-  EMU_CHECK(threads % 32 == 0, "block of %d threads is not whole warps", threads);
+  EMU_CHECK(threads > 0 && threads <= 1024, "block of %d threads", threads);
+  const int warps = (threads + 31) / 32;  // the last one partial when threads is not a multiple of 32
   gridDim = uint3{grid.x, grid.y, grid.z};
   blockDim = uint3{static_cast<unsigned>(threads), 1, 1};
   for (unsigned z = 0; z < grid.z; ++z)
@@ -290,8 +299,9 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
         std::barrier<> block_barrier(threads);
         BlockContext block;
         block.block_barrier = &block_barrier;
-        for (int w = 0; w < threads / 32; ++w) block.warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-        block.warps.resize(threads / 32);
+        for (int w = 0; w < warps; ++w)
+          block.warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
+        block.warps.resize(warps);
         // 128-byte aligned, as the hardware's shared window (the bank check reads offsets from here)
         block.smem = reinterpret_cast<unsigned char*>(std::aligned_alloc(128, (smem_bytes + 255) / 128 * 128));
         block.smem_bytes = smem_bytes;

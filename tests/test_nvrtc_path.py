@@ -1,0 +1,335 @@
+"""The build-free path (fastconv.cupy without the compiled extension), checked on a machine without a GPU.
+
+fastconv/_nvrtc_ops.py writes the ops over an array module and a launcher. Here the array module is NumPy and
+the launcher runs the launch fastconv/_nvrtc.py planned (kernel instantiation, grid, block, shared memory,
+ctypes arguments packed as cuLaunchKernel's kernelParams) on the CPU emulation of tests/kernel_emulation,
+built by g++ from the unmodified kernel files (only their host launchers, which NVRTC skips too, and the
+`extern __shared__` array are patched out). So the argument checks, output layouts, launch plans and
+argument packing all run as on a GPU, and the results must match torch. What this cannot see: NVRTC's own
+code generation, CuPy's launch and a real GPU; tests/test_cupy.py checks those where there is one.
+
+The compiled extension is not used by the path itself; the tests use it (fastconv.functional on CPU tensors)
+only as the reference for error messages and memory formats.
+"""
+import ctypes
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
+
+import fastconv
+from fastconv import _nvrtc, _nvrtc_ops
+from test_conv2d_errors import BAD_CONV2D
+from test_kernel_emulation import CUDA_INCLUDE, CUDA_SOURCES, CXX, EMULATION
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.skipif(CXX is None, reason="needs g++"),
+    pytest.mark.skipif(CUDA_INCLUDE is None, reason="needs the CUDA headers (cuda_fp16.h, cuda_bf16.h)"),
+]
+
+EMULATED_TYPES = ["float", "__half"]  # NumPy has no bfloat16
+BOOLS = ("true", "false")
+# Every instantiation the plans can name, per kernel file.
+INSTANTIATIONS = {
+    "conv2d_direct_fprop_kernel.cu": [f"fastconv::conv2d_direct_fprop_kernel<{t}, {k}, {s}>" for t in EMULATED_TYPES
+                                      for k in (1, 8) for s in BOOLS],
+    "max_pool2d_kernel.cu": [f"fastconv::max_pool2d_forward_kernel<{t}>" for t in EMULATED_TYPES],
+    "residual_add_kernel.cu": [f"fastconv::residual_add_flat_kernel<{t}, {v}, {r}>" for t in EMULATED_TYPES
+                               for v in (1, 4 if t == "float" else 8) for r in BOOLS]
+    + [f"fastconv::residual_add_strided_kernel<{t}, {r}>" for t in EMULATED_TYPES for r in BOOLS],
+}
+HOST_CODE = re.compile(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\s*// !defined\(__CUDACC_RTC__\)", re.S)
+
+
+def emulation_source(source: str, out: Path) -> Path:
+    """The kernel file without its host launchers, plus emu_launch_by_name over INSTANTIATIONS[source]."""
+    text = (CUDA_SOURCES / source).read_text()
+    text, count = HOST_CODE.subn("", text)
+    assert count >= 1, f"csrc/cuda/{source}: no `#if !defined(__CUDACC_RTC__)  // host code` section to drop"
+    if "extern __shared__" in text:
+        old = "extern __shared__ float4 smem_f4[];"
+        assert text.count(old) == 1, f"csrc/cuda/{source}: update the shared-memory patch in {__file__}"
+        text = text.replace(old, "float4* smem_f4 = reinterpret_cast<float4*>(emu_smem);")
+    assert not re.search(r"\basm\b|<<<", text), f"csrc/cuda/{source}: PTX or a launch the emulation cannot run"
+    (out / source).write_text(text)
+    cases = "\n".join(f'  if (!std::strcmp(name, "{k}")) return emu_call(&{k}, grid, block, smem, params, sizes, count);'
+                      for k in INSTANTIATIONS[source])
+    table = out / (source + ".emu.cpp")
+    table.write_text(f'#include "emu_params.h"\n#include "{source}"\n\n'
+                     'extern "C" int emu_launch_by_name(const char* name, unsigned grid, int block, size_t smem,\n'
+                     '                                  void** params, const size_t* sizes, int count) {\n'
+                     f'{cases}\n  return -1;  // not in the table\n}}\n')
+    return table
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nvrtc_path")
+    builds = {}
+    for source in INSTANTIATIONS:  # the three builds run in parallel
+        table = emulation_source(source, out)
+        lib = out / (source + ".so")
+        command = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-I", str(out), "-I", str(EMULATION),
+                   "-I", str(CUDA_SOURCES), "-isystem", str(CUDA_INCLUDE), str(table), "-o", str(lib)]
+        builds[source] = (lib, command, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                         text=True))
+    libs = {}
+    for source, (lib, command, proc) in builds.items():
+        log = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, f"building the emulation of {source} failed:\n{' '.join(command)}\n{log[-6000:]}"
+        libs[source] = ctypes.CDLL(str(lib))
+        libs[source].emu_launch_by_name.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_int, ctypes.c_size_t,
+                                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return libs
+
+
+class EmulatedLaunches:
+    """The Runtime's launcher: each Launch on the emulation, with the checks the CUDA driver would make."""
+
+    def __init__(self, libs):
+        self.libs, self.launches = libs, []
+
+    def __call__(self, launch: _nvrtc.Launch) -> None:
+        assert 1 <= launch.block <= 1024 and 1 <= launch.grid <= 0x7FFFFFFF
+        assert launch.shared_mem <= _nvrtc.SHARED_MEMORY_BUDGET  # no opt-in needed
+        params = _nvrtc.kernel_params(launch.args)
+        sizes = (ctypes.c_size_t * len(launch.args))(*(ctypes.sizeof(a) for a in launch.args))
+        rc = self.libs[launch.source].emu_launch_by_name(launch.kernel.encode(), launch.grid, launch.block,
+                                                         launch.shared_mem, ctypes.addressof(params),
+                                                         ctypes.addressof(sizes), len(launch.args))
+        assert rc != -1, f"{launch.kernel} is not an instantiation the emulation lists (INSTANTIATIONS)"
+        assert rc != 1, f"{launch.kernel}: the plan passes {len(launch.args)} arguments, not the kernel's count"
+        assert rc == 0, f"{launch.kernel}: argument {rc - 2} has the wrong size for its parameter"
+        self.launches.append(launch)
+
+
+@pytest.fixture
+def rt(emulated_kernels):
+    return _nvrtc_ops.Runtime(xp=np, launch=EmulatedLaunches(emulated_kernels), device=lambda a: 0,
+                              address=lambda a: a.ctypes.data)
+
+
+def arr(t: torch.Tensor) -> np.ndarray:
+    """The tensor's data as a NumPy array with the same strides (channels_last stays channels_last)."""
+    return t.numpy()
+
+
+def tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a)
+
+
+def randn(*shape, dtype=torch.float32, channels_last=False):
+    t = torch.randn(*shape).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+# (id, N, C, H, W, K, R, S, kwargs)
+CONV_CASES = [
+    ("3x3_pad1", 2, 4, 9, 7, 8, 3, 3, dict(padding=1)),
+    ("stride2_odd", 1, 3, 11, 13, 5, 3, 3, dict(stride=2, padding=1)),
+    ("asymmetric", 2, 6, 10, 9, 12, 3, 2, dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2))),
+    ("groups", 1, 8, 7, 7, 12, 3, 3, dict(padding=1, groups=4)),
+    ("depthwise", 2, 6, 8, 8, 6, 3, 3, dict(padding=1, groups=6)),
+    ("pointwise_wide", 1, 16, 5, 5, 24, 1, 1, {}),
+    ("same_odd_total", 1, 3, 6, 7, 4, 4, 2, dict(padding="same")),
+    ("same_dilated", 1, 3, 9, 9, 4, 3, 3, dict(padding="same", dilation=2)),
+    ("valid", 1, 3, 6, 6, 4, 3, 3, dict(padding="valid")),
+    ("one_output_pixel", 2, 5, 3, 3, 5, 3, 3, {}),  # 1x1 output tile: fewer threads than a warp
+    ("unstaged_patch", 1, 2, 130, 9, 3, 3, 1, dict(dilation=(60, 1))),  # the patch outgrows shared memory
+]
+
+
+LARGE = ("unstaged_patch", "same_dilated")  # one layout is enough for the largest emulations
+CONV_PARAMS = [pytest.param(*case[1:], layout, id=f"{case[0]}-{layout}") for case in CONV_CASES
+               for layout in ("nchw", "channels_last", "strided") if layout == "nchw" or case[0] not in LARGE]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("n,c,h,w,k,r,s,kwargs,layout", CONV_PARAMS)
+def test_conv2d_matches_torch(rt, n, c, h, w, k, r, s, kwargs, layout, dtype):
+    torch.manual_seed(0)
+    groups = kwargs.get("groups", 1)
+    x = randn(n, c, h, w, dtype=dtype, channels_last=layout == "channels_last")
+    if layout == "strided":
+        x = randn(n, 2 * c, h, w + 3, dtype=dtype)[:, ::2, :, 1:-2]  # every other channel, a column window
+    weight, bias = randn(k, c // groups, r, s, dtype=dtype), randn(k, dtype=dtype)
+    out = _nvrtc_ops.conv2d(rt, arr(x), arr(weight), arr(bias), **kwargs)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), **kwargs)
+    assert out.dtype == arr(x).dtype and out.shape == tuple(ref.shape)
+    torch.testing.assert_close(tensor(out).double(), ref, **TOL[dtype])
+    # the output's memory format is the compiled path's (torch's rule)
+    expected = fastconv.functional.conv2d(x, weight, bias, **kwargs)
+    assert tensor(out).is_contiguous(memory_format=suggest_memory_format(expected))
+    assert rt.launch.launches  # it ran kernels, not a fallback
+
+
+def test_conv2d_unbatched_no_bias_relu_and_empty_batch(rt):
+    torch.manual_seed(1)
+    x, weight = randn(3, 6, 6), randn(4, 3, 3, 3)
+    out = _nvrtc_ops.conv2d(rt, arr(x), arr(weight), None, padding=1, relu=True)
+    torch.testing.assert_close(tensor(out).double(), F.relu(F.conv2d(x.double(), weight.double(), padding=1)),
+                               **TOL[torch.float32])
+    launches = len(rt.launch.launches)
+    empty = _nvrtc_ops.conv2d(rt, arr(randn(0, 3, 6, 6)), arr(weight), None, padding=1)
+    assert empty.shape == (0, 4, 6, 6) and len(rt.launch.launches) == launches  # nothing launched
+
+
+BAD_ARRAYS = [c for c in BAD_CONV2D if c[0] != "devices_differ"]  # (a meta tensor has no array)
+
+
+@pytest.mark.parametrize("name,x,w,b,kwargs,exc,pattern", BAD_ARRAYS, ids=[c[0] for c in BAD_ARRAYS])
+def test_conv2d_raises_functionals_errors(rt, name, x, w, b, kwargs, exc, pattern):
+    if name == "unknown_algo":
+        pattern = r"algo 'winograd' is not available without the compiled extension"
+    with pytest.raises(exc, match=pattern):
+        _nvrtc_ops.conv2d(rt, arr(x), arr(w), None if b is None else arr(b), **kwargs)
+
+
+def test_conv2d_rejects_float64_as_a_cuda_op_does(rt):
+    x, w = randn(1, 2, 5, 5).double(), randn(4, 2, 3, 3).double()
+    with pytest.raises(TypeError, match=r"float64 is CPU-only"):
+        _nvrtc_ops.conv2d(rt, arr(x), arr(w))
+    with pytest.raises(ValueError, match=r"algo 'implicit_gemm' is not available"):
+        _nvrtc_ops.conv2d(rt, arr(x.float()), arr(w.float()), algo="implicit_gemm")
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_bn_relu_matches_torch_eval(rt, relu):
+    torch.manual_seed(2)
+    x, weight, bias = randn(2, 4, 8, 8, channels_last=True), randn(6, 4, 3, 3), randn(6)
+    mean, var, gamma, beta = randn(6), randn(6).abs() + 0.5, randn(6), randn(6)
+    out = _nvrtc_ops.conv_bn_relu(rt, *(arr(t) for t in (x, weight, bias, mean, var, gamma, beta)), stride=2,
+                                  padding=1, eps=1e-3, relu=relu)
+    ref = F.batch_norm(F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1), mean.double(),
+                       var.double(), gamma.double(), beta.double(), eps=1e-3)
+    torch.testing.assert_close(tensor(out).double(), F.relu(ref) if relu else ref, rtol=1e-4, atol=1e-4)
+    assert tensor(out).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"running_var must be 1-D with 6 elements"):
+        _nvrtc_ops.conv_bn_relu(rt, arr(x), arr(weight), None, arr(mean), arr(randn(5)))
+
+
+POOL_CASES = [
+    ("3x3_s2_p1", (2, 5, 9, 8), dict(kernel_size=3, stride=2, padding=1)),
+    ("ceil_mode", (1, 3, 10, 7), dict(kernel_size=(3, 2), stride=2, ceil_mode=True)),
+    ("dilation", (1, 4, 11, 11), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
+    ("default_stride", (2, 2, 8, 8), dict(kernel_size=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("name,shape,kwargs", POOL_CASES, ids=[c[0] for c in POOL_CASES])
+def test_max_pool2d_matches_torch(rt, name, shape, kwargs, channels_last, dtype):
+    torch.manual_seed(3)
+    x = randn(*shape, dtype=dtype, channels_last=channels_last)
+    out, idx = _nvrtc_ops.max_pool2d(rt, arr(x), return_indices=True, **kwargs)
+    ref, ref_idx = F.max_pool2d(x.float(), return_indices=True, **kwargs)
+    assert torch.equal(tensor(out), ref.to(dtype)) and torch.equal(tensor(idx), ref_idx)
+    assert tensor(out).is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_max_pool2d_unbatched_and_errors(rt):
+    x = randn(3, 7, 7)
+    torch.testing.assert_close(tensor(_nvrtc_ops.max_pool2d(rt, arr(x), 3, 2)), F.max_pool2d(x, 3, 2))
+    with pytest.raises(ValueError, match=r"padding must be at most half the kernel size"):
+        _nvrtc_ops.max_pool2d(rt, arr(x), 3, 1, 2)
+    with pytest.raises(ValueError, match=r"3-D \(C, H, W\) or 4-D"):
+        _nvrtc_ops.max_pool2d(rt, arr(randn(7, 7)), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", ["flat", "flat_unaligned", "channels_last", "strided_padded", "mixed_layouts"])
+def test_residual_add_matches_torch(rt, case, relu, dtype):
+    torch.manual_seed(4)
+    stride, cl = 1, case == "channels_last"
+    r = randn(2, 6, 5, 7, dtype=dtype, channels_last=cl)
+    s = randn(2, 6, 5, 7, dtype=dtype, channels_last=cl)
+    if case == "flat_unaligned":  # one element in: not 16-byte aligned, so scalar loads
+        r = randn(2 * 6 * 5 * 7 + 1, dtype=dtype)[1:].view(2, 6, 5, 7)
+    if case == "strided_padded":  # the CIFAR shortcut: half the channels, every other pixel
+        stride, s = 2, randn(2, 3, 9, 13, dtype=dtype)
+    if case == "mixed_layouts":
+        s = s.contiguous(memory_format=torch.channels_last)
+    out = _nvrtc_ops.residual_add(rt, arr(r), arr(s), stride=stride, relu=relu)
+    shortcut = F.pad(s[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, r.shape[1] - s.shape[1]))
+    ref = (r.float() + shortcut.float()).to(dtype)  # one rounding, as torch's add
+    assert torch.equal(tensor(out), torch.relu(ref) if relu else ref)
+    kernel = rt.launch.launches[-1].kernel
+    assert ("flat" in kernel) == (case in ("flat", "flat_unaligned", "channels_last"))
+    assert (", 1, " in kernel) == (case == "flat_unaligned")
+
+
+def test_residual_add_errors_match_functional(rt):
+    r, s = randn(2, 4, 3, 3), randn(2, 6, 5, 5)
+    with pytest.raises(ValueError, match=r"shortcut has 6 channels, more than the residual's 4"):
+        _nvrtc_ops.residual_add(rt, arr(r), arr(s), stride=2)
+    with pytest.raises(ValueError, match=r"stride must be an int"):
+        _nvrtc_ops.residual_add(rt, arr(r), arr(r), stride=1.0)
+
+
+def test_a_mirror_out_of_step_fails_the_emulated_launch(rt, monkeypatch):
+    """An argument whose ctypes size differs from the kernel's parameter is refused, never misread."""
+    class ShortStrides(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_int32) for n in "nchw"]
+
+    monkeypatch.setattr(_nvrtc_ops.ArraySpec, "strides4", lambda self: ShortStrides(*self.strides))
+    with pytest.raises(AssertionError, match="has the wrong size for its parameter"):
+        _nvrtc_ops.max_pool2d(rt, arr(randn(1, 2, 4, 4)), 2)
+
+
+def test_the_package_imports_without_the_extension():
+    """Without fastconv._C: `import fastconv` works, the torch API raises the build instructions, and
+    fastconv.cupy chooses the build-free path (a stand-in cupy module: CuPy needs a driver to import its
+    runtime here)."""
+    script = textwrap.dedent("""
+        import sys, types
+        sys.modules["fastconv._C"] = None  # the extension fails to import
+        cupy = types.ModuleType("cupy")
+        cupy.ndarray = type("ndarray", (), {})
+        sys.modules["cupy"] = cupy
+        import fastconv
+        assert fastconv.WITH_CUDA is False
+        try:
+            fastconv.Conv2d
+        except ImportError as e:
+            assert "pip install --no-build-isolation ." in str(e) and "fastconv.cupy" in str(e), e
+        else:
+            raise AssertionError("fastconv.Conv2d without the extension")
+        import fastconv.cupy as fcp
+        assert fcp.BACKEND == "nvrtc", fcp.BACKEND
+        try:
+            fcp.conv2d(1, 2)
+        except TypeError as e:
+            assert "input must be a cupy.ndarray" in str(e), e
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+
+
+def test_kernel_sources_ship_with_the_package(tmp_path):
+    """A pip install (here setup.py's build_py, with the extension switched off as for a machine without a
+    compiler) carries the kernel sources as fastconv/_csrc, which _nvrtc.source_root() then finds."""
+    env = {**__import__("os").environ, "FASTCONV_NO_EXTENSION": "1"}
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shipped = tmp_path / "fastconv" / "_csrc"
+    for source in INSTANTIATIONS:
+        assert (shipped / "cuda" / source).read_text() == (CUDA_SOURCES / source).read_text()
+    assert (shipped / "conv2d_problem.h").exists() and (shipped / "cuda" / "kernel_utils.cuh").exists()
+    probe = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import fastconv._nvrtc as j; print(j.source_root())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert result.stdout.strip() == str(shipped), result.stdout + result.stderr

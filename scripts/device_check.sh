@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...  (the step gets the smaller of SECONDS 
   [ "$left" -lt "$limit" ] && limit=$left
   start=$(date +%s)
   echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  FASTCONV_STEP_LIMIT=$limit timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
   local last
   last=$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-110)
@@ -56,8 +56,12 @@ if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nv
 fi
 
 if step build 240 bash -c 'source scripts/setup_env.sh'; then
-  # the GPU tests (CI runs the CPU ones on every landing): every test marked cuda, verbose, as it goes
-  step tests 180 "$PY" -m pytest tests -m cuda -v -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
+  # does a C++ argument error raise, or kill the process as on the first H100 build? (seconds)
+  step errorpath 40 bash scripts/error_path_probe.sh
+  # the GPU tests (CI runs the CPU ones on every landing): every test marked cuda, verbose, as it goes; a test
+  # that kills the process is reported as crashed and the rest still run
+  step tests 200 env FASTCONV_TEST_PROGRESS_FILE="$OUT/tests-progress.jsonl" \
+    "$PY" scripts/run_tests_resilient.py -- tests -m cuda -v -p no:cacheprovider --durations=15
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step bench 200 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
@@ -73,7 +77,7 @@ printf '%s\n' "${SUMMARY[@]}" > "$OUT/summary.txt"
 # The device tool brings back at most 8 files (the 2026-11-28 run lost its test log, racecheck log, summary
 # and ncu report to that): keep the ones read first, archive the rest.
 (cd "$OUT" && tar czf logs.tar.gz --remove-files build.log memcheck.log racecheck.log ncu.log bench.log \
-   bench_pytest_benchmark.json tests.xml ncu 2>/dev/null) || true
+   bench_pytest_benchmark.json tests-progress.jsonl ncu 2>/dev/null) || true
 echo "== files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ -f "$OUT/bench.md" ] && tail -n 40 "$OUT/bench.md"
 # the summary last, so that the reply's output tail always holds it

@@ -61,3 +61,21 @@ def test_profile_target_runs_on_cpu(args):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_target.py"), "--device", "cpu", *args],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert "profile_target: ran" in out.stdout
+
+
+def test_resilient_runner_survives_a_crashing_test(tmp_path):
+    """scripts/run_tests_resilient.py (the device check's test runner): a test that kills the process is
+    reported as crashed and the tests after it still run."""
+    (tmp_path / "test_sample.py").write_text(
+        "import os, signal\n"
+        "def test_a(): pass\n"
+        "def test_b(): os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "def test_c(): assert False\n"
+        "def test_d(): pass\n")
+    runner = Path(__file__).resolve().parent.parent / "scripts" / "run_tests_resilient.py"
+    result = subprocess.run([sys.executable, str(runner), "--", "-q", "-p", "no:cacheprovider", "test_sample.py"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert "2 passed, 1 failed, 0 skipped, 0 errors, 1 crashed the process, in 2 pytest runs" in out, out
+    assert "CRASHED test_sample.py::test_b" in out and "FAILED test_sample.py::test_c" in out, out

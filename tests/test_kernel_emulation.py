@@ -49,7 +49,8 @@ KERNEL_FILES = [f"conv2d_implicit_gemm_{p}_kernel.cu" for p in ("fprop", "dgrad"
 # emu.h emulates), and the emulator call that replaces the block.
 PTX_WRAPPERS = [
     ("void cp_async_16(void* dst, const void* src, bool valid)",
-     ["cp.async.cg.shared.global [%0], [%1], 16, %2;"], "emu_cp_async(dst, src, valid);"),
+     ["cp.async.ca.shared.global [%0], [%1], 16, %2;", "cp.async.cg.shared.global [%0], [%1], 16, %2;"],
+     "emu_cp_async(dst, src, valid);"),
     ("void cp_async_commit()", ["cp.async.commit_group;"], "emu_commit();"),
     ("void cp_async_wait()", ["cp.async.wait_group %0;"], "emu_wait(N);"),
     ("void ldmatrix_x4(uint32_t (&r)[4], const void* p)",

@@ -57,7 +57,8 @@ def test_tensor_core_gemm_uses_hmma_for_every_dtype_and_arch():
 
 def test_implicit_gemm_main_loop_uses_tensor_cores_ldmatrix_and_cp_async():
     """Every implicit-GEMM kernel (3 passes x 3 dtypes x 3 tiles x 2 archs) issues HMMA (mma.sync; TF32 for
-    fp32) fed by LDGSTS (cp.async); the fp16/bf16 ones load fragments with LDSM (ldmatrix)."""
+    fp32) fed by LDGSTS (cp.async: .ca for the gathered activation, .cg for the other operand); the fp16/bf16
+    ones load fragments with LDSM (ldmatrix)."""
     blocks = re.split(r"\n\s*Function : ", dump("-sass"))
     ours = [b for b in blocks if re.match(r"\S*\d+conv2d_implicit_gemm_(fprop|dgrad|wgrad)_kernelI", b)]
     assert len(ours) == 3 * 3 * 3 * 2, len(ours)
@@ -65,6 +66,10 @@ def test_implicit_gemm_main_loop_uses_tensor_cores_ldmatrix_and_cp_async():
         name = b.split("\n", 1)[0]
         assert re.search(r"\bHMMA\.", b), f"{name}: no HMMA"
         assert "LDGSTS" in b, f"{name}: no cp.async (LDGSTS)"
+        # the gathered activations are cached in L1 too (cp.async.ca: the taps re-read pixels within a block),
+        # the operand a block reads once only in L2 (cp.async.cg: LDGSTS.E.BYPASS)
+        assert re.search(r"LDGSTS(?!\.E\.BYPASS)", b), f"{name}: no L1-cached cp.async (.ca) for the gather"
+        assert "LDGSTS.E.BYPASS" in b, f"{name}: no L2-only cp.async (.cg)"
         is_fp32 = re.search(r"_kernelIfN", name) is not None  # first template argument `float`
         if is_fp32:
             assert re.search(r"HMMA\.\S*TF32", b), f"{name}: fp32 should run as TF32"

@@ -67,11 +67,21 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 }
 
 // 16-byte asynchronous copy global -> shared; zero-fills the destination when !valid (nothing is read).
+// CACHE_L1 copies with .ca, which keeps the line in L1 too: for the activation gathers, whose R*S taps re-read
+// the same pixels within a block (CUTLASS's conv activation iterators do the same); without it .cg, L2 only,
+// for operands a block reads once (filters, a dense dy).
+template <bool CACHE_L1 = false>
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
+  if constexpr (CACHE_L1) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+  }
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -281,8 +291,8 @@ struct ActivationKMajorLoader {
         const int h = y0[it] + dy, w = x0[it] + dx;
         const bool valid = k_valid && static_cast<unsigned>(h) < static_cast<unsigned>(src_h) &&
                            static_cast<unsigned>(w) < static_cast<unsigned>(src_w);
-        cp_async_16(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), valid ? src + base[it] + delta : src,
-                    valid);
+        cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k),
+                          valid ? src + base[it] + delta : src, valid);
       }
     } else {
 #pragma unroll
@@ -293,7 +303,8 @@ struct ActivationKMajorLoader {
         const bool valid = k_valid && th >= 0 && tw >= 0 && p * stride_h == th && q * stride_w == tw &&
                            p < src_h && q < src_w;
         const int64_t offset = base[it] + (static_cast<int64_t>(p) * src_w + q) * src_c + c;
-        cp_async_16(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), valid ? src + offset : src, valid);
+        cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), valid ? src + offset : src,
+                          valid);
       }
     }
     // advance this chunk's (r, s, c) by one reduction tile
@@ -353,7 +364,7 @@ struct ActivationMNMajorLoader {
         if (h >= 0 && h < pb.H && w >= 0 && w < pb.W)
           offset = ((static_cast<int64_t>(n) * pb.H + h) * pb.W + w) * pb.C + channel;
       }
-      cp_async_16(stage + Tile::at(col, kk), offset >= 0 ? src + offset : src, offset >= 0);
+      cp_async_16<true>(stage + Tile::at(col, kk), offset >= 0 ? src + offset : src, offset >= 0);
     }
   }
 };

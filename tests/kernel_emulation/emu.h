@@ -3,7 +3,7 @@
 // machine without a GPU; the kernels of the build-free path (tests/test_nvrtc_path.py) run on it too. tests/test_kernel_emulation.py compiles copies of the kernel sources in which
 // only the bodies of the PTX wrappers are replaced by the functions below:
 //
-//   cp.async.cg 16 bytes     emu_cp_async: copy (or zero-fill) deferred to the issuing thread's
+//   cp.async.{ca,cg} 16 B    emu_cp_async: copy (or zero-fill) deferred to the issuing thread's
 //   commit_group / wait_group  emu_commit / emu_wait, or done at issue (g_cp_async_immediate)
 //   ldmatrix.x4 (.trans)     emu_ldmatrix: warp-collective, the PTX ISA's fragment layout
 //   mma.sync m16n8k16 / k8   emu_mma: warp-collective, the PTX ISA's A/B/C fragment layouts

@@ -11,7 +11,9 @@ def conv_args(layer):
 
 
 def fastconv_pass(algo: str, pas: str, x, w, gy, layer):
-    ops, extra = CONV_OPS[algo], backends.algo_args(algo)
+    """`algo` is an algorithm or "implicit_gemm/<tile>" (one tile configuration)."""
+    algo, tile = backends.parse_choice(algo)
+    ops, extra = CONV_OPS[algo], backends.algo_args(algo, tile)
     args = conv_args(layer)
     if pas == "fprop":
         return lambda: ops.fprop(x, w, None, *args, *extra, False)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE
 from conv_passes import conv_args, fastconv_pass
+from fastconv._checks import IMPLICIT_GEMM_TILES
 from fastconv.ops import CONV_OPS
 from shapes import CPU_FULL_LAYERS, CPU_LAYERS, FULL, GPU_LAYERS
 
@@ -56,3 +57,16 @@ def test_conv2d(measure, layer, pas, dtype, layout, impl):
         bytes_moved = (x.numel() + w.numel() + gy.numel()) * x.element_size()
         name = layer.name + ("" if layout == "nchw" else " (channels_last)")
         measure(lambda: step(), name, pas, dtype, impl, layer.flops(), "GFLOP/s", bytes_moved)
+
+
+# Every implicit-GEMM tile configuration on its own, bf16 channels_last fprop of ResNet-50's layers: the rows
+# that say which tile each layer wants (the size heuristic's input) and how far autotuning can go.
+TILE_IMPLS = [f"fastconv-implicit_gemm/{t}" for t in range(IMPLICIT_GEMM_TILES)]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times the CUDA kernels' tile configurations")
+@pytest.mark.parametrize("impl", TILE_IMPLS)
+@pytest.mark.parametrize("layer", [layer for layer in LAYERS if layer.name.startswith("resnet50")],
+                         ids=lambda layer: layer.name)
+def test_implicit_gemm_tiles(measure, layer, impl):
+    test_conv2d(measure, layer, "fprop", torch.bfloat16, "channels_last", impl)

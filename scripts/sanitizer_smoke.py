@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's in-place build
 import fastconv  # noqa: E402
+from fastconv._checks import IMPLICIT_GEMM_TILES  # noqa: E402
 
 CASES = [  # (input shape, weight shape, stride, padding, dilation, groups)
     ((2, 16, 13, 11), (24, 16, 3, 3), 1, 1, 1, 1),  # 8 channels per thread, staged input
@@ -111,7 +112,7 @@ def check_implicit_gemm_tiles(dtype, layout, tol) -> int:
     gy = torch.randn(ref.shape, device="cuda", dtype=dtype).to(memory_format=layout)
     ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), stride=2, padding=1)
     ref_dw = torch.nn.grad.conv2d_weight(x.double(), w.shape, gy.double(), stride=2, padding=1)
-    for tile in range(3):
+    for tile in range(IMPLICIT_GEMM_TILES):
         y = ig.conv2d_implicit_gemm_fused(x, w, scale, shift, res, *conv, tile, True)
         dx = ig.conv2d_implicit_gemm_dgrad(gy, w, list(x.shape), *conv, tile)
         dw = ig.conv2d_implicit_gemm_wgrad(gy, x, list(w.shape), *conv, tile)

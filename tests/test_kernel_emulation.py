@@ -184,18 +184,22 @@ CASES = [
     case("fprop", "bf16", 0, "deferred", "multi_tile", epilogue="scale+shift+relu"),
     case("fprop", "fp32", 1, "immediate", "pointwise_stride2"),
     case("fprop", "fp16", 1, "deferred", "depthwise", epilogue="residual"),
+    case("fprop", "bf16", 3, "immediate", "multi_tile", epilogue=FULL_EPILOGUE),
+    case("fprop", "fp32", 3, "deferred", "asymmetric"),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
     case("dgrad", "fp16", 2, "immediate", "groups4_of_3"),
     case("dgrad", "bf16", 2, "deferred", "asymmetric"),
     case("dgrad", "fp32", 1, "immediate", "pointwise_stride2"),
+    case("dgrad", "fp16", 3, "deferred", "groups2_dilation2"),
     case("wgrad", "fp16", 0, "deferred", "c40", splits=1),
     case("wgrad", "bf16", 1, "immediate", "rgb_stem", splits=3),
     case("wgrad", "fp32", 2, "deferred", "groups2_dilation2", splits=7),
     case("wgrad", "fp16", 2, "immediate", "groups4_of_3", splits=2),
     case("wgrad", "bf16", 2, "deferred", "asymmetric", splits=4),
     case("wgrad", "fp32", 0, "immediate", "multi_tile", splits=5),
+    case("wgrad", "bf16", 3, "deferred", "c40", splits=2),
 ]
 
 

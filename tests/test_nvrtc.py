@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastconv import _nvrtc
+from fastconv import _checks, _nvrtc
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DTYPES = ["float", "__half", "__nv_bfloat16"]
-IMPLICIT_GEMM_TILES = [f"fastconv::ImplicitGemmTile{i}" for i in range(3)]
+IMPLICIT_GEMM_TILES = [f"fastconv::ImplicitGemmTile{i}" for i in range(_checks.IMPLICIT_GEMM_TILES)]
 
 # Per source file: the kernel instantiations the extension's launchers use.
 KERNELS = {

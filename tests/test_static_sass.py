@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import fastconv
+from fastconv._checks import IMPLICIT_GEMM_TILES
 
 
 def cuobjdump():
@@ -56,12 +57,12 @@ def test_tensor_core_gemm_uses_hmma_for_every_dtype_and_arch():
 
 
 def test_implicit_gemm_main_loop_uses_tensor_cores_ldmatrix_and_cp_async():
-    """Every implicit-GEMM kernel (3 passes x 3 dtypes x 3 tiles x 2 archs) issues HMMA (mma.sync; TF32 for
+    """Every implicit-GEMM kernel (3 passes x 3 dtypes x every tile x 2 archs) issues HMMA (mma.sync; TF32 for
     fp32) fed by LDGSTS (cp.async: .ca for the gathered activation, .cg for the other operand); the fp16/bf16
     ones load fragments with LDSM (ldmatrix)."""
     blocks = re.split(r"\n\s*Function : ", dump("-sass"))
     ours = [b for b in blocks if re.match(r"\S*\d+conv2d_implicit_gemm_(fprop|dgrad|wgrad)_kernelI", b)]
-    assert len(ours) == 3 * 3 * 3 * 2, len(ours)
+    assert len(ours) == 3 * 3 * IMPLICIT_GEMM_TILES * 2, len(ours)
     for b in ours:
         name = b.split("\n", 1)[0]
         assert re.search(r"\bHMMA\.", b), f"{name}: no HMMA"

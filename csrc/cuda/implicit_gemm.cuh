@@ -40,6 +40,10 @@ struct ImplicitGemmTile {
 using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3>;  // 8 warps of 64 x 32
 using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4>;   // 4 warps of 64 x 32
 using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4>;    // 4 warps of 32 x 32
+// 8 warps of 64 x 32 over 256 rows: half tile 1's filter re-reads per output pixel when N is 64 (a whole
+// filter copied per block); not chosen by size yet, only by the ops' `tile` and the benchmark (autotuning)
+// until a device run has timed it against tile 1.
+using ImplicitGemmTile3 = ImplicitGemmTile<256, 64, 4, 2, 3>;
 
 // Element type T's reduction tile (64 bytes) and 16-byte copy width.
 template <typename T>
@@ -574,6 +578,7 @@ cudaError_t dispatch_implicit_gemm_tile(int tile, F&& f) {
     case 0: return f(ImplicitGemmTile0{});
     case 1: return f(ImplicitGemmTile1{});
     case 2: return f(ImplicitGemmTile2{});
+    case 3: return f(ImplicitGemmTile3{});
   }
   return cudaErrorInvalidValue;
 }

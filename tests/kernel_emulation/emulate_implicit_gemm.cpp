@@ -7,7 +7,7 @@
 // Built by tests/test_kernel_emulation.py against copies of csrc/cuda's kernel sources whose PTX wrappers
 // call emu.h (the include path puts those copies first). Usage, one configuration per run:
 //
-//   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0|1|2 cp_async=deferred|immediate
+//   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0|1|2|3 cp_async=deferred|immediate
 //       N= C= H= W= K= R= S= [stride=h,w] [pad=h,w] [dil=h,w] [groups=]
 //       [epilogue=scale+shift+residual+relu]   (fprop; any subset, or none)
 //       [splits=]                              (wgrad: the requested split count)

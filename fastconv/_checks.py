@@ -37,6 +37,59 @@ def same_padding(filter_size, stride, dilation, op: str = "fastconv.conv2d") -> 
     return begin, (total[0] - 2 * begin[0], total[1] - 2 * begin[1])
 
 
+def check_input_rank(op: str, shape) -> None:
+    """conv2d's and max_pool2d's input: 3-D (unbatched) or 4-D."""
+    if len(shape) not in (3, 4):
+        raise ValueError(
+            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {len(shape)}-D tensor of shape "
+            f"{list(shape)}"
+        )
+
+
+def conv2d_params(op: str, weight_shape, stride, padding, dilation, groups):
+    """conv2d's stride, padding, dilation and groups as torch takes them (ints or pairs; padding also 'valid'
+    or 'same'), normalised to pairs after checking the weight's rank. Returns (stride, padding, dilation,
+    (extra bottom, extra right)): the zeros an odd 'same' total adds on one side, which the caller pads."""
+    if len(weight_shape) != 4:
+        raise ValueError(
+            f"{op}: expected a 4-D weight (K, C / groups, R, S), got a {len(weight_shape)}-D tensor of shape "
+            f"{list(weight_shape)}"
+        )
+    stride = pair(stride, "stride", op)
+    dilation = pair(dilation, "dilation", op)
+    extra = (0, 0)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            padding, extra = same_padding(weight_shape[2:], stride, dilation, op)
+        else:
+            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
+    else:
+        padding = pair(padding, "padding", op)
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise ValueError(f"{op}: groups must be an int, got {groups!r}")
+    return stride, padding, dilation, extra
+
+
+def pool2d_params(op: str, kernel_size, stride, padding, dilation):
+    """max_pool2d's window arguments as pairs; stride defaults to kernel_size (None or empty)."""
+    kernel_size = pair(kernel_size, "kernel_size", op)
+    empty_stride = stride is None or (isinstance(stride, Sequence) and len(stride) == 0)
+    stride = kernel_size if empty_stride else pair(stride, "stride", op)
+    return kernel_size, stride, pair(padding, "padding", op), pair(dilation, "dilation", op)
+
+
+def check_residual_add_args(op: str, residual_shape, shortcut_shape, stride) -> None:
+    if len(residual_shape) != len(shortcut_shape) or len(residual_shape) not in (3, 4):
+        raise ValueError(
+            f"{op}: expected residual and shortcut both 3-D (C, H, W) or both 4-D (N, C, H, W), got shapes "
+            f"{list(residual_shape)} and {list(shortcut_shape)}"
+        )
+    if not isinstance(stride, int) or isinstance(stride, bool):
+        raise ValueError(f"{op}: stride must be an int, got {stride!r}")
+
+
 def conv_output_extent(size: int, pad: int, dil: int, taps: int, stride: int) -> int:
     return (size + 2 * pad - dil * (taps - 1) - 1) // stride + 1
 

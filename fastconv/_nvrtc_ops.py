@@ -11,7 +11,6 @@ the same kernels, which runs everything here (checks, layouts, launch plans, arg
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -104,34 +103,15 @@ def conv2d(rt: Runtime, input, weight, bias=None, stride=1, padding=0, dilation=
     """functional.conv2d (plus a fused ReLU) on the direct fprop kernel."""
     check_algo(op, algo)
     x, w, b = _spec(rt, input), _spec(rt, weight), _spec(rt, bias)
-    if x.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
-            f"{list(x.shape)}"
-        )
+    _checks.check_input_rank(op, x.shape)
     if x.dim() == 3:
         out = conv2d(rt, x.array[None], weight, bias, stride, padding, dilation, groups, algo=algo, relu=relu, op=op)
         return out[0]
-    if w.dim() != 4:
-        raise ValueError(
-            f"{op}: expected a 4-D weight (K, C / groups, R, S), got a {w.dim()}-D tensor of shape {list(w.shape)}"
-        )
-    stride = _checks.pair(stride, "stride", op)
-    dilation = _checks.pair(dilation, "dilation", op)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            padding, (extra_h, extra_w) = _checks.same_padding(w.shape[2:], stride, dilation, op)
-            if extra_h or extra_w:
-                _checks.check_devices(op, input=x, weight=w, bias=b)
-                x = _pad_bottom_right(rt, x, extra_h, extra_w)
-        else:
-            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
-    else:
-        padding = _checks.pair(padding, "padding", op)
-    if not isinstance(groups, int) or isinstance(groups, bool):
-        raise ValueError(f"{op}: groups must be an int, got {groups!r}")
+    stride, padding, dilation, (extra_h, extra_w) = _checks.conv2d_params(op, w.shape, stride, padding, dilation,
+                                                                          groups)
+    if extra_h or extra_w:
+        _checks.check_devices(op, input=x, weight=w, bias=b)
+        x = _pad_bottom_right(rt, x, extra_h, extra_w)
     n, k, p, q = _checks.check_conv2d_fprop(op, x, w, b, stride, padding, dilation, groups)
     _, c, h, wd = x.shape
     _, _, r, s = w.shape
@@ -175,9 +155,7 @@ def conv_bn_relu(rt: Runtime, input, weight, bias, running_mean, running_var, bn
     if input.ndim != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input (BatchNorm2d's), got a {input.ndim}-D tensor "
                          f"of shape {list(input.shape)}")
-    if weight.ndim != 4:
-        raise ValueError(f"{op}: expected a 4-D weight (K, C / groups, R, S), got a {weight.ndim}-D tensor of "
-                         f"shape {list(weight.shape)}")
+    _checks.conv2d_params(op, weight.shape, stride, padding, dilation, groups)  # (the weight's rank first)
     k = weight.shape[0]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias), ("bias", bias)):
@@ -199,16 +177,8 @@ def max_pool2d(rt: Runtime, input, kernel_size, stride=None, padding=0, dilation
     """functional.max_pool2d on the max-pooling forward kernel (indices as int64, torch's h * W + w)."""
     op = "fastconv.cupy.max_pool2d"
     x = _spec(rt, input)
-    if x.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {x.dim()}-D tensor of shape "
-            f"{list(x.shape)}"
-        )
-    kernel_size = _checks.pair(kernel_size, "kernel_size", op)
-    empty_stride = stride is None or (isinstance(stride, Sequence) and len(stride) == 0)
-    stride = kernel_size if empty_stride else _checks.pair(stride, "stride", op)
-    padding = _checks.pair(padding, "padding", op)
-    dilation = _checks.pair(dilation, "dilation", op)
+    _checks.check_input_rank(op, x.shape)
+    kernel_size, stride, padding, dilation = _checks.pool2d_params(op, kernel_size, stride, padding, dilation)
     unbatched = x.dim() == 3
     if unbatched:
         x = ArraySpec(rt, x.array[None])
@@ -235,13 +205,7 @@ def residual_add(rt: Runtime, residual, shortcut, *, stride: int = 1, relu: bool
     """functional.residual_add: the flat kernel for a plain add of dense tensors, the strided one otherwise."""
     op = "fastconv.cupy.residual_add"
     r, s = _spec(rt, residual), _spec(rt, shortcut)
-    if r.dim() != s.dim() or r.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected residual and shortcut both 3-D (C, H, W) or both 4-D (N, C, H, W), got shapes "
-            f"{list(r.shape)} and {list(s.shape)}"
-        )
-    if not isinstance(stride, int) or isinstance(stride, bool):
-        raise ValueError(f"{op}: stride must be an int, got {stride!r}")
+    _checks.check_residual_add_args(op, r.shape, s.shape, stride)
     unbatched = r.dim() == 3
     if unbatched:
         r, s = ArraySpec(rt, r.array[None]), ArraySpec(rt, s.array[None])

@@ -8,7 +8,6 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import _checks, backends, ops
-from ._checks import pair as _pair
 from .ops import CONV_OPS
 
 #: Every name ``algo=`` accepts. ``"auto"`` chooses per call (:mod:`fastconv.backends`).
@@ -38,14 +37,6 @@ def check_no_forward_ad(op: str, *tensors) -> None:
             f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by fastconv's "
             "ops; use reverse mode (backward, torch.autograd.grad, torch.func.vjp)"
         )
-
-
-def _same_padding(input: torch.Tensor, weight: torch.Tensor, stride, dilation, op) -> tuple[torch.Tensor, tuple[int, int]]:
-    """padding='same' as torch does it (_checks.same_padding); an odd total pads the input explicitly."""
-    begin, (extra_h, extra_w) = _checks.same_padding(weight.shape[2:], stride, dilation, op)
-    if extra_h or extra_w:
-        input = F.pad(input, (0, extra_w, 0, extra_h))
-    return input, begin
 
 
 def conv2d(
@@ -83,11 +74,7 @@ def conv2d(
     check_algo(algo)
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: input and weight must be tensors")
-    if input.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D tensor of shape "
-            f"{list(input.shape)}"
-        )
+    _checks.check_input_rank(op, input.shape)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -100,24 +87,10 @@ def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, re
     `residual` (the output's shape) is added before it: in the kernel's epilogue with implicit_gemm, by
     fastconv's residual add otherwise."""
     check_no_forward_ad(op, input, weight, bias)
-    if weight.dim() != 4:
-        raise ValueError(
-            f"{op}: expected a 4-D weight (K, C / groups, R, S), got a {weight.dim()}-D tensor of shape "
-            f"{list(weight.shape)}"
-        )
-    stride = _pair(stride, "stride", op)
-    dilation = _pair(dilation, "dilation", op)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            input, padding = _same_padding(input, weight, stride, dilation, op)
-        else:
-            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
-    else:
-        padding = _pair(padding, "padding", op)
-    if not isinstance(groups, int) or isinstance(groups, bool):
-        raise ValueError(f"{op}: groups must be an int, got {groups!r}")
+    stride, padding, dilation, (extra_h, extra_w) = _checks.conv2d_params(op, weight.shape, stride, padding, dilation,
+                                                                          groups)
+    if extra_h or extra_w:  # padding='same' with an odd total: the extra zeros at the bottom/right, as torch
+        input = F.pad(input, (0, extra_w, 0, extra_h))
     args = (input, weight, bias, stride, padding, dilation, groups)
     choice = algo
     if algo == "auto":
@@ -162,15 +135,8 @@ def max_pool2d(
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{op}: input must be a tensor")
     check_no_forward_ad(op, input)
-    if input.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got a {input.dim()}-D tensor of shape "
-            f"{list(input.shape)}"
-        )
-    kernel_size = _pair(kernel_size, "kernel_size", op)
-    stride = kernel_size if stride is None or (isinstance(stride, Sequence) and len(stride) == 0) else _pair(stride, "stride", op)
-    padding = _pair(padding, "padding", op)
-    dilation = _pair(dilation, "dilation", op)
+    _checks.check_input_rank(op, input.shape)
+    kernel_size, stride, padding, dilation = _checks.pool2d_params(op, kernel_size, stride, padding, dilation)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -194,13 +160,7 @@ def residual_add(residual: torch.Tensor, shortcut: torch.Tensor, *, stride: int 
     if not isinstance(residual, torch.Tensor) or not isinstance(shortcut, torch.Tensor):
         raise TypeError(f"{op}: residual and shortcut must be tensors")
     check_no_forward_ad(op, residual, shortcut)
-    if residual.dim() != shortcut.dim() or residual.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected residual and shortcut both 3-D (C, H, W) or both 4-D (N, C, H, W), got shapes "
-            f"{list(residual.shape)} and {list(shortcut.shape)}"
-        )
-    if not isinstance(stride, int) or isinstance(stride, bool):
-        raise ValueError(f"{op}: stride must be an int, got {stride!r}")
+    _checks.check_residual_add_args(op, residual.shape, shortcut.shape, stride)
     unbatched = residual.dim() == 3
     if unbatched:
         residual, shortcut = residual.unsqueeze(0), shortcut.unsqueeze(0)

@@ -90,6 +90,35 @@ def check_residual_add_args(op: str, residual_shape, shortcut_shape, stride) -> 
         raise ValueError(f"{op}: stride must be an int, got {stride!r}")
 
 
+def strides_like_channels_last(sizes, strides) -> bool:
+    """c10's rule for a 4-D tensor's suggested memory format (is_channels_last_strides_2d_s4): the strides, in
+    channels_last's dimension order, grow, with NCHW winning the ambiguous cases."""
+    if len(sizes) != 4 or strides[1] == 0:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:  # N111 and N11W slices: NCHW
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def is_dense_in(sizes, strides, channels_last: bool) -> bool:
+    """Tensor.is_contiguous(memory_format=...) for a 4-D tensor: dense in NCHW or NHWC order (size-1 dimensions
+    may have any stride; an empty tensor is dense)."""
+    if 0 in sizes:
+        return True
+    expected = 1
+    for d in ((1, 3, 2, 0) if channels_last else (3, 2, 1, 0)):
+        if sizes[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= sizes[d]
+    return True
+
+
 def conv_output_extent(size: int, pad: int, dil: int, taps: int, stride: int) -> int:
     return (size + 2 * pad - dil * (taps - 1) - 1) // stride + 1
 

@@ -11,9 +11,10 @@ What lives where:
   they stand in for, each naming that launcher. They return a :class:`Launch`: a kernel instantiation, its
   grid, block and dynamic shared memory, and its arguments as ctypes values in parameter order.
 * the by-value argument structs (``Conv2dProblem``, ``Strides4``, ...): ctypes mirrors. Every compiled module
-  also carries ``static_assert``s, generated from the mirrors, on each struct's size and field offsets and on
-  the constants the plans copy (``MIRRORED_CONSTANTS``), so a kernel change that the mirror misses fails to
-  compile instead of reading garbage.
+  also carries ``static_assert``s, generated from the mirrors, on each struct's size, field names, types and
+  order, on the constants the plans copy (``MIRRORED_CONSTANTS``) and on the launched instantiation's parameter
+  list (``signature_check``), so a kernel change that the Python side misses fails to compile instead of
+  reading garbage.
 
 This module needs neither torch nor the extension; CuPy is imported only to compile and launch
 (:class:`CupyLauncher`). tests/test_nvrtc_path.py runs the plans through a CPU emulation of the kernels.
@@ -161,6 +162,25 @@ class Launch:
     block: int
     shared_mem: int
     args: tuple   # ctypes values, in the kernel's parameter order (pointers as c_void_p)
+    params: tuple  # the C++ parameter types the plan packs `args` for (signature_check compiles them in)
+
+    def __post_init__(self):
+        assert len(self.args) == len(self.params), (self.kernel, self.params)
+        for arg, param in zip(self.args, self.params):
+            expected = ctypes.c_void_p if param.endswith("*") else _CTYPES_OF.get(param)
+            assert type(arg) is expected, f"{self.kernel}: {type(arg).__name__} packed for a {param} parameter"
+
+
+_CTYPES_OF = {"bool": boolean, "int64_t": i64, "fastconv::Strides4": Strides4, "fastconv::Conv2dProblem": Conv2dProblem,
+              "fastconv::FpropTiling": FpropTiling, "fastconv::ResidualAddShape": ResidualAddShape}
+
+
+def signature_check(launch: Launch) -> str:
+    """C++ appended to the compiled source: a static_assert that the instantiation's parameter list is the one the
+    plan packed its arguments for (a reordered or retyped kernel parameter fails to compile)."""
+    params = ", ".join(launch.params)
+    return (f"static_assert(fastconv::same_type<decltype(&{launch.kernel}), void (*)({params})>::value, "
+            f'"fastconv/_nvrtc.py packs ({params}) for {launch.kernel}: the kernel\'s parameters differ");\n')
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -180,6 +200,9 @@ def grid_for(blocks: int) -> int:
 
 def elementwise_blocks(total: int, threads: int) -> int:
     return min(ceil_div(total, threads), 65536)
+
+
+PROBLEM, STRIDES = "fastconv::Conv2dProblem", "fastconv::Strides4"
 
 
 def ptr(address: int | None) -> ctypes.c_void_p:
@@ -225,19 +248,24 @@ def plan_conv2d_direct_fprop(pb: Conv2dProblem, dtype: str, x: int, xs: Strides4
     kpt = 8 if kg >= 8 and rs * 8 <= MAX_DIRECT_FILTER_TAPS else 1
     tl, stage_input = _direct_fprop_tiling(pb, kpt, xs.c == 1 and pb.C > 1)
     smem = tl.c_tile * rs * tl.k_lanes * kpt + (tl.c_tile * tl.patch_h * tl.patch_w if stage_input else 0)
-    kernel = f"fastconv::conv2d_direct_fprop_kernel<{CUDA_TYPES[dtype]}, {kpt}, {'true' if stage_input else 'false'}>"
+    t = CUDA_TYPES[dtype]
+    kernel = f"fastconv::conv2d_direct_fprop_kernel<{t}, {kpt}, {'true' if stage_input else 'false'}>"
     args = (pb, tl, ptr(x), xs, ptr(w), ws, ptr(bias), boolean(relu), ptr(y), ys)
+    params = (PROBLEM, "fastconv::FpropTiling", f"const {t}*", STRIDES, f"const {t}*", STRIDES, f"const {t}*", "bool",
+              f"{t}*", STRIDES)
     return Launch("conv2d_direct_fprop_kernel.cu", kernel, grid_for(tl.total_blocks),
-                  tl.tile_p * tl.tile_q * tl.k_lanes, smem * 4, args)
+                  tl.tile_p * tl.tile_q * tl.k_lanes, smem * 4, args, params)
 
 
 def plan_max_pool2d_forward(pb: Conv2dProblem, dtype: str, x: int, xs: Strides4, y: int, ys: Strides4,
                             indices: int, is_: Strides4, channels_fastest: bool) -> Launch:
     """launch_max_pool2d_forward (max_pool2d_kernel.cu)."""
     total = pb.N * pb.C * pb.P * pb.Q
+    t = CUDA_TYPES[dtype]
     args = (pb, boolean(channels_fastest), boolean(total <= 0xFFFFFFFF), ptr(x), xs, ptr(y), ys, ptr(indices), is_)
-    return Launch("max_pool2d_kernel.cu", f"fastconv::max_pool2d_forward_kernel<{CUDA_TYPES[dtype]}>",
-                  elementwise_blocks(total, THREADS), THREADS, 0, args)
+    params = (PROBLEM, "bool", "bool", f"const {t}*", STRIDES, f"{t}*", STRIDES, "int64_t*", STRIDES)
+    return Launch("max_pool2d_kernel.cu", f"fastconv::max_pool2d_forward_kernel<{t}>",
+                  elementwise_blocks(total, THREADS), THREADS, 0, args, params)
 
 
 def plan_residual_add_flat(dtype: str, residual: int, shortcut: int, out: int, numel: int, relu: bool) -> Launch:
@@ -245,9 +273,10 @@ def plan_residual_add_flat(dtype: str, residual: int, shortcut: int, out: int, n
     vector = all(p % 16 == 0 for p in (residual, shortcut, out))
     itemsize = 4 if dtype == "float32" else 2
     vec = 16 // itemsize if vector else 1
-    kernel = f"fastconv::residual_add_flat_kernel<{CUDA_TYPES[dtype]}, {vec}, {'true' if relu else 'false'}>"
+    t = CUDA_TYPES[dtype]
+    kernel = f"fastconv::residual_add_flat_kernel<{t}, {vec}, {'true' if relu else 'false'}>"
     return Launch("residual_add_kernel.cu", kernel, elementwise_blocks(ceil_div(numel, vec), THREADS), THREADS, 0,
-                  (ptr(residual), ptr(shortcut), ptr(out), i64(numel)))
+                  (ptr(residual), ptr(shortcut), ptr(out), i64(numel)), (f"const {t}*", f"const {t}*", f"{t}*", "int64_t"))
 
 
 def plan_residual_add_strided(shape: ResidualAddShape, dtype: str, residual: int, rs: Strides4, shortcut: int,
@@ -256,12 +285,20 @@ def plan_residual_add_strided(shape: ResidualAddShape, dtype: str, residual: int
     total = shape.N * shape.C * shape.P * shape.Q
     fits_32bit = total <= 0xFFFFFFFF and shape.N * shape.J * shape.H * shape.W <= 0xFFFFFFFF
     channels_fastest = os_.c == 1 and shape.C > 1
-    kernel = f"fastconv::residual_add_strided_kernel<{CUDA_TYPES[dtype]}, {'true' if relu else 'false'}>"
+    t = CUDA_TYPES[dtype]
+    kernel = f"fastconv::residual_add_strided_kernel<{t}, {'true' if relu else 'false'}>"
     args = (shape, boolean(channels_fastest), boolean(fits_32bit), ptr(residual), rs, ptr(shortcut), ss, ptr(out), os_)
-    return Launch("residual_add_kernel.cu", kernel, elementwise_blocks(total, THREADS), THREADS, 0, args)
+    params = ("fastconv::ResidualAddShape", "bool", "bool", f"const {t}*", STRIDES, f"const {t}*", STRIDES, f"{t}*",
+              STRIDES)
+    return Launch("residual_add_kernel.cu", kernel, elementwise_blocks(total, THREADS), THREADS, 0, args, params)
 
 
 # ---- compiling and launching through CuPy ------------------------------------------------------------------------
+
+
+def module_source(launch: Launch) -> str:
+    """What NVRTC compiles for a launch: its kernel file, the layout checks and the signature check."""
+    return (source_root() / "cuda" / launch.source).read_text() + layout_checks(launch.source) + signature_check(launch)
 
 
 def kernel_params(args) -> ctypes.Array:
@@ -278,19 +315,19 @@ class CupyLauncher:
 
         self._modules: dict = {}
 
-    def module(self, source: str, kernel: str):
+    def module(self, launch: Launch):
         import cupy
 
-        key = (source, kernel, cupy.cuda.Device().id)
+        key = (launch.source, launch.kernel, cupy.cuda.Device().id)
         if key not in self._modules:
-            code = (source_root() / "cuda" / source).read_text() + layout_checks(source)
-            self._modules[key] = cupy.RawModule(code=code, options=compile_options(), name_expressions=[kernel])
+            self._modules[key] = cupy.RawModule(code=module_source(launch), options=compile_options(),
+                                                name_expressions=[launch.kernel])
         return self._modules[key]
 
     def __call__(self, launch: Launch, stream_ptr: int) -> None:
         from cupy.cuda import driver
 
-        function = self.module(launch.source, launch.kernel).get_function(launch.kernel)
+        function = self.module(launch).get_function(launch.kernel)
         params = kernel_params(launch.args)
         driver.launchKernel(function.ptr, launch.grid, 1, 1, launch.block, 1, 1, launch.shared_mem, stream_ptr,
                             ctypes.addressof(params), 0)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch._prims_common import suggest_memory_format
 
 from . import _checks
 from . import _nvrtc as kernels
@@ -39,8 +38,8 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 class ArraySpec:
-    """What fastconv/_checks.py reads of a tensor (shape, dtype, device, dim()), for an array; ``meta`` is a
-    meta tensor with the array's shape and strides, for torch's memory-format rules."""
+    """What fastconv/_checks.py reads of a tensor (shape, dtype, device, dim()), for an array, and its element
+    strides."""
 
     def __init__(self, rt: Runtime, a):
         self.array = a
@@ -49,14 +48,17 @@ class ArraySpec:
         self.dtype = _TORCH_DTYPES.get(name) or getattr(torch, name, None) or name
         self.device = torch.device("cuda", rt.device(a))
         self.strides = tuple(s // a.itemsize for s in a.strides)
-        self.meta = torch.empty_strided(self.shape, self.strides, dtype=torch.uint8, device="meta")
 
     def dim(self) -> int:
         return len(self.shape)
 
     @property
     def channels_last(self) -> bool:
-        return self.dim() == 4 and suggest_memory_format(self.meta) == torch.channels_last
+        """torch's suggested memory format is channels_last (c10's rule)."""
+        return _checks.strides_like_channels_last(self.shape, self.strides)
+
+    def dense_in(self, channels_last: bool) -> bool:
+        return _checks.is_dense_in(self.shape, self.strides, channels_last)
 
     def strides4(self) -> kernels.Strides4:
         return kernels.Strides4(*self.strides)
@@ -152,18 +154,21 @@ def conv_bn_relu(rt: Runtime, input, weight, bias, running_mean, running_var, bn
     one launch."""
     op = "fastconv.cupy.conv_bn_relu"
     check_algo(op, algo)
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+    vectors = dict(bias=bias, running_mean=running_mean, running_var=running_var, bn_weight=bn_weight,
+                   bn_bias=bn_bias)
+    _checks.check_devices(op, input=_spec(rt, input), weight=_spec(rt, weight),
+                          **{name: _spec(rt, t) for name, t in vectors.items()})
     if input.ndim != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input (BatchNorm2d's), got a {input.ndim}-D tensor "
                          f"of shape {list(input.shape)}")
     _checks.conv2d_params(op, weight.shape, stride, padding, dilation, groups)  # (the weight's rank first)
     k = weight.shape[0]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias), ("bias", bias)):
+    for name, t in vectors.items():
         if t is not None and (t.ndim != 1 or t.shape[0] != k):
             raise ValueError(f"{op}: {name} must be 1-D with {k} elements (one per output channel), got shape "
                              f"{list(t.shape)}")
-    if eps < 0:
-        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
     folded_weight, folded_bias = fold_batch_norm(rt, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return conv2d(rt, input, folded_weight, folded_bias, stride, padding, dilation, groups, algo=algo, relu=relu,
                   op=op)
@@ -210,12 +215,12 @@ def residual_add(rt: Runtime, residual, shortcut, *, stride: int = 1, relu: bool
     if unbatched:
         r, s = ArraySpec(rt, r.array[None]), ArraySpec(rt, s.array[None])
     n, c, p, q = _checks.check_residual_add(op, r, s, stride)
-    fmt = suggest_memory_format(r.meta)
-    out = ArraySpec(rt, _empty(rt, (n, c, p, q), r.array.dtype, fmt == torch.channels_last))
+    cl = r.channels_last
+    out = ArraySpec(rt, _empty(rt, (n, c, p, q), r.array.dtype, cl))
     if out.array.size:
         _, j, h, w = s.shape
         dtype = str(r.array.dtype)
-        flat = stride == 1 and j == c and all(t.meta.is_contiguous(memory_format=fmt) for t in (r, s))
+        flat = stride == 1 and j == c and r.dense_in(cl) and s.dense_in(cl)
         if flat:
             launch = kernels.plan_residual_add_flat(dtype, rt.address(r.array), rt.address(s.array),
                                                     rt.address(out.array), out.array.size, bool(relu))

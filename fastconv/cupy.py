@@ -69,10 +69,12 @@ def _nvrtc_runtime() -> _nvrtc_ops.Runtime:
     return _runtime
 
 
-def _check_arrays(op: str, **arrays) -> None:
+def _check_arrays(op: str, optional=(), **arrays) -> None:
+    """Every argument a cupy.ndarray; those named in `optional` may also be None."""
     for name, a in arrays.items():
-        if a is not None and not isinstance(a, cupy.ndarray):
-            raise TypeError(f"{op}: {name} must be a cupy.ndarray, got {type(a).__name__}")
+        if not isinstance(a, cupy.ndarray) and not (a is None and name in optional):
+            raise TypeError(f"{op}: {name} must be a cupy.ndarray{' or None' if name in optional else ''}, got "
+                            f"{type(a).__name__}")
 
 
 @contextlib.contextmanager
@@ -87,10 +89,12 @@ def _tensor(a):
 
 
 @contextlib.contextmanager
-def _cupy_stream():
-    """torch's current stream := CuPy's current stream (on CuPy's current device), for one call."""
-    device = torch.device("cuda", cupy.cuda.Device().id)
-    ptr = cupy.cuda.get_current_stream().ptr
+def _cupy_stream(a):
+    """torch's current stream := CuPy's current stream on the device of `a`, and that device current, for one
+    call (the extension backend)."""
+    device = torch.device("cuda", a.device.id)
+    with cupy.cuda.Device(a.device.id):
+        ptr = cupy.cuda.get_current_stream().ptr
     stream = torch.cuda.default_stream(device) if ptr == 0 else torch.cuda.ExternalStream(ptr, device=device)
     with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
         yield
@@ -103,11 +107,11 @@ def _array(t: torch.Tensor):
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algo: str = "auto"):
     """:func:`fastconv.functional.conv2d` on CuPy arrays."""
     op = "fastconv.cupy.conv2d"
-    _check_arrays(op, input=input, weight=weight, bias=bias)
+    _check_arrays(op, ("bias",), input=input, weight=weight, bias=bias)
     if BACKEND == "nvrtc":
         with _on_device_of(input):
             return _nvrtc_ops.conv2d(_nvrtc_runtime(), input, weight, bias, stride, padding, dilation, groups, algo=algo)
-    with _cupy_stream():
+    with _cupy_stream(input):
         x, w, b = _tensor(input), _tensor(weight), _tensor(bias)
         return _array(functional.conv2d(x, w, b, stride, padding, dilation, groups, algo=algo))
 
@@ -119,12 +123,12 @@ def conv_bn_relu(input, weight, bias, running_mean, running_var, bn_weight=None,
     op = "fastconv.cupy.conv_bn_relu"
     arrays = dict(input=input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                   bn_weight=bn_weight, bn_bias=bn_bias)
-    _check_arrays(op, **arrays)
+    _check_arrays(op, ("bias", "running_mean", "running_var", "bn_weight", "bn_bias"), **arrays)
     if BACKEND == "nvrtc":
         with _on_device_of(input):
             return _nvrtc_ops.conv_bn_relu(_nvrtc_runtime(), *arrays.values(), stride=stride, padding=padding,
                                            dilation=dilation, groups=groups, eps=eps, relu=relu, algo=algo)
-    with _cupy_stream():
+    with _cupy_stream(input):
         out = functional.conv_bn_relu(*(_tensor(a) for a in arrays.values()), stride=stride, padding=padding,
                                       dilation=dilation, groups=groups, training=False, eps=eps, relu=relu, algo=algo)
         return _array(out)
@@ -138,7 +142,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         with _on_device_of(input):
             return _nvrtc_ops.max_pool2d(_nvrtc_runtime(), input, kernel_size, stride, padding, dilation, ceil_mode,
                                          return_indices)
-    with _cupy_stream():
+    with _cupy_stream(input):
         out = functional.max_pool2d(_tensor(input), kernel_size, stride, padding, dilation, ceil_mode, return_indices)
         return (_array(out[0]), _array(out[1])) if return_indices else _array(out)
 
@@ -149,5 +153,5 @@ def residual_add(residual, shortcut, *, stride: int = 1, relu: bool = False):
     if BACKEND == "nvrtc":
         with _on_device_of(residual):
             return _nvrtc_ops.residual_add(_nvrtc_runtime(), residual, shortcut, stride=stride, relu=relu)
-    with _cupy_stream():
+    with _cupy_stream(residual):
         return _array(functional.residual_add(_tensor(residual), _tensor(shortcut), stride=stride, relu=relu))

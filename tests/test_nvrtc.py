@@ -156,3 +156,42 @@ def test_cupy_compiles_what_the_build_free_path_launches(source, monkeypatch):
     names = [f"fastconv::{n}" for n in KERNELS[source]]
     cubin, mapping = compiler.compile_using_nvrtc(code, _nvrtc.compile_options(), arch=90, name_expressions=names)
     assert cubin and sorted(mapping) == sorted(names), cupy.__version__
+
+
+def sample_launches():
+    """One plan of each kernel kind the build-free path launches, in each dtype."""
+    J = _nvrtc
+    s4 = J.Strides4(1, 1, 1, 1)
+    for dtype in J.CUDA_TYPES:
+        conv = J.Conv2dProblem(2, 16, 9, 9, 32, 3, 3, 9, 9, 1, 1, 1, 1, 1, 1, 1)
+        yield J.plan_conv2d_direct_fprop(conv, dtype, 16, s4, 16, s4, None, True, 16, s4)
+        depthwise = J.Conv2dProblem(1, 8, 300, 9, 8, 3, 1, 180, 9, 0, 0, 1, 1, 60, 1, 8)  # 1 channel per thread, unstaged
+        yield J.plan_conv2d_direct_fprop(depthwise, dtype, 16, s4, 16, s4, 16, False, 16, s4)
+        pool = J.Conv2dProblem(1, 4, 8, 8, 4, 3, 3, 4, 4, 1, 1, 2, 2, 1, 1, 4)
+        yield J.plan_max_pool2d_forward(pool, dtype, 16, s4, 16, s4, 16, s4, True)
+        yield J.plan_residual_add_flat(dtype, 16, 16, 16, 1000, True)
+        yield J.plan_residual_add_flat(dtype, 18, 16, 16, 1000, False)
+        yield J.plan_residual_add_strided(J.ResidualAddShape(2, 8, 4, 4, 4, 8, 8, 2), dtype, 16, s4, 16, s4, 16, s4,
+                                          False)
+
+
+@pytest.mark.parametrize("launch", list(sample_launches()), ids=lambda launch: launch.kernel.split("::")[1])
+def test_build_free_path_signature_checks_hold(launch):
+    """What CupyLauncher compiles for a launch (the kernel file, the layout checks and the check that the
+    instantiation's parameters are the types its arguments were packed for) compiles, under that name."""
+    ok, log, lowered = nvrtc_compile(CUDA_DIR / launch.source, 90, [launch.kernel.removeprefix("fastconv::")],
+                                     _nvrtc.module_source(launch))
+    assert ok, log
+    assert len(lowered) == 1
+
+
+def test_build_free_path_refuses_a_launch_packed_for_another_signature():
+    launch = next(sample_launches())  # conv fprop: (problem, tiling, x, xs, w, ws, bias, relu, y, ys)
+    params = list(launch.params)
+    params[2], params[4] = params[4], "const __half*"  # x's type changed: the plan and the kernel disagree
+    swapped = _nvrtc.Launch(launch.source, launch.kernel, launch.grid, launch.block, launch.shared_mem, launch.args,
+                            tuple(params))
+    ok, log, _ = nvrtc_compile(CUDA_DIR / launch.source, 90, [], _nvrtc.module_source(swapped))
+    assert not ok and "fastconv/_nvrtc.py packs" in log, log
+    with pytest.raises(AssertionError, match="packed for a bool parameter"):
+        _nvrtc.Launch(launch.source, launch.kernel, 1, 1, 0, launch.args, launch.params[:7] + ("bool",) * 3)

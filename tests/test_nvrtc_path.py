@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 import fastconv
-from fastconv import _nvrtc, _nvrtc_ops
+from fastconv import _checks, _nvrtc, _nvrtc_ops
 from test_conv2d_errors import BAD_CONV2D
 from test_kernel_emulation import CUDA_INCLUDE, CUDA_SOURCES, CXX, EMULATION
 
@@ -216,6 +216,8 @@ def test_conv_bn_relu_matches_torch_eval(rt, relu):
     assert tensor(out).is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match=r"running_var must be 1-D with 6 elements"):
         _nvrtc_ops.conv_bn_relu(rt, arr(x), arr(weight), None, arr(mean), arr(randn(5)))
+    with pytest.raises(ValueError, match=r"running_mean and running_var are required when training=False"):
+        _nvrtc_ops.conv_bn_relu(rt, arr(x), arr(weight), None, None, arr(var))  # as functional says it
 
 
 POOL_CASES = [
@@ -278,14 +280,22 @@ def test_residual_add_errors_match_functional(rt):
         _nvrtc_ops.residual_add(rt, arr(r), arr(r), stride=1.0)
 
 
-def test_a_mirror_out_of_step_fails_the_emulated_launch(rt, monkeypatch):
-    """An argument whose ctypes size differs from the kernel's parameter is refused, never misread."""
+def test_a_mirror_out_of_step_fails_the_emulated_launch(rt, emulated_kernels, monkeypatch):
+    """An argument whose ctypes type or size differs from the kernel's parameter is refused, never misread: by the
+    Launch itself (the type the plan declared), and by the emulated driver (the size the kernel takes)."""
     class ShortStrides(ctypes.Structure):
         _fields_ = [(n, ctypes.c_int32) for n in "nchw"]
 
-    monkeypatch.setattr(_nvrtc_ops.ArraySpec, "strides4", lambda self: ShortStrides(*self.strides))
-    with pytest.raises(AssertionError, match="has the wrong size for its parameter"):
-        _nvrtc_ops.max_pool2d(rt, arr(randn(1, 2, 4, 4)), 2)
+    x = arr(randn(1, 2, 4, 4))
+    with monkeypatch.context() as m:
+        m.setattr(_nvrtc_ops.ArraySpec, "strides4", lambda self: ShortStrides(*self.strides))
+        with pytest.raises(AssertionError, match="ShortStrides packed for a fastconv::Strides4 parameter"):
+            _nvrtc_ops.max_pool2d(rt, x, 2)
+    _nvrtc_ops.max_pool2d(rt, x, 2)
+    launch = rt.launch.launches[-1]  # (problem, channels_fastest, fits_32bit, x, xs, ...): xs made short
+    object.__setattr__(launch, "args", launch.args[:4] + (ShortStrides(1, 1, 1, 1),) + launch.args[5:])
+    with pytest.raises(AssertionError, match="argument 4 has the wrong size for its parameter"):
+        EmulatedLaunches(emulated_kernels)(launch)
 
 
 def test_the_package_imports_without_the_extension():
@@ -333,3 +343,25 @@ def test_kernel_sources_ship_with_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                             env={**env, "PYTHONPATH": ""}, cwd=tmp_path)
     assert result.stdout.strip() == str(shipped), result.stdout + result.stderr
+
+
+def test_memory_format_rules_match_torch():
+    """_checks' copies of c10's channels_last suggestion and of is_contiguous(memory_format), which the path
+    uses to lay out its outputs, against the extension's C++ (max_pool2d's output follows the input's suggested
+    format) and torch, over permuted, sliced and size-1 layouts."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(400):
+        shape = [int(v) for v in torch.randint(1, 4, (4,), generator=g)]
+        base = torch.randn(*[2 * v for v in shape], generator=g)
+        perm = torch.randperm(4, generator=g).tolist()
+        x = base.permute(perm)[: shape[0], : shape[1], : shape[2], : shape[3]]
+        if torch.rand(1, generator=g) < 0.3:
+            x = x[:, :, ::2] if x.shape[2] > 1 else x
+        sizes, strides = list(x.shape), list(x.stride())
+        cl = _checks.strides_like_channels_last(sizes, strides)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        out = fastconv.functional.max_pool2d(x, 1)
+        assert out.is_contiguous(memory_format=fmt), (sizes, strides)  # (where C or H*W is 1, both formats are)
+        for channels_last in (False, True):
+            want = x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert _checks.is_dense_in(sizes, strides, channels_last) == want, (sizes, strides, channels_last)

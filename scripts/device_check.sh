@@ -58,10 +58,10 @@ fi
 if step build 240 bash -c 'source scripts/setup_env.sh'; then
   # does a C++ argument error raise, or kill the process as on the first H100 build? (seconds)
   step errorpath 40 bash scripts/error_path_probe.sh
-  # the GPU tests (CI runs the CPU ones on every landing): every test marked cuda, verbose, as it goes; a test
-  # that kills the process is reported as crashed and the rest still run
+  # the GPU tests (CI runs the CPU ones on every landing): every test marked cuda, verbose, in 4 pytest-xdist
+  # workers; a test that kills its process is reported as crashed and the rest still run
   step tests 200 env FASTCONV_TEST_PROGRESS_FILE="$OUT/tests-progress.jsonl" \
-    "$PY" scripts/run_tests_resilient.py -- tests -m cuda -v -p no:cacheprovider --durations=15
+    "$PY" scripts/run_tests_resilient.py --workers 4 -- tests -m cuda -v -p no:cacheprovider --durations=15
   step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 99 "$PY" scripts/sanitizer_smoke.py
   step bench 200 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \

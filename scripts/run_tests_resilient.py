@@ -1,8 +1,10 @@
 """Runs pytest so that a test which kills the process (a segfault, an abort) costs that test, not the run.
 
-    python scripts/run_tests_resilient.py [--budget SECONDS] -- <pytest arguments>
+    python scripts/run_tests_resilient.py [--budget SECONDS] [--workers N] -- <pytest arguments>
 
 (--budget defaults to $FASTCONV_STEP_LIMIT - 10 when that is set, as scripts/device_check.sh does.)
+--workers N runs the tests in N pytest-xdist processes where pytest-xdist is installed (the GPU machines have
+it): a crash then costs one worker, which xdist replaces, and the crashed test is reported as failed.
 
 The device check uses it: on the 2026-11-28 H100 build every C++ argument error crashed the process, and the
 first such test ended the GPU test run at 44%. Here pytest runs with this file as a plugin that records, as
@@ -40,12 +42,25 @@ def pytest_runtest_logstart(nodeid, location):
 def pytest_runtest_logreport(report):
     if PROGRESS_ENV not in os.environ:
         return
-    if report.when == "call" or (report.when == "setup" and not report.passed):
+    if report.when not in ("setup", "call", "teardown"):  # pytest-xdist's report of a test that killed its worker
+        _record({"done": report.nodeid, "outcome": "crashed"})
+    elif report.when == "call" or not report.passed:
         outcome = report.outcome if report.when == "call" else ("skipped" if report.skipped else "error")
         _record({"done": report.nodeid, "outcome": outcome})
 
 
 # ---- the driver side ---------------------------------------------------------------------------------------------
+
+
+def parallel(workers: int) -> list[str]:
+    if workers <= 1:
+        return []
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        print("run_tests_resilient: pytest-xdist is not installed; running in one process", flush=True)
+        return []
+    return ["-n", str(workers), "--max-worker-restart", "1000"]
 
 
 def main(argv: list[str]) -> int:
@@ -54,6 +69,9 @@ def main(argv: list[str]) -> int:
         budget = float(os.environ["FASTCONV_STEP_LIMIT"]) - 10
     if argv[:1] == ["--budget"]:
         budget, argv = float(argv[1]), argv[2:]
+    workers = 1
+    if argv[:1] == ["--workers"]:
+        workers, argv = int(argv[1]), argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     start = time.time()
@@ -72,7 +90,7 @@ def main(argv: list[str]) -> int:
         if left < 10:
             print(f"run_tests_resilient: budget spent after {runs - 1} runs", flush=True)
             break
-        command = [sys.executable, "-m", "pytest", "-p", "run_tests_resilient", *argv, *deselect]
+        command = [sys.executable, "-m", "pytest", "-p", "run_tests_resilient", *parallel(workers), *argv, *deselect]
         try:
             rc = subprocess.run(command, env=env, timeout=None if left == float("inf") else left).returncode
         except subprocess.TimeoutExpired:
@@ -93,6 +111,7 @@ def main(argv: list[str]) -> int:
             break
         crashed.append(started)
         print(f"\nrun_tests_resilient: pytest died (status {rc}) in {started}; running the rest again\n", flush=True)
+    crashed += [nodeid for nodeid, outcome in outcomes.items() if outcome == "crashed"]
     counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("passed", "failed", "skipped", "error")}
     print(f"run_tests_resilient: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
           f"{counts['error']} errors, {len(crashed)} crashed the process, in {runs} pytest runs")

@@ -63,9 +63,13 @@ def test_profile_target_runs_on_cpu(args):
     assert "profile_target: ran" in out.stdout
 
 
-def test_resilient_runner_survives_a_crashing_test(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resilient_runner_survives_a_crashing_test(tmp_path, workers):
     """scripts/run_tests_resilient.py (the device check's test runner): a test that kills the process is
-    reported as crashed and the tests after it still run."""
+    reported as crashed and the tests after it still run, in one process (pytest runs again without the tests
+    done) or in pytest-xdist workers (xdist replaces the dead one)."""
+    if workers > 1:
+        pytest.importorskip("xdist")
     (tmp_path / "test_sample.py").write_text(
         "import os, signal\n"
         "def test_a(): pass\n"
@@ -73,9 +77,11 @@ def test_resilient_runner_survives_a_crashing_test(tmp_path):
         "def test_c(): assert False\n"
         "def test_d(): pass\n")
     runner = Path(__file__).resolve().parent.parent / "scripts" / "run_tests_resilient.py"
-    result = subprocess.run([sys.executable, str(runner), "--", "-q", "-p", "no:cacheprovider", "test_sample.py"],
+    result = subprocess.run([sys.executable, str(runner), "--workers", str(workers), "--", "-q", "-p", "no:cacheprovider",
+                             "test_sample.py"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
-    assert "2 passed, 1 failed, 0 skipped, 0 errors, 1 crashed the process, in 2 pytest runs" in out, out
+    runs = 2 if workers == 1 else 1
+    assert f"2 passed, 1 failed, 0 skipped, 0 errors, 1 crashed the process, in {runs} pytest runs" in out, out
     assert "CRASHED test_sample.py::test_b" in out and "FAILED test_sample.py::test_c" in out, out

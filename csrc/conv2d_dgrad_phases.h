@@ -24,7 +24,8 @@ bool dgrad_by_phases_applies(const Conv2dProblem& pb);
 // tensor) with an (Kout, Kin / groups, R, S) filter, returning (N, Kout, P, Q) in any memory format.
 using PhaseFprop = std::function<at::Tensor(const at::Tensor& input, const at::Tensor& weight)>;
 
-// Writes every element of dx_nhwc (N, H, W, C) from dy_nhwc (N, P, Q, K, dense) and weight (K, C / groups, R, S).
+// Writes every element of dx_nhwc (N, H, W, C) from dy_nhwc (N, P, Q, K, any strides: each phase copies the window
+// it reads into a dense tensor) and weight (K, C / groups, R, S).
 void dgrad_by_phases(const Conv2dProblem& pb, const at::Tensor& dy_nhwc, const at::Tensor& weight,
                      const at::Tensor& dx_nhwc, const PhaseFprop& fprop);
 

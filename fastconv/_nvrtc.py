@@ -171,8 +171,9 @@ class Launch:
             assert type(arg) is expected, f"{self.kernel}: {type(arg).__name__} packed for a {param} parameter"
 
 
-_CTYPES_OF = {"bool": boolean, "int64_t": i64, "fastconv::Strides4": Strides4, "fastconv::Conv2dProblem": Conv2dProblem,
-              "fastconv::FpropTiling": FpropTiling, "fastconv::ResidualAddShape": ResidualAddShape}
+# The ctypes type that packs each by-value C++ parameter type (pointers are c_void_p).
+_CTYPES_OF = {cxx: ctype for ctype, cxx in CXX_TYPES.items()}
+_CTYPES_OF.update((cxx, mirror) for mirrors in STRUCTS.values() for cxx, mirror in mirrors.items())
 
 
 def signature_check(launch: Launch) -> str:

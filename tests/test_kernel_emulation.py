@@ -62,6 +62,10 @@ PTX_WRAPPERS = [
     ("uint32_t to_tf32(float v)", ["cvt.rna.tf32.f32"], "r = emu_tf32(v);"),
 ]
 
+# A kernel file's host-code section (launch configuration, <<<>>> launchers), which NVRTC skips too: the driver
+# launches through emu_launch instead.
+HOST_CODE = re.compile(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\s*// !defined\(__CUDACC_RTC__\)", re.S)
+
 # Planted bugs, each an edit of implicit_gemm.cuh the emulation must catch.
 PLANTED_BUGS = {
     # waits for one stage less than the loop reads: the stage about to be used has not landed
@@ -119,8 +123,7 @@ def patched_sources(out_dir: Path, planted_bug: str = None) -> Path:
         text = replace_once(text, "extern __shared__ __align__(16) unsigned char smem_bytes[];",
                             "unsigned char* smem_bytes = emu_smem;", path)
         # the launchers (<<<...>>>) go: the driver launches through emu_launch
-        text, count = re.subn(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\s*// !defined\(__CUDACC_RTC__\)",
-                              "", text, flags=re.S)
+        text, count = HOST_CODE.subn("", text)
         assert count == 1, stale(path, "expected one `#if !defined(__CUDACC_RTC__)  // host code` section")
         assert not re.search(r"\basm\b", text), stale(path, "inline PTX in a kernel file")
         (cuda / name).write_text(text)

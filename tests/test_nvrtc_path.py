@@ -27,7 +27,7 @@ from torch._prims_common import suggest_memory_format
 import fastconv
 from fastconv import _checks, _nvrtc, _nvrtc_ops
 from test_conv2d_errors import BAD_CONV2D
-from test_kernel_emulation import CUDA_INCLUDE, CUDA_SOURCES, CXX, EMULATION
+from test_kernel_emulation import CUDA_INCLUDE, CUDA_SOURCES, CXX, EMULATION, HOST_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
@@ -46,7 +46,6 @@ INSTANTIATIONS = {
                                for v in (1, 4 if t == "float" else 8) for r in BOOLS]
     + [f"fastconv::residual_add_strided_kernel<{t}, {r}>" for t in EMULATED_TYPES for r in BOOLS],
 }
-HOST_CODE = re.compile(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\s*// !defined\(__CUDACC_RTC__\)", re.S)
 
 
 def emulation_source(source: str, out: Path) -> Path:

@@ -23,7 +23,6 @@ namespace {
 // A (N, C, H, W) tensor as a dense NHWC array (free when it is channels_last already).
 at::Tensor nhwc(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
 
-
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<acc_t> to_acc(const at::Tensor& t) {
   const scalar_t* p = t.const_data_ptr<scalar_t>();
@@ -175,17 +174,19 @@ at::Tensor conv2d_implicit_gemm_dgrad_cpu(const at::Tensor& grad_output, const a
   const Conv2dProblem pb = check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups);
   check_implicit_gemm_tile(op, tile);
   at::Tensor dx = at::empty({pb.N, pb.H, pb.W, pb.C}, grad_output.options());
-  if (dx.numel() > 0 && dgrad_by_phases_applies(pb)) {  // as the CUDA wrapper: one stride-1 fprop per phase
-    dgrad_by_phases(pb, nhwc(grad_output), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
+  const auto format = conv2d_output_format(grad_output, weight);
+  if (dx.numel() == 0) return conv2d_output_from_nhwc(dx, format);
+  if (dgrad_by_phases_applies(pb)) {  // as the CUDA wrapper: one stride-1 fprop per phase
+    dgrad_by_phases(pb, grad_output.permute({0, 2, 3, 1}), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
       return fused_cpu(op, x, w, c10::nullopt, c10::nullopt, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, pb.groups, tile,
                        false, /*shift_is_bias=*/true);
     });
-  } else if (dx.numel() > 0) {
+  } else {
     const at::Tensor dy = nhwc(grad_output), w = nhwc(weight);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_dgrad_cpu",
                                     [&] { dgrad_cpu<scalar_t>(pb, dy.const_data_ptr<scalar_t>(), w, dx.mutable_data_ptr<scalar_t>()); });
   }
-  return conv2d_output_from_nhwc(dx, conv2d_output_format(grad_output, weight));
+  return conv2d_output_from_nhwc(dx, format);
 }
 
 at::Tensor conv2d_implicit_gemm_wgrad_cpu(const at::Tensor& grad_output, const at::Tensor& input,

@@ -41,7 +41,6 @@ at::Tensor aligned(const at::Tensor& t) {
 
 at::Tensor nhwc(const at::Tensor& t) { return aligned(t.permute({0, 2, 3, 1}).contiguous()); }
 
-
 // t (dense, channels last) with its last dimension read as `groups` blocks of channels, each block
 // zero-padded to `padded` channels. No copy when nothing needs padding.
 at::Tensor pad_channel_groups(const at::Tensor& t, int64_t groups, int64_t padded) {
@@ -159,7 +158,7 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
   if (dgrad_by_phases_applies(pb)) {
     // strided: one stride-1 fprop per stride phase over that phase's taps, instead of a dgrad whose gather
     // zero-fills all but 1 / (stride_h * stride_w) of them
-    dgrad_by_phases(pb, nhwc(grad_output), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
+    dgrad_by_phases(pb, grad_output.permute({0, 2, 3, 1}), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
       return fused_cuda(op, x, w, c10::nullopt, c10::nullopt, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, pb.groups, tile,
                         false, /*shift_is_bias=*/true);
     });

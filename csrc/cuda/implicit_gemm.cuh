@@ -51,7 +51,7 @@ struct ImplicitGemmElement {
   static constexpr int VEC = 16 / sizeof(T);
   static constexpr int BK = 64 / sizeof(T);
   static constexpr int K_MAJOR_PAD = VEC;                      // 16 bytes
-  static constexpr int MN_MAJOR_PAD = 8;       // 32 bytes (fp32), 16 bytes (fp16/bf16)
+  static constexpr int MN_MAJOR_PAD = 8;                       // 32 bytes (fp32), 16 bytes (fp16/bf16)
 };
 
 // Shared-memory elements of one stage of an operand tile of `rows` m (or n) by BK.

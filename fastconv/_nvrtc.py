@@ -328,7 +328,7 @@ class CupyLauncher:
     def __call__(self, launch: Launch, stream_ptr: int) -> None:
         from cupy.cuda import driver
 
-        function = self.module(launch).get_function(launch.kernel)
+        function = self.module(launch).get_function(launch.kernel).kernel  # the RawKernel's cupy.cuda.Function
         params = kernel_params(launch.args)
         driver.launchKernel(function.ptr, launch.grid, 1, 1, launch.block, 1, 1, launch.shared_mem, stream_ptr,
                             ctypes.addressof(params), 0)

@@ -51,6 +51,10 @@ cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | hea
 # The GPU machines' python3 holds torch; FASTCONV_PYTHON overrides it (a dry run elsewhere).
 export FASTCONV_PYTHON=${FASTCONV_PYTHON:-python3} FASTCONV_CUDA_ARCH=${FASTCONV_CUDA_ARCH:-${cap:-9.0}} MAX_JOBS=${MAX_JOBS:-16}
 PY=$FASTCONV_PYTHON
+# The GPU image sets CXX=/opt/gcc/bin/g++, a wrapper whose links carry their own static C++ runtime (__cxa_throw
+# defined inside _C.so): every C++ exception the extension threw then killed the process (2026-11-28, seen with
+# scripts/error_path_probe.sh; the system g++ build raised them). Build with the system g++.
+if command -v g++ >/dev/null; then export CXX=$(command -v g++); fi
 if [ -z "${CUDA_HOME:-}" ] && [ ! -x /usr/local/cuda/bin/nvcc ] && command -v nvcc >/dev/null; then
   export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 fi

@@ -216,6 +216,7 @@ def test_cuda_uses_current_stream_and_device():
     s = torch.cuda.Stream()
     x = torch.randn(4, 8, 32, 32, device="cuda")
     w = torch.randn(16, 8, 3, 3, device="cuda")
+    s.wait_stream(torch.cuda.current_stream())  # x and w are written on the default stream
     with torch.cuda.stream(s):
         y = conv2d(x, w, padding=1)
     s.synchronize()

@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "../conv2d_args.h"
-#include "../conv2d_dgrad_phases.h"
 #include "../implicit_gemm_problem.h"
 
 namespace fastconv {
@@ -176,16 +175,9 @@ at::Tensor conv2d_implicit_gemm_dgrad_cpu(const at::Tensor& grad_output, const a
   at::Tensor dx = at::empty({pb.N, pb.H, pb.W, pb.C}, grad_output.options());
   const auto format = conv2d_output_format(grad_output, weight);
   if (dx.numel() == 0) return conv2d_output_from_nhwc(dx, format);
-  if (dgrad_by_phases_applies(pb)) {  // as the CUDA wrapper: one stride-1 fprop per phase
-    dgrad_by_phases(pb, grad_output.permute({0, 2, 3, 1}), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
-      return fused_cpu(op, x, w, c10::nullopt, c10::nullopt, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, pb.groups, tile,
-                       false, /*shift_is_bias=*/true);
-    });
-  } else {
-    const at::Tensor dy = nhwc(grad_output), w = nhwc(weight);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_dgrad_cpu",
-                                    [&] { dgrad_cpu<scalar_t>(pb, dy.const_data_ptr<scalar_t>(), w, dx.mutable_data_ptr<scalar_t>()); });
-  }
+  const at::Tensor dy = nhwc(grad_output), w = nhwc(weight);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_dgrad_cpu",
+                                  [&] { dgrad_cpu<scalar_t>(pb, dy.const_data_ptr<scalar_t>(), w, dx.mutable_data_ptr<scalar_t>()); });
   return conv2d_output_from_nhwc(dx, format);
 }
 

@@ -22,7 +22,6 @@
 #include <vector>
 
 #include "../conv2d_args.h"
-#include "../conv2d_dgrad_phases.h"
 #include "launch.h"
 #include "wrapper_utils.h"
 
@@ -154,15 +153,6 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
   if (exact_fp32_requested(grad_output.scalar_type())) {
     return direct_backward("fastconv::conv2d_direct_dgrad", grad_output, weight, input_size, stride, padding, dilation,
                            groups);
-  }
-  if (dgrad_by_phases_applies(pb)) {
-    // strided: one stride-1 fprop per stride phase over that phase's taps, instead of a dgrad whose gather
-    // zero-fills all but 1 / (stride_h * stride_w) of them
-    dgrad_by_phases(pb, grad_output.permute({0, 2, 3, 1}), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
-      return fused_cuda(op, x, w, c10::nullopt, c10::nullopt, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, pb.groups, tile,
-                        false, /*shift_is_bias=*/true);
-    });
-    return conv2d_output_from_nhwc(dx, format);
   }
   // dgrad loads dy's channels (the filters of a group) as vectors: pad K per group
   Conv2dProblem padded = pb;

@@ -83,7 +83,7 @@ def test_build_free_path_equals_the_extension(dtype, channels_last):
     x = torch.randn(2, 8, 13, 11, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(16, 4, 3, 3, device="cuda", dtype=dtype)
     b = torch.randn(16, device="cuda", dtype=dtype)
-    for kw in (dict(stride=2, padding=1, groups=2), dict(padding="same", dilation=2), dict(groups=2)):
+    for kw in (dict(stride=2, padding=1, groups=2), dict(padding="same", dilation=2, groups=2), dict(groups=2)):
         y = _nvrtc_ops.conv2d(nvrtc(), cupy.from_dlpack(x), cupy.from_dlpack(w), cupy.from_dlpack(b), **kw)
         ref = fastconv.functional.conv2d(x, w, b, **kw, algo="direct")
         assert torch.equal(torch.from_dlpack(y), ref) and torch.from_dlpack(y).stride() == ref.stride()

@@ -39,6 +39,8 @@ CASES = [
     ConvCase("groups2", (2, 4, 6, 7), (6, 2, 3, 3), padding=1, groups=2),
     ConvCase("depthwise_stride2", (2, 5, 8, 8), (5, 1, 3, 3), stride=2, padding=1, groups=5),
     ConvCase("depthwise_multiplier2", (1, 3, 7, 7), (6, 1, 3, 3), groups=3, bias=False),
+    # an R x 1 depthwise filter: its padded KRSC copy was once laid out R-fastest (the GPU read it wrong)
+    ConvCase("depthwise_3x1", (2, 6, 6, 5), (6, 1, 3, 1), padding=(1, 0), groups=6),
     ConvCase("pointwise", (3, 8, 5, 5), (16, 8, 1, 1)),
     ConvCase("pointwise_stride2", (2, 8, 6, 7), (4, 8, 1, 1), stride=2, bias=False),
     ConvCase("stem_7x7_stride2", (1, 3, 17, 19), (8, 3, 7, 7), stride=2, padding=3),

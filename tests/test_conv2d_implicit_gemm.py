@@ -303,6 +303,36 @@ def test_benchmark_cache_save_and_load_round_trip(tmp_path):
         backends.clear_benchmark_cache()
 
 
+# ---- strided dgrad, one stride-1 fprop per stride phase (csrc/conv2d_dgrad_phases.h) -------------------------
+
+# (H, W, R, S, stride, padding, groups): strides 2 to 5, unequal ones, stride larger than the filter (phases that
+# no tap reaches), paddings that shift and crop dy's window, groups
+PHASE_CASES = [
+    (9, 7, 3, 3, 2, 1, 1), (8, 8, 1, 1, 2, 0, 1), (11, 13, 7, 7, 2, 3, 1), (23, 19, 11, 11, 4, 2, 1),
+    (10, 9, 3, 2, (3, 2), (2, 0), 2), (7, 7, 3, 3, (2, 1), (0, 1), 1), (5, 5, 1, 1, 3, 0, 4),
+    (12, 12, 5, 5, 3, 2, 1), (6, 6, 2, 2, 2, 1, 1), (9, 9, 2, 3, (5, 2), 1, 1),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", PHASE_CASES, ids=str)
+def test_strided_dgrad_by_phases_matches_torch(case, channels_last):
+    """The CPU twin runs strided dgrad as the CUDA wrapper does (a stride-1 fprop per phase, the phase's taps
+    flipped, K and C swapped): every input pixel written once, equal to torch's input gradient in float64."""
+    h, w, r, s, stride, padding, groups = case
+    torch.manual_seed(0)
+    x = torch.randn(2, 4 * groups, h, w, dtype=torch.float64)
+    weight = torch.randn(6 * groups, 4, r, s, dtype=torch.float64)
+    conv = (_pair(stride), _pair(padding), [1, 1], groups)
+    gy = torch.randn(F.conv2d(x, weight, None, *conv).shape, dtype=torch.float64)
+    if channels_last:
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    dx = IG.dgrad(gy, weight, list(x.shape), *conv, -1)
+    ref = torch.nn.grad.conv2d_input(x.shape, weight, gy, stride=conv[0], padding=conv[1], groups=groups)
+    torch.testing.assert_close(dx, ref, rtol=1e-12, atol=1e-12)
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 # ---- the tensor-core kernels (GPU) --------------------------------------------------------------------
 
 # (input NCHW, weight, stride, padding, dilation, groups): ResNet-like layers, channel counts needing
@@ -316,10 +346,13 @@ GPU_CASES = [
     ((2, 32, 12, 12), (40, 8, 3, 3), (2, 1), 1, 1, 4),
     ((1, 16, 8, 8), (12, 4, 3, 3), 1, (0, 1), (1, 2), 4),
     ((5, 24, 7, 6), (33, 24, 1, 3), 1, (0, 1), 1, 1),
-    # AlexNet's stride-4 11x11 stem, a 1x1 stride 2
+    # strided dgrad by phases: AlexNet's stride-4 11x11 stem, a 1x1 stride 2 (phases no tap reaches), a strided
+    # depthwise conv (its phases are depthwise 2x1 and 1x2 fprops)
     ((2, 3, 39, 37), (16, 3, 11, 11), 4, 2, 1, 1),
     ((2, 32, 9, 10), (48, 32, 1, 1), 2, 0, 1, 1),
-    # depthwise 2x1: its fprop was wrong on the H100 (2026-11-28, scripts/device_followup.py), 1x2 and 2x2 right
+    ((2, 8, 9, 9), (8, 1, 3, 3), 2, 1, 1, 8),
+    # depthwise 2x1: its fprop was wrong on the H100 (2026-11-28): the padded filter's copy was not dense
+    # (implicit_gemm_operands.cpp, pad_channel_groups); 1x2 and 2x2 were right
     ((2, 6, 6, 5), (6, 1, 2, 1), 1, 0, 1, 6),
 ]
 

@@ -2,7 +2,9 @@
 // CUDA kernels (csrc/implicit_gemm_problem.h), on channels-last activations and KRSC filters, every gathered
 // element located by the shared functions (fprop_gather_offset, dgrad_gather_offset). Each output element
 // is one dot product in the accumulation type (fp32 for fp16/bf16/fp32, fp64 for fp64), then the fused
-// epilogue and one rounding. No tiling and no channel padding: those are the GPU's business.
+// epilogue and one rounding. No tiling (the GPU's business), but the GPU's operands: the twin computes on
+// what ../implicit_gemm_operands.h prepares for the kernels (channels padded to the vector width, dgrad's
+// filter transposed), so the CPU tests check that preparation as well as the index math.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,13 +16,12 @@
 #include <vector>
 
 #include "../conv2d_args.h"
+#include "../conv2d_dgrad_phases.h"
+#include "../implicit_gemm_operands.h"
 #include "../implicit_gemm_problem.h"
 
 namespace fastconv {
 namespace {
-
-// A (N, C, H, W) tensor as a dense NHWC array (free when it is channels_last already).
-at::Tensor nhwc(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
 
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<acc_t> to_acc(const at::Tensor& t) {
@@ -61,18 +62,12 @@ void fprop_cpu(const Conv2dProblem& pb, const scalar_t* x, const at::Tensor& w_k
   });
 }
 
+// wt_gcrsk: B, the filter transposed per group, wt[g][c][(r, s, k)] = w[g * Kg + k][(r, s, c)]
 template <typename scalar_t>
-void dgrad_cpu(const Conv2dProblem& pb, const scalar_t* dy, const at::Tensor& w_krsc, scalar_t* dx) {
+void dgrad_cpu(const Conv2dProblem& pb, const scalar_t* dy, const at::Tensor& wt_gcrsk, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group(), RS = pb.R * pb.S, Kred = RS * Kg;
-  // B = the filter transposed per group: wt[g][c][(r, s, k)] = w[g * Kg + k][(r, s, c)], as the GPU reads it
-  const scalar_t* w = w_krsc.const_data_ptr<scalar_t>();
-  std::vector<acc_t> wt(pb.C * Kred);
-  for (int64_t g = 0; g < pb.groups; ++g)
-    for (int64_t k = 0; k < Kg; ++k)
-      for (int64_t rs = 0; rs < RS; ++rs)
-        for (int64_t c = 0; c < Cg; ++c)
-          wt[(g * Cg + c) * Kred + rs * Kg + k] = acc_t(w[((g * Kg + k) * RS + rs) * Cg + c]);
+  const std::vector<acc_t> wt = to_acc<scalar_t>(wt_gcrsk);
   at::parallel_for(0, pb.N * pb.H * pb.W, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> a(Kred);
     for (int64_t m = begin; m < end; ++m) {
@@ -136,11 +131,11 @@ at::Tensor fused_cpu(const char* op, const at::Tensor& input, const at::Tensor& 
                                                             shift_is_bias);
   at::Tensor y = at::empty({pb.N, pb.P, pb.Q, pb.K}, input.options());
   if (y.numel() > 0) {
-    const at::Tensor x = nhwc(input), w = nhwc(weight);  // KRSC
+    const ImplicitGemmFpropOperands ops = implicit_gemm_fprop_operands(pb, input, weight);
     const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), sh = shift ? shift->contiguous() : at::Tensor();
-    const at::Tensor res = residual ? nhwc(*residual) : at::Tensor();
+    const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_implicit_gemm_cpu", [&] {
-      fprop_cpu<scalar_t>(pb, x.const_data_ptr<scalar_t>(), w, data_or_null<scalar_t>(sc), data_or_null<scalar_t>(sh),
+      fprop_cpu<scalar_t>(ops.pb, ops.x.const_data_ptr<scalar_t>(), ops.w, data_or_null<scalar_t>(sc), data_or_null<scalar_t>(sh),
                           data_or_null<scalar_t>(res), relu, y.mutable_data_ptr<scalar_t>());
     });
   }
@@ -175,9 +170,19 @@ at::Tensor conv2d_implicit_gemm_dgrad_cpu(const at::Tensor& grad_output, const a
   at::Tensor dx = at::empty({pb.N, pb.H, pb.W, pb.C}, grad_output.options());
   const auto format = conv2d_output_format(grad_output, weight);
   if (dx.numel() == 0) return conv2d_output_from_nhwc(dx, format);
-  const at::Tensor dy = nhwc(grad_output), w = nhwc(weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_dgrad_cpu",
-                                  [&] { dgrad_cpu<scalar_t>(pb, dy.const_data_ptr<scalar_t>(), w, dx.mutable_data_ptr<scalar_t>()); });
+  if (dgrad_by_phases_applies(pb)) {  // as the CUDA wrapper: one stride-1 fprop per phase
+    dgrad_by_phases(pb, grad_output.permute({0, 2, 3, 1}), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
+      return fused_cpu(op, x, w, c10::nullopt, c10::nullopt, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, pb.groups, tile,
+                       false, /*shift_is_bias=*/true);
+    });
+  } else {
+    const ImplicitGemmDgradOperands ops = implicit_gemm_dgrad_operands(pb, grad_output, weight);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_dgrad_cpu",
+                                    [&] {
+                                      dgrad_cpu<scalar_t>(ops.pb, ops.dy.const_data_ptr<scalar_t>(), ops.wt,
+                                                          dx.mutable_data_ptr<scalar_t>());
+                                    });
+  }
   return conv2d_output_from_nhwc(dx, format);
 }
 
@@ -190,12 +195,15 @@ at::Tensor conv2d_implicit_gemm_wgrad_cpu(const at::Tensor& grad_output, const a
   check_implicit_gemm_tile(op, tile);
   at::Tensor dw = at::empty({pb.K, pb.R, pb.S, pb.C_per_group()}, grad_output.options());  // KRSC
   if (dw.numel() > 0) {
-    const at::Tensor dy = nhwc(grad_output), x = nhwc(input);
+    const ImplicitGemmWgradOperands ops = implicit_gemm_wgrad_operands(pb, grad_output, input);
+    at::Tensor dw_padded = at::empty({ops.pb.K, pb.R, pb.S, ops.pb.C_per_group()}, grad_output.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_implicit_gemm_wgrad_cpu",
                                     [&] {
-                                      wgrad_cpu<scalar_t>(pb, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                          dw.mutable_data_ptr<scalar_t>());
+                                      wgrad_cpu<scalar_t>(ops.pb, ops.dy.const_data_ptr<scalar_t>(),
+                                                          ops.x.const_data_ptr<scalar_t>(),
+                                                          dw_padded.mutable_data_ptr<scalar_t>());
                                     });
+    dw = implicit_gemm_unpad_wgrad(dw_padded, pb, ops.pb);
   }
   return conv2d_output_from_nhwc(dw, conv2d_output_format(grad_output, input));
 }

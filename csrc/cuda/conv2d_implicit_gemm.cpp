@@ -1,9 +1,9 @@
 // Host wrappers of the implicit-GEMM convolution on CUDA (kernels: conv2d_implicit_gemm_*_kernel.cu).
 //
 // The kernels want dense NHWC activations and KRSC filters whose loaded channel counts are multiples of 8
-// (one 16-byte vector of fp16/bf16). The wrappers bring any input into that form: a channels_last tensor
-// is used in place; an NCHW one is copied once; a group whose channel count is not a multiple of 8 (the RGB
-// stem's 3, a grouped conv's 4) is zero-padded, which changes no sum. Outputs are channels_last, or NCHW
+// (one 16-byte vector of fp16/bf16): ../implicit_gemm_operands.h prepares them (a channels_last tensor is
+// used in place, an NCHW one copied once, a group of 3 or 4 channels zero-padded), the same preparation the
+// CPU twin computes on, so the CPU tests check it. Outputs are channels_last, or NCHW
 // when torch's rule says so (one copy). fp32 runs on tensor cores as TF32 when
 // torch.backends.cudnn.allow_tf32 (torch's switch for its own convolutions) allows it; when it does not,
 // the op keeps its promise of full fp32 precision through the exact fp32 direct kernels (slower), as
@@ -11,7 +11,6 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,37 +21,13 @@
 #include <vector>
 
 #include "../conv2d_args.h"
+#include "../conv2d_dgrad_phases.h"
+#include "../implicit_gemm_operands.h"
 #include "launch.h"
 #include "wrapper_utils.h"
 
 namespace fastconv {
 namespace {
-
-constexpr int64_t kChannelMultiple = 8;  // channels per 16-byte vector of fp16/bf16 (two vectors of fp32)
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-// A dense tensor whose data starts 16-byte aligned (cp.async copies 16 bytes): a view that starts mid-way
-// (a storage offset) is copied.
-at::Tensor aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
-}
-
-at::Tensor nhwc(const at::Tensor& t) { return aligned(t.permute({0, 2, 3, 1}).contiguous()); }
-
-// t (dense, channels last) with its last dimension read as `groups` blocks of channels, each block
-// zero-padded to `padded` channels. No copy when nothing needs padding.
-at::Tensor pad_channel_groups(const at::Tensor& t, int64_t groups, int64_t padded) {
-  const int64_t per_group = t.size(-1) / groups;
-  if (per_group == padded) return t;  // (already aligned: nhwc())
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 1);
-  shape.push_back(groups);
-  shape.push_back(per_group);
-  const at::Tensor v = at::constant_pad_nd(t.reshape(shape), {0, padded - per_group}, 0);
-  shape.pop_back();
-  shape.back() = groups * padded;
-  return v.reshape(shape);
-}
 
 // Can this GPU run the kernels at all? (Checked after the arguments, before any launch.)
 void check_runnable(const char* op) {
@@ -105,15 +80,11 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
     if (relu) out.relu_();  // NaN passes
     return out;
   }
-  Conv2dProblem padded = pb;
-  const int64_t Cg = round_up(pb.C_per_group(), kChannelMultiple);
-  padded.C = Cg * pb.groups;
-  const at::Tensor x = pad_channel_groups(nhwc(input), pb.groups, Cg);
-  const at::Tensor w = pad_channel_groups(nhwc(weight), 1, Cg);  // KRSC, each filter's channels padded
+  const ImplicitGemmFpropOperands ops = implicit_gemm_fprop_operands(pb, input, weight);
   const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), sh = shift ? shift->contiguous() : at::Tensor();
-  const at::Tensor res = residual ? nhwc(*residual) : at::Tensor();  // read in aligned pairs
-  check_launch(op, launch_conv2d_implicit_gemm_fprop(padded, cuda_dtype(op, input.scalar_type()), static_cast<int>(tile),
-                                                     x.const_data_ptr(), w.const_data_ptr(), data_or_null(sc),
+  const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();  // read in aligned pairs
+  check_launch(op, launch_conv2d_implicit_gemm_fprop(ops.pb, cuda_dtype(op, input.scalar_type()), static_cast<int>(tile),
+                                                     ops.x.const_data_ptr(), ops.w.const_data_ptr(), data_or_null(sc),
                                                      data_or_null(sh), data_or_null(res), relu, y.mutable_data_ptr(),
                                                      c10::cuda::getCurrentCUDAStream().stream()));
   return conv2d_output_from_nhwc(y, format);
@@ -154,17 +125,18 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
     return direct_backward("fastconv::conv2d_direct_dgrad", grad_output, weight, input_size, stride, padding, dilation,
                            groups);
   }
-  // dgrad loads dy's channels (the filters of a group) as vectors: pad K per group
-  Conv2dProblem padded = pb;
-  const int64_t Kg = round_up(pb.K_per_group(), kChannelMultiple), Cg = pb.C_per_group();
-  padded.K = Kg * pb.groups;
-  const at::Tensor dy = pad_channel_groups(nhwc(grad_output), pb.groups, Kg);
-  // wt[g][c][r][s][k] = w[g * Kg + k][c][r][s], each (g, c) row's k padded
-  const at::Tensor wt = pad_channel_groups(
-      aligned(weight.reshape({pb.groups, pb.K_per_group(), Cg, pb.R, pb.S}).permute({0, 2, 3, 4, 1}).contiguous()), 1,
-      Kg);
-  check_launch(op, launch_conv2d_implicit_gemm_dgrad(padded, cuda_dtype(op, grad_output.scalar_type()),
-                                                     static_cast<int>(tile), dy.const_data_ptr(), wt.const_data_ptr(),
+  if (dgrad_by_phases_applies(pb)) {
+    // strided: one stride-1 fprop per stride phase over that phase's taps, instead of a dgrad whose gather
+    // zero-fills all but 1 / (stride_h * stride_w) of them
+    dgrad_by_phases(pb, grad_output.permute({0, 2, 3, 1}), weight, dx, [&](const at::Tensor& x, const at::Tensor& w) {
+      return fused_cuda(op, x, w, c10::nullopt, c10::nullopt, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, pb.groups, tile,
+                        false, /*shift_is_bias=*/true);
+    });
+    return conv2d_output_from_nhwc(dx, format);
+  }
+  const ImplicitGemmDgradOperands ops = implicit_gemm_dgrad_operands(pb, grad_output, weight);
+  check_launch(op, launch_conv2d_implicit_gemm_dgrad(ops.pb, cuda_dtype(op, grad_output.scalar_type()),
+                                                     static_cast<int>(tile), ops.dy.const_data_ptr(), ops.wt.const_data_ptr(),
                                                      dx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
   return conv2d_output_from_nhwc(dx, format);
 }
@@ -190,26 +162,17 @@ at::Tensor conv2d_implicit_gemm_wgrad_cuda(const at::Tensor& grad_output, const 
   }
   TORCH_CHECK_VALUE(pixels < (int64_t{1} << 31), op, ": N * P * Q = ", pixels,
                     " output pixels exceed the kernel's 32-bit pixel index; use algo='im2col' or 'direct'");
-  // wgrad loads dy's channels (A) and x's channels (B) as vectors: pad both per group
-  Conv2dProblem padded = pb;
-  const int64_t Kg = round_up(pb.K_per_group(), kChannelMultiple), Cg = round_up(pb.C_per_group(), kChannelMultiple);
-  padded.K = Kg * pb.groups;
-  padded.C = Cg * pb.groups;
-  const at::Tensor dy = pad_channel_groups(nhwc(grad_output), pb.groups, Kg);
-  const at::Tensor x = pad_channel_groups(nhwc(input), pb.groups, Cg);
+  const ImplicitGemmWgradOperands ops = implicit_gemm_wgrad_operands(pb, grad_output, input);
+  const Conv2dProblem& padded = ops.pb;
   const DType dt = cuda_dtype(op, grad_output.scalar_type());
   const int splits = conv2d_implicit_gemm_wgrad_splits(padded, dt, static_cast<int>(tile), 0);
+  const int64_t Cg = padded.C_per_group();
   at::Tensor partial = at::empty({splits * padded.K * pb.R * pb.S * Cg}, grad_output.options().dtype(at::kFloat));
   at::Tensor dw = at::empty({padded.K, pb.R, pb.S, Cg}, grad_output.options());  // KRSC, padded
-  check_launch(op, launch_conv2d_implicit_gemm_wgrad(padded, dt, static_cast<int>(tile), splits, dy.const_data_ptr(),
-                                                     x.const_data_ptr(), partial.mutable_data_ptr<float>(),
+  check_launch(op, launch_conv2d_implicit_gemm_wgrad(padded, dt, static_cast<int>(tile), splits, ops.dy.const_data_ptr(),
+                                                     ops.x.const_data_ptr(), partial.mutable_data_ptr<float>(),
                                                      dw.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));
-  if (Kg != pb.K_per_group() || Cg != pb.C_per_group()) {
-    dw = dw.reshape({pb.groups, Kg, pb.R, pb.S, Cg})
-             .slice(1, 0, pb.K_per_group())
-             .slice(4, 0, pb.C_per_group())
-             .reshape({pb.K, pb.R, pb.S, pb.C_per_group()});  // copies the kept part, dense KRSC
-  }
+  dw = implicit_gemm_unpad_wgrad(dw, pb, padded);
   return conv2d_output_from_nhwc(dw, format);
 }
 

@@ -6,9 +6,10 @@
 //       zero otherwise. B = the filter transposed per group to [Cg][R][S][Kg] (by the host wrapper, a
 //       small copy), so it is K-major like fprop's. Grid: (M tiles, N tiles, groups).
 //
-// Strided convolutions waste work here: for stride 2, three taps in four are zero-filled and still go
-// through the tensor cores (CUTLASS's strided dgrad splits the problem by stride phase instead; a later
-// version can do the same). Requires NHWC dy, Kg a multiple of the copy width (the wrapper pads).
+// Strided convolutions would waste work here (for stride 2, three taps in four zero-filled and still sent
+// through the tensor cores), so the wrapper runs those as one stride-1 fprop per stride phase instead
+// (csrc/conv2d_dgrad_phases.h, CUTLASS's strided-dgrad decomposition); this kernel gets stride 1 and the
+// dilated strided cases. Requires NHWC dy, Kg a multiple of the copy width (the wrapper pads).
 #include "implicit_gemm.cuh"
 
 namespace fastconv {

@@ -10,10 +10,6 @@
 namespace fastconv {
 namespace {
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-int64_t padded_channels(int64_t per_group) { return round_up(per_group, kImplicitGemmChannelMultiple); }
-
 // A dense tensor as itself when its data starts 16-byte aligned, else a copy (a view that starts mid-way).
 at::Tensor aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);
@@ -44,7 +40,7 @@ at::Tensor dense_nhwc(const at::Tensor& t) { return aligned(t.permute({0, 2, 3, 
 ImplicitGemmFpropOperands implicit_gemm_fprop_operands(const Conv2dProblem& pb, const at::Tensor& input,
                                                         const at::Tensor& weight) {
   ImplicitGemmFpropOperands ops{pb, {}, {}};
-  const int64_t Cg = padded_channels(pb.C_per_group());
+  const int64_t Cg = round_up_to_vector(pb.C_per_group());
   ops.pb.C = Cg * pb.groups;
   ops.x = pad_channel_groups(dense_nhwc(input), pb.groups, Cg);
   ops.w = pad_channel_groups(dense_nhwc(weight), 1, Cg);  // KRSC, each filter's channels padded
@@ -54,7 +50,7 @@ ImplicitGemmFpropOperands implicit_gemm_fprop_operands(const Conv2dProblem& pb, 
 ImplicitGemmDgradOperands implicit_gemm_dgrad_operands(const Conv2dProblem& pb, const at::Tensor& grad_output,
                                                         const at::Tensor& weight) {
   ImplicitGemmDgradOperands ops{pb, {}, {}};
-  const int64_t Kg = padded_channels(pb.K_per_group()), Cg = pb.C_per_group();
+  const int64_t Kg = round_up_to_vector(pb.K_per_group()), Cg = pb.C_per_group();
   ops.pb.K = Kg * pb.groups;
   ops.dy = pad_channel_groups(dense_nhwc(grad_output), pb.groups, Kg);
   // wt[g][c][r][s][k] = w[g * Kg + k][c][r][s], each (g, c, r, s) row's k padded
@@ -67,7 +63,7 @@ ImplicitGemmDgradOperands implicit_gemm_dgrad_operands(const Conv2dProblem& pb, 
 ImplicitGemmWgradOperands implicit_gemm_wgrad_operands(const Conv2dProblem& pb, const at::Tensor& grad_output,
                                                         const at::Tensor& input) {
   ImplicitGemmWgradOperands ops{pb, {}, {}};
-  const int64_t Kg = padded_channels(pb.K_per_group()), Cg = padded_channels(pb.C_per_group());
+  const int64_t Kg = round_up_to_vector(pb.K_per_group()), Cg = round_up_to_vector(pb.C_per_group());
   ops.pb.K = Kg * pb.groups;
   ops.pb.C = Cg * pb.groups;
   ops.dy = pad_channel_groups(dense_nhwc(grad_output), pb.groups, Kg);

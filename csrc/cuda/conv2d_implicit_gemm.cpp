@@ -59,6 +59,13 @@ at::Tensor direct_backward(const char* name, const at::Tensor& a, const at::Tens
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// The kernels index the reduction (R*S*C/groups for fprop, R*S*K/groups for dgrad, N*P*Q for wgrad) in 32 bits,
+// with a reduction tile of headroom.
+void check_reduction_fits(const char* op, int64_t extent, const char* what) {
+  TORCH_CHECK_VALUE(extent < (int64_t{1} << 31) - 64, op, ": ", what, " = ", extent,
+                    " exceeds the kernel's 32-bit reduction index; use algo='im2col' or 'direct'");
+}
+
 at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                       const c10::optional<at::Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -80,6 +87,7 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
     if (relu) out.relu_();  // NaN passes
     return out;
   }
+  check_reduction_fits(op, pb.R * pb.S * round_up_to_vector(pb.C_per_group()), "R * S * C / groups");
   const ImplicitGemmFpropOperands ops = implicit_gemm_fprop_operands(pb, input, weight);
   const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), sh = shift ? shift->contiguous() : at::Tensor();
   const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();  // read in aligned pairs
@@ -134,6 +142,7 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
     });
     return conv2d_output_from_nhwc(dx, format);
   }
+  check_reduction_fits(op, pb.R * pb.S * round_up_to_vector(pb.K_per_group()), "R * S * K / groups");
   const ImplicitGemmDgradOperands ops = implicit_gemm_dgrad_operands(pb, grad_output, weight);
   check_launch(op, launch_conv2d_implicit_gemm_dgrad(ops.pb, cuda_dtype(op, grad_output.scalar_type()),
                                                      static_cast<int>(tile), ops.dy.const_data_ptr(), ops.wt.const_data_ptr(),
@@ -160,8 +169,7 @@ at::Tensor conv2d_implicit_gemm_wgrad_cuda(const at::Tensor& grad_output, const 
     return direct_backward("fastconv::conv2d_direct_wgrad", grad_output, input, weight_size, stride, padding, dilation,
                            groups);
   }
-  TORCH_CHECK_VALUE(pixels < (int64_t{1} << 31), op, ": N * P * Q = ", pixels,
-                    " output pixels exceed the kernel's 32-bit pixel index; use algo='im2col' or 'direct'");
+  check_reduction_fits(op, pixels, "N * P * Q");
   const ImplicitGemmWgradOperands ops = implicit_gemm_wgrad_operands(pb, grad_output, input);
   const Conv2dProblem& padded = ops.pb;
   const DType dt = cuda_dtype(op, grad_output.scalar_type());

@@ -29,7 +29,7 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, const T* __restrict__ x, con
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred, Kred, Kg, Kred, n0);
   float acc[Cfg::MI][Cfg::NI][4];
   const int64_t k_tiles = (Kred + ImplicitGemmElement<T>::BK - 1) / ImplicitGemmElement<T>::BK;
-  implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, k_tiles);
+  implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(k_tiles));
   conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, g * Kg, y, scale, shift, residual, relu);
 #else
   __trap();  // never launched below sm_80 (implicit_gemm_device_supported)

@@ -36,7 +36,8 @@ conv2d_implicit_gemm_wgrad_kernel(Conv2dProblem pb, int splits, const T* __restr
   DenseMNMajorLoader<T, Cfg::BM, Cfg::THREADS> a_loader(dy + g * Kg, pb.K, Kg, Kred, m0);
   ActivationMNMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(x, pb, Ncols, Kred, Cg, g * Cg, n0);
   float acc[Cfg::MI][Cfg::NI][4];
-  implicit_gemm_mainloop<T, Cfg, false, false>(acc, smem, a_loader, b_loader, kt_begin, kt_end);
+  implicit_gemm_mainloop<T, Cfg, false, false>(acc, smem, a_loader, b_loader, static_cast<int>(kt_begin),
+                                               static_cast<int>(kt_end));  // N*P*Q < 2^31: the host checks
   // this split's partial filter: rows g*Kg + m of the (K, R*S*Cg) slice `split` of the workspace
   float* out = partial + split * pb.K * Ncols + g * Kg * Ncols;
   for_each_accumulator_pair<Cfg>(acc, [&](int i, int j, float v0, float v1) {

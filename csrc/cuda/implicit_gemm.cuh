@@ -36,14 +36,15 @@ struct ImplicitGemmTile {
 
 // The tile configurations the launchers instantiate, indexed by the ops' `tile` argument (-1 picks one by
 // the grid's size, see implicit_gemm_pick_tile).
-// (Tile 0 sits at ~128 registers, two blocks per SM; forcing that with launch bounds spills on sm_80.)
+// (Tile 0 sits at 128 registers, two blocks of 8 warps per SM.)
 using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3>;  // 8 warps of 64 x 32
 using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4>;   // 4 warps of 64 x 32
 using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4>;    // 4 warps of 32 x 32
-// 8 warps of 64 x 32 over 256 rows: half tile 1's filter re-reads per output pixel when N is 64 (a whole
-// filter copied per block); not chosen by size yet, only by the ops' `tile` and the benchmark (autotuning)
-// until a device run has timed it against tile 1.
-using ImplicitGemmTile3 = ImplicitGemmTile<256, 64, 4, 2, 3>;
+// Tile 1 with 3 stages: 46 KiB of shared memory (bf16) instead of 61, so 4 blocks fit an SM where tile 1
+// fits 3 (both at 128 registers): 16 warps per SM instead of 12, the same bytes in flight. (Tile 3 was
+// 256 x 64 with 8 warps until the H100 run timed it slower than tile 1 on every layer.) Not chosen by size
+// yet, only by the ops' `tile` and the benchmark (autotuning), until a device run has timed it.
+using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 3>;
 
 // Element type T's reduction tile (64 bytes) and 16-byte copy width.
 template <typename T>
@@ -158,7 +159,8 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
 // neighbouring threads copy neighbouring 16-byte chunks (coalesced global reads).
 
 // A dense row-major matrix read K-major: element (i, k) at src[i * ld + k], rows i < rows, k < K (K and ld
-// multiples of VEC). The filter operand of fprop and dgrad.
+// multiples of VEC, K < 2^31: the host checks). The filter operand of fprop and dgrad. Each thread keeps the
+// start of its rows, so a copy costs a compare and an add.
 template <typename T, int ROWS, int THREADS>
 struct DenseKMajorLoader {
   using E = ImplicitGemmElement<T>;
@@ -166,25 +168,28 @@ struct DenseKMajorLoader {
   static constexpr int CHUNKS = E::BK / E::VEC;  // vectors per row
   static constexpr int ITERS = ROWS * CHUNKS / THREADS;
   static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
-  const T* src;
-  int64_t ld, K;
-  int row0, chunk_k;
+  const T* row_src[ITERS];  // the row's element 0; src itself for a row past the end (its copies zero-fill)
   bool row_valid[ITERS];
+  int K, row0, chunk_k;
 
-  __device__ __forceinline__ DenseKMajorLoader(const T* src_, int64_t ld_, int64_t rows, int64_t K_, int64_t i0)
-      : src(src_ + i0 * ld_), ld(ld_), K(K_) {
+  __device__ __forceinline__ DenseKMajorLoader(const T* src, int64_t ld, int64_t rows, int64_t K_, int64_t i0)
+      : K(static_cast<int>(K_)) {
     row0 = threadIdx.x / CHUNKS;
     chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) row_valid[it] = i0 + row0 + it * (THREADS / CHUNKS) < rows;
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t i = i0 + row0 + it * (THREADS / CHUNKS);
+      row_valid[it] = i < rows;
+      row_src[it] = row_valid[it] ? src + i * ld : src;
+    }
   }
-  __device__ __forceinline__ void load(T* stage, int64_t k0) const {
-    const int64_t k = k0 + chunk_k;
+  __device__ __forceinline__ void load(T* stage, int k0) const {
+    const int k = k0 + chunk_k;
+    const bool k_valid = k < K;
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
-      const int i = row0 + it * (THREADS / CHUNKS);
-      const bool valid = row_valid[it] && k < K;
-      cp_async_16(stage + Tile::at(i, chunk_k), valid ? src + i * ld + k : src, valid);
+      const bool valid = row_valid[it] && k_valid;
+      cp_async_16(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), row_src[it] + (valid ? k : 0), valid);
     }
   }
 };
@@ -209,11 +214,11 @@ struct DenseMNMajorLoader {
     col = (threadIdx.x % CHUNKS) * E::VEC;
     col_valid = i0 + col < cols;
   }
-  __device__ __forceinline__ void load(T* stage, int64_t k0) const {
+  __device__ __forceinline__ void load(T* stage, int k0) const {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int kk = kk0 + it * (THREADS / CHUNKS);
-      const int64_t k = k0 + kk;
+      const int64_t k = static_cast<int64_t>(k0) + kk;
       const bool valid = col_valid && k < K;
       cp_async_16(stage + Tile::at(col, kk), valid ? src + k * ld + col : src, valid);
     }
@@ -224,14 +229,17 @@ struct DenseMNMajorLoader {
 // input pixel (n, h, w) for dgrad), the reduction index k = (r, s, c) walks filter taps and the
 // `channels` channels of the group (from `channel0`) of the gathered activation.
 //
-// Address arithmetic is split so that the per-copy work is small: per row (once per block) the NHWC
-// offset of the pixel the taps are relative to, and its coordinates y0, x0 in the source's grid; per
-// reduction tile (once per thread, shared by its rows) the tap's offset (dy, dx) and the matching element
-// offset `delta`; per copy two bounds tests and one 64-bit add. fprop reads x at (y0 + r*dil, x0 + s*dil)
-// with (y0, x0) = (p*stride - pad, q*stride - pad). dgrad reads dy at ((h + pad - r*dil) / stride, ...)
-// with (y0, x0) = (h + pad, w + pad) and negated taps, the quotient tested for exactness per copy (a
-// stride-1 fast path in fprop's form spilled registers in tile 0, so dgrad keeps the general form). Each
-// thread keeps its chunk's (r, s, c), advanced by BK per call (no division in the main loop but dgrad's).
+// Address arithmetic is split so that the per-copy work is small: per row (once per block) a pointer to
+// the pixel the taps are relative to, and its coordinates y0, x0 in the source's grid; per reduction tile
+// (once per thread, shared by its rows) the tap's offset (dy, dx) and the matching element offset `delta`,
+// recomputed only when the tap changes (else delta just advances by BK channels); per copy two bounds
+// tests and one 64-bit add. fprop reads x at (y0 + r*dil, x0 + s*dil) with
+// (y0, x0) = (p*stride - pad, q*stride - pad). dgrad reads dy at ((h + pad - r*dil) / stride, ...) with
+// (y0, x0) = (h + pad, w + pad) and negated taps, the quotient tested for exactness per copy (a stride-1
+// fast path in fprop's form spilled registers in tile 0, so dgrad keeps the general form; strided dgrad
+// mostly runs as stride-1 fprops, csrc/conv2d_dgrad_phases.h). Each thread keeps its chunk's (r, s, c),
+// advanced by BK per call (no division in the main loop but dgrad's). The reduction K = R*S*channels is
+// below 2^31 (the host checks), so k, c and the tap are 32-bit; offsets into the tensor are 64-bit.
 template <typename T, int ROWS, int THREADS, bool DGRAD>
 struct ActivationKMajorLoader {
   using E = ImplicitGemmElement<T>;
@@ -240,19 +248,21 @@ struct ActivationKMajorLoader {
   static constexpr int ITERS = ROWS * CHUNKS / THREADS;
   static constexpr int kNoRow = -(1 << 29);  // y0 of a row past the end: every tap lands outside the source
   static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
-  const T* src;
-  int64_t K, channels;
+  const T* src;           // the source's element 0: the address a zero-filling copy names
+  int K, channels;
   int src_h, src_w;       // the source's spatial grid: x's H x W (fprop), dy's P x Q (dgrad)
   int64_t src_c;          // its channels (pixel stride)
   int dil_h, dil_w, stride_h, stride_w, S;
   int row0, chunk_k;
-  int64_t base[ITERS];    // element offset of the row's reference pixel (y0, x0), channel channel0
+  const T* row_ptr[ITERS];  // fprop: the row's reference pixel (y0, x0), channel channel0; dgrad: its image, channel0
   int y0[ITERS], x0[ITERS];
   int r, s, c;            // tap and channel of this thread's chunk at the next load
+  int dy, dx;             // that tap's offset from (y0, x0): forward for fprop, backward for dgrad
+  int64_t delta;          // fprop: the element offset of (dy, dx, c) from a row's reference pixel
 
   __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb, int64_t M, int64_t K_,
                                                     int64_t channels_, int64_t channel0, int64_t m0, int64_t k0)
-      : src(src_), K(K_), channels(channels_) {
+      : src(src_), K(static_cast<int>(K_)), channels(static_cast<int>(channels_)) {
     row0 = threadIdx.x / CHUNKS;
     chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
     src_h = static_cast<int>(DGRAD ? pb.P : pb.H);
@@ -274,29 +284,33 @@ struct ActivationKMajorLoader {
         yy = static_cast<int>(px.y * pb.stride_h - pb.pad_h), xx = static_cast<int>(px.x * pb.stride_w - pb.pad_w);
       }
       const int64_t image = px.n * src_h * src_w * src_c;
-      // dgrad adds the whole (p, q) offset per copy; fprop the tap's offset from (y0, x0)
-      base[it] = image + channel0 + (DGRAD ? 0 : (static_cast<int64_t>(yy) * src_w + xx) * src_c);
+      // dgrad adds the whole (p, q) offset per copy; fprop the tap's offset from (y0, x0). (The pointer may
+      // name a pixel outside the image, in the padding: only in-bounds taps are ever added to it and read.)
+      row_ptr[it] = m < M ? src + image + channel0 + (DGRAD ? 0 : (static_cast<int64_t>(yy) * src_w + xx) * src_c) : src;
       y0[it] = m < M ? yy : kNoRow;
       x0[it] = xx;
     }
     // (no channels: no reduction tile is ever loaded, and nothing to divide by)
     const TapChannel t = channels > 0 ? split_tap_channel(k0 + chunk_k, channels, pb.S) : TapChannel{0, 0, 0};
     r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
+    set_tap();
   }
 
-  __device__ __forceinline__ void load(T* stage, int64_t k0) {
+  __device__ __forceinline__ void set_tap() {
+    dy = DGRAD ? -r * dil_h : r * dil_h, dx = DGRAD ? -s * dil_w : s * dil_w;
+    if constexpr (!DGRAD) delta = (static_cast<int64_t>(dy) * src_w + dx) * src_c + c;
+  }
+
+  __device__ __forceinline__ void load(T* stage, int k0) {
     const bool k_valid = k0 + chunk_k < K;
-    // the tap's offset from (y0, x0): forward for fprop, backward for dgrad
-    const int dy = DGRAD ? -r * dil_h : r * dil_h, dx = DGRAD ? -s * dil_w : s * dil_w;
     if constexpr (!DGRAD) {
-      const int64_t delta = (static_cast<int64_t>(dy) * src_w + dx) * src_c + c;
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         const int h = y0[it] + dy, w = x0[it] + dx;
         const bool valid = k_valid && static_cast<unsigned>(h) < static_cast<unsigned>(src_h) &&
                            static_cast<unsigned>(w) < static_cast<unsigned>(src_w);
         cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k),
-                          valid ? src + base[it] + delta : src, valid);
+                          valid ? row_ptr[it] + delta : src, valid);
       }
     } else {
 #pragma unroll
@@ -306,16 +320,21 @@ struct ActivationKMajorLoader {
         const int p = th / stride_h, q = tw / stride_w;
         const bool valid = k_valid && th >= 0 && tw >= 0 && p * stride_h == th && q * stride_w == tw &&
                            p < src_h && q < src_w;
-        const int64_t offset = base[it] + (static_cast<int64_t>(p) * src_w + q) * src_c + c;
-        cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), valid ? src + offset : src,
-                          valid);
+        const int64_t offset = (static_cast<int64_t>(p) * src_w + q) * src_c + c;
+        cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k),
+                          valid ? row_ptr[it] + offset : src, valid);
       }
     }
-    // advance this chunk's (r, s, c) by one reduction tile
+    // advance this chunk's (r, s, c) by one reduction tile; the tap changes once every channels / BK tiles
     c += E::BK;
-    while (c >= channels) {
-      c -= static_cast<int>(channels);
-      if (++s == S) s = 0, ++r;
+    if (c < channels) {
+      if constexpr (!DGRAD) delta += E::BK;
+    } else {
+      do {
+        c -= channels;
+        if (++s == S) s = 0, ++r;
+      } while (c >= channels);
+      set_tap();
     }
   }
 };
@@ -352,11 +371,11 @@ struct ActivationMNMajorLoader {
     plane = static_cast<uint32_t>(pb.P * pb.Q);
     width = static_cast<uint32_t>(pb.Q);
   }
-  __device__ __forceinline__ void load(T* stage, int64_t k0) const {
+  __device__ __forceinline__ void load(T* stage, int k0) const {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int kk = kk0 + it * (THREADS / CHUNKS);
-      const int64_t k = k0 + kk;
+      const int64_t k = static_cast<int64_t>(k0) + kk;
       int64_t offset = -1;
       if (col_valid && k < K) {
         // 32-bit pixel split: the host guarantees N * P * Q < 2^31
@@ -441,7 +460,7 @@ struct WarpMma {
 // around WarpMma. `smem` holds STAGES stages of A then STAGES stages of B.
 template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR, typename ALoader, typename BLoader>
 __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], T* smem, ALoader& a_loader,
-                                                       BLoader& b_loader, int64_t kt_begin, int64_t kt_end) {
+                                                       BLoader& b_loader, int kt_begin, int kt_end) {
   using Mma = WarpMma<T, Cfg, A_K_MAJOR, B_K_MAJOR>;
   constexpr int BK = ImplicitGemmElement<T>::BK;
   constexpr int A_ELEMS = Mma::ATile::ELEMS, B_ELEMS = Mma::BTile::ELEMS;
@@ -456,7 +475,7 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
-  const int64_t tiles = kt_end - kt_begin;
+  const int tiles = kt_end - kt_begin;  // 32-bit: a reduction (R*S*C, or wgrad's N*P*Q) is below 2^31
   // Prologue: stages 0 .. STAGES-2 in flight. Every step commits one group (empty past the end), so
   // "all but the newest STAGES-2 groups complete" always means "the stage about to be used has landed".
 #pragma unroll
@@ -467,19 +486,25 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
     }
     cp_async_commit();
   }
-  for (int64_t t = 0; t < tiles; ++t) {
+  for (int t = 0; t < tiles; ++t) {
     cp_async_wait<Cfg::STAGES - 2>();
     __syncthreads();  // stage t % STAGES is visible to all; stage (t - 1) % STAGES is no longer read
-    const int64_t next = t + Cfg::STAGES - 1;
+    const int st = t % Cfg::STAGES;
+    // The first k step's MMAs go out before the next stage's copies: the tensor cores work through them while
+    // the warp does the loaders' address arithmetic (volatile inline PTX keeps its order, so the order
+    // written here is the order issued; with the copies first, the MMAs waited behind ~150 integer ops).
+    Mma::step(acc, As + st * A_ELEMS, Bs + st * B_ELEMS, wm0, wn0, 0);
+    const int next = t + Cfg::STAGES - 1;
     if (next < tiles) {
-      const int st = static_cast<int>(next % Cfg::STAGES);
-      a_loader.load(As + st * A_ELEMS, (kt_begin + next) * BK);
-      b_loader.load(Bs + st * B_ELEMS, (kt_begin + next) * BK);
+      const int nst = next % Cfg::STAGES;
+      a_loader.load(As + nst * A_ELEMS, (kt_begin + next) * BK);
+      b_loader.load(Bs + nst * B_ELEMS, (kt_begin + next) * BK);
     }
     cp_async_commit();
-    const int st = static_cast<int>(t % Cfg::STAGES);
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += Mma::KSTEP) Mma::step(acc, As + st * A_ELEMS, Bs + st * B_ELEMS, wm0, wn0, kk);
+    for (int kk = Mma::KSTEP; kk < BK; kk += Mma::KSTEP) {
+      Mma::step(acc, As + st * A_ELEMS, Bs + st * B_ELEMS, wm0, wn0, kk);
+    }
   }
   cp_async_wait<0>();
 }

@@ -235,9 +235,9 @@ struct DenseMNMajorLoader {
 // recomputed only when the tap changes (else delta just advances by BK channels); per copy two bounds
 // tests and one 64-bit add. fprop reads x at (y0 + r*dil, x0 + s*dil) with
 // (y0, x0) = (p*stride - pad, q*stride - pad). dgrad reads dy at ((h + pad - r*dil) / stride, ...) with
-// (y0, x0) = (h + pad, w + pad) and negated taps, the quotient tested for exactness per copy (a stride-1
-// fast path in fprop's form spilled registers in tile 0, so dgrad keeps the general form; strided dgrad
-// mostly runs as stride-1 fprops, csrc/conv2d_dgrad_phases.h). Each thread keeps its chunk's (r, s, c),
+// (y0, x0) = (h + pad, w + pad) and negated taps: with stride 1 (most dgrad: strided dgrad runs as stride-1
+// fprops, csrc/conv2d_dgrad_phases.h, unless dilated) that is fprop's form with the taps negated, and takes
+// fprop's path; otherwise the quotient is tested for exactness per copy (`gather_direct` false). Each thread keeps its chunk's (r, s, c),
 // advanced by BK per call (no division in the main loop but dgrad's). The reduction K = R*S*channels is
 // below 2^31 (the host checks), so k, c and the tap are 32-bit; offsets into the tensor are 64-bit.
 template <typename T, int ROWS, int THREADS, bool DGRAD>
@@ -256,9 +256,10 @@ struct ActivationKMajorLoader {
   int row0, chunk_k;
   const T* row_ptr[ITERS];  // fprop: the row's reference pixel (y0, x0), channel channel0; dgrad: its image, channel0
   int y0[ITERS], x0[ITERS];
+  bool gather_direct;     // fprop, or stride-1 dgrad: the tap's offset from a row's pixel is one `delta`
   int r, s, c;            // tap and channel of this thread's chunk at the next load
   int dy, dx;             // that tap's offset from (y0, x0): forward for fprop, backward for dgrad
-  int64_t delta;          // fprop: the element offset of (dy, dx, c) from a row's reference pixel
+  int64_t delta;          // gather_direct: the element offset of (dy, dx, c) from a row's reference pixel
 
   __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb, int64_t M, int64_t K_,
                                                     int64_t channels_, int64_t channel0, int64_t m0, int64_t k0)
@@ -271,6 +272,7 @@ struct ActivationKMajorLoader {
     dil_h = static_cast<int>(pb.dil_h), dil_w = static_cast<int>(pb.dil_w);
     stride_h = static_cast<int>(pb.stride_h), stride_w = static_cast<int>(pb.stride_w);
     S = static_cast<int>(pb.S);
+    gather_direct = !DGRAD || (stride_h == 1 && stride_w == 1);
     // the pixel grid the rows walk: the output's for fprop, the input's for dgrad
     const int64_t height = DGRAD ? pb.H : pb.P, width = DGRAD ? pb.W : pb.Q;
 #pragma unroll
@@ -284,9 +286,10 @@ struct ActivationKMajorLoader {
         yy = static_cast<int>(px.y * pb.stride_h - pb.pad_h), xx = static_cast<int>(px.x * pb.stride_w - pb.pad_w);
       }
       const int64_t image = px.n * src_h * src_w * src_c;
-      // dgrad adds the whole (p, q) offset per copy; fprop the tap's offset from (y0, x0). (The pointer may
-      // name a pixel outside the image, in the padding: only in-bounds taps are ever added to it and read.)
-      row_ptr[it] = m < M ? src + image + channel0 + (DGRAD ? 0 : (static_cast<int64_t>(yy) * src_w + xx) * src_c) : src;
+      // the direct gather adds the tap's offset from (y0, x0); strided dgrad the whole (p, q) offset per copy.
+      // (The pointer may name a pixel outside the image, in the padding: only in-bounds taps are added and read.)
+      const int64_t pixel = gather_direct ? (static_cast<int64_t>(yy) * src_w + xx) * src_c : 0;
+      row_ptr[it] = m < M ? src + image + channel0 + pixel : src;
       y0[it] = m < M ? yy : kNoRow;
       x0[it] = xx;
     }
@@ -298,12 +301,12 @@ struct ActivationKMajorLoader {
 
   __device__ __forceinline__ void set_tap() {
     dy = DGRAD ? -r * dil_h : r * dil_h, dx = DGRAD ? -s * dil_w : s * dil_w;
-    if constexpr (!DGRAD) delta = (static_cast<int64_t>(dy) * src_w + dx) * src_c + c;
+    delta = (static_cast<int64_t>(dy) * src_w + dx) * src_c + c;
   }
 
   __device__ __forceinline__ void load(T* stage, int k0) {
     const bool k_valid = k0 + chunk_k < K;
-    if constexpr (!DGRAD) {
+    if (gather_direct) {
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         const int h = y0[it] + dy, w = x0[it] + dx;
@@ -328,7 +331,7 @@ struct ActivationKMajorLoader {
     // advance this chunk's (r, s, c) by one reduction tile; the tap changes once every channels / BK tiles
     c += E::BK;
     if (c < channels) {
-      if constexpr (!DGRAD) delta += E::BK;
+      delta += E::BK;
     } else {
       do {
         c -= channels;

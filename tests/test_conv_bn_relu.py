@@ -111,13 +111,14 @@ def test_batch_norm_relu_matches_torch(shape, device, layout, affine, relu):
     gy = torch.randn_like(ref)
     # Against float64 truth, bounded by torch's own error where both run in float32: with two values per channel
     # (2x3x1x1) the normalised values are +-1 up to eps and the input gradient is almost all cancellation, so
-    # float32 gets only a few digits of it, torch as well as fastconv.
+    # float32 gets only a few digits of it, torch as well as fastconv. (Capped: a gradient 5% off is wrong
+    # whatever torch's error.)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     w64, b64 = (leaves64[1], leaves64[2]) if affine else (None, None)
     exact = reference_bn_relu(leaves64[0], w64, b64, 1e-5, relu)
     truth = torch.autograd.grad(exact, leaves64, gy.double())
     for g, rg, tg in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(ref, leaves, gy), truth):
-        assert_close_to(g, tg, max(50 * tol, 4 * rel_err(rg, tg)), "gradient")
+        assert_close_to(g, tg, max(50 * tol, min(4 * rel_err(rg, tg), 0.05)), "gradient")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

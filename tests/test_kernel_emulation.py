@@ -72,7 +72,11 @@ PLANTED_BUGS = {
     "wait_group_one_short": ("cp_async_wait<Cfg::STAGES - 2>();", "cp_async_wait<Cfg::STAGES - 1>();"),
     # the two k halves of a B fragment exchanged
     "b_fragment_registers_swapped": ("b[nj][0] = r[0], b[nj][1] = r[1],", "b[nj][0] = r[1], b[nj][1] = r[0],"),
+    # dgrad's column tap not negated (fprop's direction): stride-1 dgrad then gathers the mirrored pixel
+    "dgrad_tap_not_negated": ("dx = DGRAD ? -s * dil_w : s * dil_w;", "dx = DGRAD ? s * dil_w : s * dil_w;"),
 }
+# The pass each planted bug is run in (the others: fprop).
+PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
 
 
 def stale(path: Path, what: str) -> str:
@@ -218,9 +222,12 @@ def test_kernel_matches_reference_bit_exactly(emulator, args):
 
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
 def test_planted_bug_is_caught(tmp_path, bug):
-    # fp16 fprop alone keeps this build short; deferred cp.async, so that a copy waited for too late is missed
-    binary = build(tmp_path, planted_bug=bug, defines=["EMU_PASSES=1", "EMU_DTYPES=1"])
-    result = emulate(binary, {"pass": "fprop", "dtype": "fp16", "tile": 2, "cp_async": "deferred", **SHAPES["c40"],
-                              "epilogue": FULL_EPILOGUE})
+    # one pass in fp16 keeps this build short; deferred cp.async, so that a copy waited for too late is missed
+    pass_ = PLANTED_BUG_PASS.get(bug, "fprop")
+    binary = build(tmp_path, planted_bug=bug, defines=[f"EMU_PASSES={1 if pass_ == 'fprop' else 2}", "EMU_DTYPES=1"])
+    args = {"pass": pass_, "dtype": "fp16", "tile": 2, "cp_async": "deferred", **SHAPES["c40"]}
+    if pass_ == "fprop":
+        args["epilogue"] = FULL_EPILOGUE
+    result = emulate(binary, args)
     assert result.returncode == 1 and "mismatch at" in result.stdout, \
         f"planted bug {bug} not caught: exit status {result.returncode}\n{result.stdout[-4000:]}{result.stderr[-4000:]}"

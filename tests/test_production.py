@@ -268,9 +268,16 @@ def test_cuda_graph_capture_of_forward_and_backward():
     assert_close_to(out.detach(), ref.detach(), 1e-5, "graphed output")
     for p, q in zip(model.parameters(), eager.parameters()):
         assert_close_to(p.grad, q.grad, 1e-4, "graphed gradient")
-    # eval-mode inference through torch.cuda.graph, replayed on new data. make_graphed_callables ran the model's
-    # training forward 3 more times (its warm-up) than eager's, each updating BatchNorm's running statistics:
-    # the reference takes the model's state first.
+    # make_graphed_callables ran the model's training forward 3 more times (its warm-up, on x) than eager's, each
+    # updating BatchNorm's running statistics: the same 3 steps on eager give the same statistics.
+    for _ in range(3):
+        eager(x)
+    for (name, b), (_, rb) in zip(model.named_buffers(), eager.named_buffers()):
+        if b.is_floating_point():
+            assert_close_to(b, rb, 1e-5, f"graphed {name}")
+        else:
+            assert torch.equal(b, rb), name  # num_batches_tracked
+    # eval-mode inference through torch.cuda.graph, replayed on new data
     eager.load_state_dict(model.state_dict())
     model.eval(), eager.eval()
     static_x = x.clone()

@@ -10,6 +10,11 @@
 namespace fastconv {
 namespace {
 
+// v rounded up to a multiple of kImplicitGemmChannelMultiple: the channels per group the kernels load.
+int64_t round_up_to_vector(int64_t v) {
+  return (v + kImplicitGemmChannelMultiple - 1) / kImplicitGemmChannelMultiple * kImplicitGemmChannelMultiple;
+}
+
 // A dense tensor as itself when its data starts 16-byte aligned, else a copy (a view that starts mid-way).
 at::Tensor aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone(at::MemoryFormat::Contiguous);

@@ -15,11 +15,6 @@ namespace fastconv {
 // Channels per 16-byte vector of fp16/bf16 (two vectors of fp32).
 constexpr int64_t kImplicitGemmChannelMultiple = 8;
 
-// v rounded up to a multiple of kImplicitGemmChannelMultiple: the channels per group the kernels load.
-inline int64_t round_up_to_vector(int64_t v) {
-  return (v + kImplicitGemmChannelMultiple - 1) / kImplicitGemmChannelMultiple * kImplicitGemmChannelMultiple;
-}
-
 // A (N, C, H, W) tensor (or KCRS filter) as a dense NHWC (KRSC) array whose data starts 16-byte aligned
 // (cp.async copies 16 bytes). Free when it is channels_last, dense and aligned already.
 at::Tensor dense_nhwc(const at::Tensor& t);

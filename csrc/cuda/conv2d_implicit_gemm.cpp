@@ -87,8 +87,8 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
     if (relu) out.relu_();  // NaN passes
     return out;
   }
-  check_reduction_fits(op, pb.R * pb.S * round_up_to_vector(pb.C_per_group()), "R * S * C / groups");
   const ImplicitGemmFpropOperands ops = implicit_gemm_fprop_operands(pb, input, weight);
+  check_reduction_fits(op, ops.pb.R * ops.pb.S * ops.pb.C_per_group(), "R * S * C / groups (padded)");
   const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), sh = shift ? shift->contiguous() : at::Tensor();
   const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();  // read in aligned pairs
   check_launch(op, launch_conv2d_implicit_gemm_fprop(ops.pb, cuda_dtype(op, input.scalar_type()), static_cast<int>(tile),
@@ -142,8 +142,8 @@ at::Tensor conv2d_implicit_gemm_dgrad_cuda(const at::Tensor& grad_output, const 
     });
     return conv2d_output_from_nhwc(dx, format);
   }
-  check_reduction_fits(op, pb.R * pb.S * round_up_to_vector(pb.K_per_group()), "R * S * K / groups");
   const ImplicitGemmDgradOperands ops = implicit_gemm_dgrad_operands(pb, grad_output, weight);
+  check_reduction_fits(op, ops.pb.R * ops.pb.S * ops.pb.K_per_group(), "R * S * K / groups (padded)");
   check_launch(op, launch_conv2d_implicit_gemm_dgrad(ops.pb, cuda_dtype(op, grad_output.scalar_type()),
                                                      static_cast<int>(tile), ops.dy.const_data_ptr(), ops.wt.const_data_ptr(),
                                                      dx.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream()));

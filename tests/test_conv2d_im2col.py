@@ -48,6 +48,27 @@ def test_results_do_not_depend_on_chunking(device, images_per_chunk, workspace_l
     assert torch.equal(grads_chunked[2], grads[2])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pointwise", [False, True], ids=["3x3", "1x1"])
+@pytest.mark.parametrize("images_per_chunk", [None, 2], ids=["one_chunk", "chunks_of_2"])
+def test_wgrad_long_reduction(device, dtype, pointwise, images_per_chunk, workspace_limit):
+    """A few output tiles over many pixels: on CUDA the reduction is split into slices summed apart (split-K),
+    here 3 x 61 x 59 = 10,797 rows in two slices of unequal length, or per chunk of 2 images, with groups."""
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the CPU twin is exact in float32; bfloat16 adds nothing there")
+    r = 1 if pointwise else 3
+    x = torch.randn(3, 6, 61, 59, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(3, 10, 61, 59, device=device, dtype=dtype)
+    kwargs = dict(stride=[1, 1], padding=[r // 2] * 2, dilation=[1, 1], groups=2)
+    if images_per_chunk is not None and not pointwise:
+        workspace_limit(int((images_per_chunk + 0.5) * col_bytes_per_image(x, torch.empty(10, 3, r, r), 1, r // 2)))
+    dw = OPS.conv2d_im2col_wgrad(gy, x, [10, 3, r, r], *kwargs.values(), backends.workspace_limit())
+    ref = torch.nn.grad.conv2d_weight(x.cpu().double(), (10, 3, r, r), gy.cpu().double(), **kwargs)
+    assert dw.dtype == dtype
+    assert_close_to(dw.cpu(), ref, 1e-5 if dtype == torch.float32 else 1e-2, "wgrad")
+
+
 def test_limit_below_one_image(workspace_limit):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     workspace_limit(col_bytes_per_image(x, w) - 1)

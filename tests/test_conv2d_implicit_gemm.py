@@ -480,6 +480,11 @@ def test_gpu_auto_picks_implicit_gemm_and_the_benchmark_times_every_tile():
     w = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16)
     if torch.cuda.get_device_capability()[0] >= 8:
         assert backends.heuristic_algo(x, w, (1, 1), (1, 1), (1, 1), 1) == "implicit_gemm"
+        # the RGB stem too (channels padded to 8), but not a depthwise convolution
+        stem = torch.randn(64, 3, 7, 7, device="cuda", dtype=torch.bfloat16)
+        assert backends.heuristic_algo(x[:, :3], stem, (2, 2), (3, 3), (1, 1), 1) == "implicit_gemm"
+        depthwise = torch.randn(64, 1, 3, 3, device="cuda", dtype=torch.bfloat16)
+        assert backends.heuristic_algo(x, depthwise, (1, 1), (1, 1), (1, 1), 64) == "direct"
     before = backends.benchmark
     backends.clear_benchmark_cache()
     try:

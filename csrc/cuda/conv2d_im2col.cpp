@@ -6,6 +6,7 @@
 // input's pixel matrix (a transposing copy for NCHW, free for channels_last). No cuDNN/cuBLAS: the GEMM is csrc/cuda/gemm_kernel.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,6 +33,16 @@ const char* data(const at::Tensor& t, int64_t offset) {
 }
 char* mutable_data(at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.mutable_data_ptr()) + offset * t.element_size();
+}
+
+// How many slices wgrad's reduction is cut into: enough blocks to fill a GPU (about 2 x 132 SMs of 64 x 64
+// tiles), each slice at least 4096 rows long so that a block's partial sum is worth its store and the final
+// sum.
+int64_t im2col_wgrad_splits(int64_t Kg, int64_t CgRS, int64_t groups, int64_t rows) {
+  constexpr int64_t kTargetBlocks = 264, kMinRows = 4096, kTile = 64;
+  const int64_t tiles = ((Kg + kTile - 1) / kTile) * ((CgRS + kTile - 1) / kTile) * groups;
+  const int64_t by_blocks = (kTargetBlocks + tiles - 1) / tiles, by_rows = rows / kMinRows;
+  return std::max<int64_t>(1, std::min(by_blocks, by_rows));
 }
 
 at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -139,9 +150,9 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
   const int64_t chunk = check_im2col_workspace(op, pb, input.scalar_type(), workspace_bytes);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   const auto format = conv2d_output_format(grad_output, input);
-  // The sum over the batch runs in fp32 whatever the dtype: chunks accumulate into this buffer.
-  at::Tensor dw32 = at::zeros(weight_size, grad_output.options().dtype(at::kFloat));
-  if (dw32.numel() == 0 || pb.N == 0) return dw32.to(grad_output.scalar_type()).contiguous(format);
+  if (pb.N == 0 || pb.K == 0 || pb.C == 0 || pb.R == 0 || pb.S == 0 || pb.P == 0 || pb.Q == 0) {
+    return at::zeros(weight_size, grad_output.options()).contiguous(format);
+  }
   const DType dt = cuda_dtype(op, grad_output.scalar_type());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t Kg = pb.K_per_group(), CgRS = pb.C_per_group() * pb.R * pb.S, CRS = pb.C * pb.R * pb.S;
@@ -153,26 +164,49 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
   at::Tensor col = pointwise ? input.permute({0, 2, 3, 1}).contiguous()
                              : at::empty({chunk * im2col_elements_per_image(pb)}, input.options());
 
-  // dw_g[k, (c, r, s)] += sum over rows m of dy[m, g * Kg + k] * col[m, g * CgRS + (c, r, s)], per group.
+  // Split-K: the output is small (K x C*R*S / groups, often a handful of 64 x 64 tiles) and the reduction
+  // over the batch's pixels long (802,816 rows for ResNet-50's conv1 at batch 64), so the rows are cut into
+  // `splits` slices, each its own GEMM of the batch (outer index) summing into its own fp32 partial; the
+  // partials are then summed in a fixed order (deterministic). Without it conv1's wgrad ran in 3 blocks
+  // (357 ms on an H200, bench/results/2026-11-28-h200-b5fddeb).
+  const int64_t rows_per_chunk = chunk * PQ;
+  const int64_t splits = im2col_wgrad_splits(Kg, CgRS, pb.groups, rows_per_chunk);
+  const int64_t slice = (rows_per_chunk + splits - 1) / splits;
+  at::Tensor partial = at::zeros({splits, pb.groups * Kg * CgRS}, grad_output.options().dtype(at::kFloat));
+
+  // partial_j[g][k, (c, r, s)] += sum over the rows m of slice j of dy[m, g * Kg + k] * col[m, g * CgRS + (c, r, s)].
   GemmProblem g{};
   g.M = Kg;
   g.N = CgRS;
-  g.a_m = 1, g.a_k = pb.K, g.a_bo = 0, g.a_bi = Kg;
-  g.b_k = CRS, g.b_n = 1, g.b_bo = 0, g.b_bi = CgRS;
-  g.c_m = CgRS, g.c_n = 1, g.c_bo = 0, g.c_bi = Kg * CgRS;
-  g.batch_outer = 1;
+  g.a_m = 1, g.a_k = pb.K, g.a_bo = slice * pb.K, g.a_bi = Kg;
+  g.b_k = CRS, g.b_n = 1, g.b_bo = slice * CRS, g.b_bi = CgRS;
+  g.c_m = CgRS, g.c_n = 1, g.c_bo = pb.groups * Kg * CgRS, g.c_bi = Kg * CgRS;
   g.batch_inner = pb.groups;
+  g.accumulate = true;  // onto the zeroed partials, and across batch chunks
   for (int64_t n0 = 0; n0 < pb.N; n0 += chunk) {
-    const int64_t images = std::min(chunk, pb.N - n0);
+    const int64_t images = std::min(chunk, pb.N - n0), rows = images * PQ;
     if (!pointwise) {
       check_launch(op, launch_im2col(pb, dt, input.const_data_ptr(), strides_of(input), n0, images,
                                      col.mutable_data_ptr(), stream));
     }
-    g.K = images * PQ;
-    g.accumulate = n0 > 0;
-    check_launch(op, launch_gemm(g, dt, true, data(dy, n0 * PQ * pb.K), data(col, pointwise ? n0 * PQ * CRS : 0),
-                                 nullptr, dw32.mutable_data_ptr(), stream));
+    const char* a = data(dy, n0 * PQ * pb.K);
+    const char* b = data(col, pointwise ? n0 * PQ * CRS : 0);
+    // the whole slices in one launch (slice j at batch index j), the short last one in a second
+    const int64_t whole = rows / slice, rest = rows - whole * slice;
+    if (whole > 0) {
+      g.K = slice;
+      g.batch_outer = whole;
+      check_launch(op, launch_gemm(g, dt, true, a, b, nullptr, partial.mutable_data_ptr(), stream));
+    }
+    if (rest > 0) {
+      g.K = rest;
+      g.batch_outer = 1;
+      check_launch(op, launch_gemm(g, dt, true, data(dy, (n0 * PQ + whole * slice) * pb.K),
+                                   data(col, (pointwise ? n0 * PQ : 0) * CRS + whole * slice * CRS), nullptr,
+                                   mutable_data(partial, whole * partial.size(1)), stream));
+    }
   }
+  const at::Tensor dw32 = partial.sum(0).view(weight_size);
   return dw32.to(grad_output.scalar_type()).contiguous(format);
 }
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastconv  # noqa: E402
 import shapes  # noqa: E402
 from conv_passes import fastconv_pass  # noqa: E402
+from fastconv._checks import IMPLICIT_GEMM_TILES  # noqa: E402
 from fastconv.ops import CONV_OPS  # noqa: E402
 
 CONV_LAYERS = {layer.name: layer for layer in shapes.resnet50_layers() + shapes.alexnet_layers()
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", default="resnet50_l1_3x3", help="a name from bench/shapes.py")
     parser.add_argument("--op", default="fprop",
                         choices=["fprop", "dgrad", "wgrad", "bn_train", "bn_eval", "max_pool2d", "residual_add"])
-    parser.add_argument("--algo", default="im2col", choices=list(CONV_OPS))
+    parser.add_argument("--algo", default="im2col",
+                        choices=list(CONV_OPS) + [f"implicit_gemm/{t}" for t in range(IMPLICIT_GEMM_TILES)],
+                        help="an algorithm, or implicit_gemm/<tile> for one tile configuration (conv ops only)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--layout", default="channels_last", choices=["nchw", "channels_last"])
     parser.add_argument("--warmup", type=int, default=2)

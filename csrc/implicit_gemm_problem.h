@@ -24,7 +24,7 @@ namespace fastconv {
 
 // Tile configurations of the CUDA kernels (csrc/cuda/implicit_gemm.cuh); the ops' `tile` argument is an
 // index below this, or -1 for the kernels' own choice.
-constexpr int kImplicitGemmTiles = 4;
+constexpr int kImplicitGemmTiles = 6;
 
 // Reduction index k of a gathered operand split into filter tap (r, s) and channel c within the group.
 struct TapChannel {

@@ -259,7 +259,7 @@ def check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dil
 
 
 #: Tile configurations of the implicit-GEMM CUDA kernels (kImplicitGemmTiles in csrc/implicit_gemm_problem.h).
-IMPLICIT_GEMM_TILES = 4
+IMPLICIT_GEMM_TILES = 6
 
 
 def check_algo_args(op, algo: str, extra) -> None:

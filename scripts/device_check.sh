@@ -71,10 +71,12 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
   # the benchmarks took 85 s at batch 32 on the H100; they run batch 64 since, about twice that
   step bench 260 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
-  # one Nsight Compute profile: the implicit-GEMM fprop of a ResNet-50 3x3 layer, bf16 channels_last
-  step ncu 60 bash scripts/profile.sh --kernel implicit_gemm --set detailed --count 3 \
-    --out "$OUT/ncu/fprop-resnet50_l1_3x3-implicit_gemm" \
-    -- --op fprop --layer resnet50_l1_3x3 --algo implicit_gemm --dtype bfloat16 --layout channels_last
+  # one Nsight Compute profile (the full set: warp stall reasons too): the implicit-GEMM fprop of a ResNet-50
+  # 3x3 layer, bf16 channels_last; FASTCONV_PROFILE_ALGO=implicit_gemm/<tile> profiles one tile configuration
+  algo=${FASTCONV_PROFILE_ALGO:-implicit_gemm}
+  step ncu 60 bash scripts/profile.sh --kernel implicit_gemm --set full --count 1 \
+    --out "$OUT/ncu/fprop-resnet50_l1_3x3-${algo//\//-}" \
+    -- --op fprop --layer resnet50_l1_3x3 --algo "$algo" --dtype bfloat16 --layout channels_last
 fi
 
 echo

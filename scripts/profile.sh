@@ -45,5 +45,7 @@ set -x
 ncu --nvtx --nvtx-include "profile/" "${filter[@]}" --launch-skip "$skip" --launch-count "$count" \
   --set "$set" --import-source yes -f -o "$out" "$PY" bench/profile_target.py "${target[@]}"
 ncu --import "$out.ncu-rep" --page details --print-summary per-kernel > "$out.txt" || true
+# every metric collected, one row per kernel (the warp stall reasons the details page draws only as a chart)
+ncu --import "$out.ncu-rep" --page raw --csv > "$out.raw.csv" || true
 { set +x; } 2>/dev/null
-echo "profile: $out.ncu-rep (text summary: $out.txt)"
+echo "profile: $out.ncu-rep (text summary: $out.txt, all metrics: $out.raw.csv)"

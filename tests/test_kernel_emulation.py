@@ -69,9 +69,10 @@ HOST_CODE = re.compile(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\
 # Planted bugs, each an edit of implicit_gemm.cuh the emulation must catch.
 PLANTED_BUGS = {
     # waits for one stage less than the loop reads: the stage about to be used has not landed
-    "wait_group_one_short": ("cp_async_wait<Cfg::STAGES - 2>();", "cp_async_wait<Cfg::STAGES - 1>();"),
+    "wait_group_one_short": ("cp_async_wait<Cfg::STAGES - 2>();\n      __syncthreads();  // stage (t + 1)",
+                             "cp_async_wait<Cfg::STAGES - 1>();\n      __syncthreads();  // stage (t + 1)"),
     # the two k halves of a B fragment exchanged
-    "b_fragment_registers_swapped": ("b[nj][0] = r[0], b[nj][1] = r[1],", "b[nj][0] = r[1], b[nj][1] = r[0],"),
+    "b_fragment_registers_swapped": ("f.b[nj][0] = r[0], f.b[nj][1] = r[1],", "f.b[nj][0] = r[1], f.b[nj][1] = r[0],"),
     # dgrad's column tap not negated (fprop's direction): stride-1 dgrad then gathers the mirrored pixel
     "dgrad_tap_not_negated": ("dx = DGRAD ? -s * dil_w : s * dil_w;", "dx = DGRAD ? s * dil_w : s * dil_w;"),
 }

@@ -13,8 +13,11 @@
 namespace fastconv {
 namespace {
 
+// fp16/bf16 are held to the tile's MIN_BLOCKS (register budget, implicit_gemm.cuh). fp32 is not: its TF32
+// fragments are scalar loads plus conversions, which spill within that budget. (Nor are dgrad and wgrad,
+// whose loaders hold more state: within the budget they spill too.)
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS)
+__global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 ? Cfg::MIN_BLOCKS : 1)
 conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, const T* __restrict__ x, const T* __restrict__ w,
                                   const T* __restrict__ scale, const T* __restrict__ shift,
                                   const T* __restrict__ residual, bool relu, T* __restrict__ y) {

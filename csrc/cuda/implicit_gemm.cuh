@@ -25,26 +25,39 @@
 
 namespace fastconv {
 
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+// MIN_BLOCKS: the blocks per SM the tile is built for (__launch_bounds__), so the compiler keeps registers
+// within 65536 / (MIN_BLOCKS * THREADS): the number of blocks its shared memory allows, or fewer where that
+// would leave a thread under 128 registers. FRAGMENT_BUFFERS: 2 to load the next k step's fragments while
+// the MMAs of this one run (24 more registers for a 64 x 32 warp tile), 1 to load each just before its MMAs
+// (what fits 128 registers with a 64 x 32 warp tile: double buffering there spills).
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, int FRAGMENT_BUFFERS_>
 struct ImplicitGemmTile {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_, FRAGMENT_BUFFERS = FRAGMENT_BUFFERS_;
+  static_assert(FRAGMENT_BUFFERS == 1 || FRAGMENT_BUFFERS == 2, "one or two fragment sets");
   static constexpr int THREADS = WARPS_M * WARPS_N * 32;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   static constexpr int MI = WM / 16, NI = WN / 8;  // mma tiles per warp
   static_assert(WM % 16 == 0 && WN % 16 == 0, "a warp tile is a whole number of 16 x 16 fragments");
+  static_assert(MIN_BLOCKS * THREADS * 128 <= 65536, "at least 128 registers per thread");
 };
 
 // The tile configurations the launchers instantiate, indexed by the ops' `tile` argument (-1 picks one by
-// the grid's size, see implicit_gemm_pick_tile).
-// (Tile 0 sits at 128 registers, two blocks of 8 warps per SM.)
-using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3>;  // 8 warps of 64 x 32
-using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4>;   // 4 warps of 64 x 32
-using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4>;    // 4 warps of 32 x 32
-// Tile 1 with 3 stages: 45 KiB of shared memory (bf16) instead of 60, so 4 blocks fit an SM where tile 1
-// fits 3 (both at 128 registers): 16 warps per SM instead of 12, the same bytes in flight. (Tile 3 was
-// 256 x 64 with 8 warps until the H100 run timed it slower than tile 1 on every layer.) Not chosen by size
-// yet, only by the ops' `tile` and the benchmark (autotuning), until a device run has timed it.
-using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 3>;
+// the grid's size, see implicit_gemm_pick_tile). Shared memory per block (fp16/bf16; fp32 the same bytes):
+// STAGES x (BM + BN) rows x 80 bytes.
+using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3, 2, 1>;  // 8 warps of 64 x 32; 60 KiB, 2 blocks/SM
+using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4, 3, 1>;   // 4 warps of 64 x 32; 60 KiB, 3 blocks/SM
+using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4, 4, 2>;    // 4 warps of 32 x 32; 40 KiB, 4 blocks/SM
+// Tile 1 with 3 stages: 45 KiB, so 4 blocks fit an SM where tile 1 fits 3: 16 warps per SM instead of 12.
+// (Tile 3 was 256 x 64 with 8 warps until the H100 run timed it slower than tile 1 on every layer.)
+using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 3, 4, 1>;
+// Warp tiles of 64 x 64 (CUTLASS's usual Ampere warp tile): twice tile 1's MMAs per fragment loaded and per
+// copy. 128 accumulators per thread (about 220 registers), so 2 blocks of 4 warps per SM; 4 stages then cost
+// no occupancy. Tile 4 is 2 x 2 such warps (80 KiB). Tile 5 is 4 x 1, for layers of 64 filters, which leave
+// half of a 128-wide tile idle; it has 3 stages (75 KiB), since 4 would need 100, above the 99 KiB a block
+// may have on sm_86 and sm_89.
+using ImplicitGemmTile4 = ImplicitGemmTile<128, 128, 2, 2, 4, 2, 1>;
+using ImplicitGemmTile5 = ImplicitGemmTile<256, 64, 4, 1, 3, 2, 1>;
 
 // Element type T's reduction tile (64 bytes) and 16-byte copy width.
 template <typename T>
@@ -397,19 +410,25 @@ struct ActivationMNMajorLoader {
 
 // ---- the main loop ------------------------------------------------------------------------------------
 
-// Fragment registers of one warp for one k step (k16 for fp16/bf16, k8 for TF32).
+// One warp's share of a k step (k16 for fp16/bf16, k8 for TF32): `load` reads its A and B fragments from a
+// stage into registers, `mma` issues its (WM/16) x (WN/8) tensor-core MMAs on them. With two sets of
+// fragments (Cfg::FRAGMENT_BUFFERS) the main loop has the shared-memory loads of step k+1 in flight while the
+// MMAs of step k run.
 template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR>
 struct WarpMma {
   using ATile = OperandTile<T, A_K_MAJOR, Cfg::BM>;
   using BTile = OperandTile<T, B_K_MAJOR, Cfg::BN>;
   static constexpr bool kTf32 = sizeof(T) == 4;
   static constexpr int KSTEP = kTf32 ? 8 : 16;
+  static constexpr int KSTEPS = ImplicitGemmElement<T>::BK / KSTEP;  // k steps per reduction tile
 
-  // acc[mi][ni] += the warp's (wm0, wn0) sub-tile over reduction indices [kk, kk + KSTEP) of the stage.
-  __device__ __forceinline__ static void step(float (&acc)[Cfg::MI][Cfg::NI][4], const T* As, const T* Bs, int wm0,
-                                              int wn0, int kk) {
-    const int lane = threadIdx.x % 32;
+  struct Fragments {
     uint32_t a[Cfg::MI][4], b[Cfg::NI][2];
+  };
+
+  // The warp's (wm0, wn0) fragments over reduction indices [kk, kk + KSTEP) of the stage at As, Bs.
+  __device__ __forceinline__ static void load(Fragments& f, const T* As, const T* Bs, int wm0, int wn0, int kk) {
+    const int lane = threadIdx.x % 32;
     if constexpr (!kTf32) {
       const int j = lane / 8, i = lane % 8;  // ldmatrix: lane supplies row i of 8x8 matrix j
 #pragma unroll
@@ -417,9 +436,9 @@ struct WarpMma {
         // matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) = a0..a3
         const int m = wm0 + mi * 16 + (j % 2) * 8, k = kk + (j / 2) * 8;
         if constexpr (A_K_MAJOR) {
-          ldmatrix_x4<false>(a[mi], As + ATile::at(m + i, k));
+          ldmatrix_x4<false>(f.a[mi], As + ATile::at(m + i, k));
         } else {
-          ldmatrix_x4<true>(a[mi], As + ATile::at(m, k + i));
+          ldmatrix_x4<true>(f.a[mi], As + ATile::at(m, k + i));
         }
       }
 #pragma unroll
@@ -432,39 +451,54 @@ struct WarpMma {
         } else {
           ldmatrix_x4<true>(r, Bs + BTile::at(n, k + i));
         }
-        b[nj][0] = r[0], b[nj][1] = r[1], b[nj + 1][0] = r[2], b[nj + 1][1] = r[3];
+        f.b[nj][0] = r[0], f.b[nj][1] = r[1], f.b[nj + 1][0] = r[2], f.b[nj + 1][1] = r[3];
       }
     } else {
       const int g = lane / 4, t = lane % 4;  // TF32 fragments: a (g|g+8, t|t+4), b (t|t+4, g)
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi) {
         const int m = wm0 + mi * 16 + g;
-        a[mi][0] = to_tf32(As[ATile::at(m, kk + t)]);
-        a[mi][1] = to_tf32(As[ATile::at(m + 8, kk + t)]);
-        a[mi][2] = to_tf32(As[ATile::at(m, kk + t + 4)]);
-        a[mi][3] = to_tf32(As[ATile::at(m + 8, kk + t + 4)]);
+        f.a[mi][0] = to_tf32(As[ATile::at(m, kk + t)]);
+        f.a[mi][1] = to_tf32(As[ATile::at(m + 8, kk + t)]);
+        f.a[mi][2] = to_tf32(As[ATile::at(m, kk + t + 4)]);
+        f.a[mi][3] = to_tf32(As[ATile::at(m + 8, kk + t + 4)]);
       }
 #pragma unroll
       for (int ni = 0; ni < Cfg::NI; ++ni) {
         const int n = wn0 + ni * 8 + g;
-        b[ni][0] = to_tf32(Bs[BTile::at(n, kk + t)]);
-        b[ni][1] = to_tf32(Bs[BTile::at(n, kk + t + 4)]);
+        f.b[ni][0] = to_tf32(Bs[BTile::at(n, kk + t)]);
+        f.b[ni][1] = to_tf32(Bs[BTile::at(n, kk + t + 4)]);
       }
     }
+  }
+
+  __device__ __forceinline__ static void mma(float (&acc)[Cfg::MI][Cfg::NI][4], const Fragments& f) {
 #pragma unroll
     for (int mi = 0; mi < Cfg::MI; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < Cfg::NI; ++ni) mma_16x8<T>(acc[mi][ni], a[mi], b[ni]);
+      for (int ni = 0; ni < Cfg::NI; ++ni) mma_16x8<T>(acc[mi][ni], f.a[mi], f.b[ni]);
   }
 };
 
 
 // The block's accumulators over reduction tiles [kt_begin, kt_end) (each BK wide): the cp.async pipeline
 // around WarpMma. `smem` holds STAGES stages of A then STAGES stages of B.
+//
+// Order within reduction tile t (stage st = t % STAGES), with two fragment sets (step 0's already loaded):
+//   k step 0: load step 1's fragments, issue step 0's MMAs, then the copies of tile t + STAGES - 1 into the
+//             stage tile t - 1 used (every warp finished reading it before the barrier that ended tile t - 1);
+//   k step s: load step s + 1's fragments, issue step s's MMAs;
+//   then wait for tile t + 1's copies, barrier, and load its first fragments.
+// So the shared-memory loads of a step overlap the MMAs of the one before, the MMAs of the first step overlap
+// the loaders' address arithmetic, and those of the last step the wait and the barrier. With one set, each
+// step loads its own fragments just before its MMAs; the order is otherwise the same. (Volatile inline PTX
+// keeps its order: the order written here is the order issued.)
 template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR, typename ALoader, typename BLoader>
 __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg::NI][4], T* smem, ALoader& a_loader,
                                                        BLoader& b_loader, int kt_begin, int kt_end) {
   using Mma = WarpMma<T, Cfg, A_K_MAJOR, B_K_MAJOR>;
+  constexpr bool kDouble = Cfg::FRAGMENT_BUFFERS == 2;
+  static_assert(Mma::KSTEPS % 2 == 0, "each tile ends on the fragment set it began with");
   constexpr int BK = ImplicitGemmElement<T>::BK;
   constexpr int A_ELEMS = Mma::ATile::ELEMS, B_ELEMS = Mma::BTile::ELEMS;
   T* As = smem;
@@ -479,7 +513,8 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
   const int tiles = kt_end - kt_begin;  // 32-bit: a reduction (R*S*C, or wgrad's N*P*Q) is below 2^31
-  // Prologue: stages 0 .. STAGES-2 in flight. Every step commits one group (empty past the end), so
+  if (tiles <= 0) return;
+  // Prologue: stages 0 .. STAGES-2 in flight. Every tile commits one group (empty past the end), so
   // "all but the newest STAGES-2 groups complete" always means "the stage about to be used has landed".
 #pragma unroll
   for (int st = 0; st < Cfg::STAGES - 1; ++st) {
@@ -489,24 +524,37 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
     }
     cp_async_commit();
   }
+  typename Mma::Fragments frag[Cfg::FRAGMENT_BUFFERS];
+  cp_async_wait<Cfg::STAGES - 2>();
+  __syncthreads();  // stage 0 is visible to all
+  if constexpr (kDouble) Mma::load(frag[0], As, Bs, wm0, wn0, 0);
   for (int t = 0; t < tiles; ++t) {
-    cp_async_wait<Cfg::STAGES - 2>();
-    __syncthreads();  // stage t % STAGES is visible to all; stage (t - 1) % STAGES is no longer read
-    const int st = t % Cfg::STAGES;
-    // The first k step's MMAs go out before the next stage's copies: the tensor cores work through them while
-    // the warp does the loaders' address arithmetic (volatile inline PTX keeps its order, so the order
-    // written here is the order issued; with the copies first, the MMAs waited behind ~150 integer ops).
-    Mma::step(acc, As + st * A_ELEMS, Bs + st * B_ELEMS, wm0, wn0, 0);
-    const int next = t + Cfg::STAGES - 1;
-    if (next < tiles) {
-      const int nst = next % Cfg::STAGES;
-      a_loader.load(As + nst * A_ELEMS, (kt_begin + next) * BK);
-      b_loader.load(Bs + nst * B_ELEMS, (kt_begin + next) * BK);
-    }
-    cp_async_commit();
+    const T* A_stage = As + (t % Cfg::STAGES) * A_ELEMS;
+    const T* B_stage = Bs + (t % Cfg::STAGES) * B_ELEMS;
 #pragma unroll
-    for (int kk = Mma::KSTEP; kk < BK; kk += Mma::KSTEP) {
-      Mma::step(acc, As + st * A_ELEMS, Bs + st * B_ELEMS, wm0, wn0, kk);
+    for (int ks = 0; ks < Mma::KSTEPS; ++ks) {
+      if constexpr (kDouble) {
+        if (ks + 1 < Mma::KSTEPS) Mma::load(frag[(ks + 1) % 2], A_stage, B_stage, wm0, wn0, (ks + 1) * Mma::KSTEP);
+      } else {
+        Mma::load(frag[0], A_stage, B_stage, wm0, wn0, ks * Mma::KSTEP);
+      }
+      Mma::mma(acc, frag[ks % Cfg::FRAGMENT_BUFFERS]);
+      if (ks == 0) {
+        const int next = t + Cfg::STAGES - 1;
+        if (next < tiles) {
+          const int nst = next % Cfg::STAGES;
+          a_loader.load(As + nst * A_ELEMS, (kt_begin + next) * BK);
+          b_loader.load(Bs + nst * B_ELEMS, (kt_begin + next) * BK);
+        }
+        cp_async_commit();
+      }
+    }
+    if (t + 1 < tiles) {  // (uniform across the block: every thread reaches the barrier or none)
+      cp_async_wait<Cfg::STAGES - 2>();
+      __syncthreads();  // stage (t + 1) % STAGES is visible to all; every warp is done reading stage t % STAGES
+      if constexpr (kDouble) {
+        Mma::load(frag[0], As + ((t + 1) % Cfg::STAGES) * A_ELEMS, Bs + ((t + 1) % Cfg::STAGES) * B_ELEMS, wm0, wn0, 0);
+      }
     }
   }
   cp_async_wait<0>();
@@ -607,6 +655,8 @@ cudaError_t dispatch_implicit_gemm_tile(int tile, F&& f) {
     case 1: return f(ImplicitGemmTile1{});
     case 2: return f(ImplicitGemmTile2{});
     case 3: return f(ImplicitGemmTile3{});
+    case 4: return f(ImplicitGemmTile4{});
+    case 5: return f(ImplicitGemmTile5{});
   }
   return cudaErrorInvalidValue;
 }

@@ -35,16 +35,6 @@ char* mutable_data(at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.mutable_data_ptr()) + offset * t.element_size();
 }
 
-// How many slices wgrad's reduction is cut into: enough blocks to fill a GPU (about 2 x 132 SMs of 64 x 64
-// tiles), each slice at least 4096 rows long so that a block's partial sum is worth its store and the final
-// sum.
-int64_t im2col_wgrad_splits(int64_t Kg, int64_t CgRS, int64_t groups, int64_t rows) {
-  constexpr int64_t kTargetBlocks = 264, kMinRows = 4096, kTile = 64;
-  const int64_t tiles = ((Kg + kTile - 1) / kTile) * ((CgRS + kTile - 1) / kTile) * groups;
-  const int64_t by_blocks = (kTargetBlocks + tiles - 1) / tiles, by_rows = rows / kMinRows;
-  return std::max<int64_t>(1, std::min(by_blocks, by_rows));
-}
-
 at::Tensor conv2d_im2col_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                               int64_t workspace_bytes, bool relu) {
@@ -169,19 +159,19 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
   // `splits` slices, each its own GEMM of the batch (outer index) summing into its own fp32 partial; the
   // partials are then summed in a fixed order (deterministic). Without it conv1's wgrad ran in 3 blocks
   // (357 ms on an H200, bench/results/2026-11-28-h200-b5fddeb).
-  const int64_t rows_per_chunk = chunk * PQ;
-  const int64_t splits = im2col_wgrad_splits(Kg, CgRS, pb.groups, rows_per_chunk);
-  const int64_t slice = (rows_per_chunk + splits - 1) / splits;
-  at::Tensor partial = at::zeros({splits, pb.groups * Kg * CgRS}, grad_output.options().dtype(at::kFloat));
-
+  //
   // partial_j[g][k, (c, r, s)] += sum over the rows m of slice j of dy[m, g * Kg + k] * col[m, g * CgRS + (c, r, s)].
   GemmProblem g{};
   g.M = Kg;
   g.N = CgRS;
+  g.batch_inner = pb.groups;
+  const int64_t rows_per_chunk = chunk * PQ;
+  const int64_t splits = gemm_reduction_splits(g, rows_per_chunk);
+  const int64_t slice = (rows_per_chunk + splits - 1) / splits;
+  at::Tensor partial = at::zeros({splits, pb.groups * Kg * CgRS}, grad_output.options().dtype(at::kFloat));
   g.a_m = 1, g.a_k = pb.K, g.a_bo = slice * pb.K, g.a_bi = Kg;
   g.b_k = CRS, g.b_n = 1, g.b_bo = slice * CRS, g.b_bi = CgRS;
   g.c_m = CgRS, g.c_n = 1, g.c_bo = pb.groups * Kg * CgRS, g.c_bi = Kg * CgRS;
-  g.batch_inner = pb.groups;
   g.accumulate = true;  // onto the zeroed partials, and across batch chunks
   for (int64_t n0 = 0; n0 < pb.N; n0 += chunk) {
     const int64_t images = std::min(chunk, pb.N - n0), rows = images * PQ;
@@ -189,20 +179,21 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
       check_launch(op, launch_im2col(pb, dt, input.const_data_ptr(), strides_of(input), n0, images,
                                      col.mutable_data_ptr(), stream));
     }
-    const char* a = data(dy, n0 * PQ * pb.K);
-    const char* b = data(col, pointwise ? n0 * PQ * CRS : 0);
+    // the chunk's first row in dy and in col (col holds this chunk only, unless it is the whole input's)
+    const int64_t dy_row = n0 * PQ, col_row = pointwise ? n0 * PQ : 0;
     // the whole slices in one launch (slice j at batch index j), the short last one in a second
     const int64_t whole = rows / slice, rest = rows - whole * slice;
     if (whole > 0) {
       g.K = slice;
       g.batch_outer = whole;
-      check_launch(op, launch_gemm(g, dt, true, a, b, nullptr, partial.mutable_data_ptr(), stream));
+      check_launch(op, launch_gemm(g, dt, true, data(dy, dy_row * pb.K), data(col, col_row * CRS), nullptr,
+                                   partial.mutable_data_ptr(), stream));
     }
     if (rest > 0) {
       g.K = rest;
       g.batch_outer = 1;
-      check_launch(op, launch_gemm(g, dt, true, data(dy, (n0 * PQ + whole * slice) * pb.K),
-                                   data(col, (pointwise ? n0 * PQ : 0) * CRS + whole * slice * CRS), nullptr,
+      check_launch(op, launch_gemm(g, dt, true, data(dy, (dy_row + whole * slice) * pb.K),
+                                   data(col, (col_row + whole * slice) * CRS), nullptr,
                                    mutable_data(partial, whole * partial.size(1)), stream));
     }
   }

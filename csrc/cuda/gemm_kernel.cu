@@ -16,6 +16,7 @@
 #include <mma.h>
 
 #if !defined(__CUDACC_RTC__)
+#include <algorithm>
 #include <atomic>
 #endif
 
@@ -218,6 +219,14 @@ cudaError_t launch_typed(const GemmProblem& g, const T* A, const T* B, const T* 
 }  // namespace
 
 #if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
+int64_t gemm_reduction_splits(const GemmProblem& g, int64_t K) {
+  // enough blocks for two waves, each slice at least 4096 long so a block's partial is worth its store and sum
+  constexpr int64_t kMinSlice = 4096;
+  const int64_t blocks = ceil_div(g.M, kTile) * ceil_div(g.N, kTile) * g.batch_inner;
+  const int64_t want = ceil_div(2 * static_cast<int64_t>(multiprocessor_count()), blocks);
+  return std::max<int64_t>(1, std::min(want, K / kMinSlice));
+}
 
 cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const void* A, const void* B,
                         const void* bias, void* C, cudaStream_t stream) {

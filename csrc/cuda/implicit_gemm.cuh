@@ -669,14 +669,6 @@ inline void implicit_gemm_tile_extent(int tile, int* bm, int* bn) {
   });
 }
 
-inline int multiprocessor_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
-    return 108;
-  return sms;
-}
-
 // The tile for `tile` = -1: the largest whose grid (over an M x N GEMM, `batches` times) still fills every
 // SM; a 128-wide N tile only when N needs it.
 inline int implicit_gemm_pick_tile(int tile, int64_t M, int64_t N, int64_t batches) {

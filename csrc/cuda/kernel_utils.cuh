@@ -56,6 +56,15 @@ inline unsigned grid_for(int64_t blocks) {
   const int64_t cap = 0x7fffffff;
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
+
+// SMs of the current device (108, an A100's, if it cannot be asked): grids sized to fill it.
+inline int multiprocessor_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+    return 108;
+  return sms;
+}
 #endif
 
 // Splits a flat index over an (outer, inner) grid: 32-bit division when the index fits (a GPU has no

@@ -112,6 +112,9 @@ cudaError_t launch_batch_norm_relu_backward(const DenseActivation& a, DType dtyp
 // batch chunks keeps its sum in fp32).
 cudaError_t launch_gemm(const GemmProblem& g, DType dtype, bool c_fp32, const void* A, const void* B,
                         const void* bias, void* C, cudaStream_t stream);
+// Split-K for a GEMM whose M x N (x batch_inner) output is too few tiles to fill the GPU: how many slices to
+// cut a reduction of length K into (1: none), each then summed into its own partial output.
+int64_t gemm_reduction_splits(const GemmProblem& g, int64_t K);
 
 // im2col for images [n0, n0 + images) of the activation: col[m, k] with m = (n - n0, p, q) and
 // k = (c, r, s), row-major (M = images * P * Q rows of C * R * S), zero where the tap reads padding.

@@ -25,9 +25,10 @@
 
 namespace fastconv {
 
-// MIN_BLOCKS: the blocks per SM the tile is built for (__launch_bounds__), so the compiler keeps registers
-// within 65536 / (MIN_BLOCKS * THREADS): the number of blocks its shared memory allows, or fewer where that
-// would leave a thread under 128 registers. FRAGMENT_BUFFERS: 2 to load the next k step's fragments while
+// MIN_BLOCKS: the blocks per SM the tile is built for (__launch_bounds__ of fp16/bf16 fprop), so the compiler
+// keeps registers within 65536 / (MIN_BLOCKS * THREADS): the number of blocks its shared memory allows, or
+// fewer where that would leave a thread under 128 registers or the warp tile needs more (64 x 64: about 220).
+// FRAGMENT_BUFFERS: 2 to load the next k step's fragments while
 // the MMAs of this one run (24 more registers for a 64 x 32 warp tile), 1 to load each just before its MMAs
 // (what fits 128 registers with a 64 x 32 warp tile: double buffering there spills).
 template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_, int FRAGMENT_BUFFERS_>
@@ -250,8 +251,8 @@ struct DenseMNMajorLoader {
 // (y0, x0) = (p*stride - pad, q*stride - pad). dgrad reads dy at ((h + pad - r*dil) / stride, ...) with
 // (y0, x0) = (h + pad, w + pad) and negated taps: with stride 1 (most dgrad: strided dgrad runs as stride-1
 // fprops, csrc/conv2d_dgrad_phases.h, unless dilated) that is fprop's form with the taps negated, and takes
-// fprop's path; otherwise the quotient is tested for exactness per copy (`gather_direct` false). Each thread keeps its chunk's (r, s, c),
-// advanced by BK per call (no division in the main loop but dgrad's). The reduction K = R*S*channels is
+// fprop's path; otherwise the quotient is tested for exactness per copy (`gather_direct` false). Each thread
+// keeps its chunk's (r, s, c), advanced by BK per call (no division in the main loop but dgrad's). The reduction K = R*S*channels is
 // below 2^31 (the host checks), so k, c and the tap are 32-bit; offsets into the tensor are 64-bit.
 template <typename T, int ROWS, int THREADS, bool DGRAD>
 struct ActivationKMajorLoader {

@@ -1,6 +1,7 @@
 """Static checks of the compiled CUDA kernels that need no GPU: the build's resource report shows no
 register spills (no local memory) in any fastconv kernel, and the tensor-core GEMM's SASS holds HMMA
 instructions. cuobjdump ships with triton in the torch environment (triton/backends/nvidia/bin)."""
+import functools
 import re
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ def library() -> str:
     return str(fastconv._C.__file__)
 
 
+@functools.lru_cache(maxsize=None)  # each listing of the whole library takes seconds, and tests share them
 def dump(*args) -> str:
     return subprocess.run([cuobjdump(), *args, library()], capture_output=True, text=True, check=True).stdout
 
@@ -124,7 +126,7 @@ def test_implicit_gemm_fprop_issues_mmas_before_the_next_stages_copies_and_fits_
     for name, reg in usage:
         if not re.search(r"conv2d_implicit_gemm_fprop_kernelI(6__half|13__nv_bfloat16)", name):
             continue
-        bm, bn, wm, wn, _stages, min_blocks, _buffers = map(int, re.search(
+        _bm, _bn, wm, wn, _stages, min_blocks, _buffers = map(int, re.search(
             r"ImplicitGemmTileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", name).groups())
         threads = 32 * wm * wn
         assert int(reg) * threads * min_blocks <= 65536, (name, reg, min_blocks)

@@ -174,8 +174,9 @@ def _time_candidates(candidates: dict) -> str:
 
 
 # /2: implicit-GEMM tile 3 changed from 256 x 64 to 128 x 64 with 3 stages, so a /1 file's "implicit_gemm/3"
-# names another kernel (timings saved against the old tile set are not loaded).
-_CACHE_FORMAT = "fastconv-benchmark-cache/2"
+# names another kernel (timings saved against the old tile set are not loaded). /3: the swizzled layout gave
+# tiles 3 and 5 a fourth stage.
+_CACHE_FORMAT = "fastconv-benchmark-cache/3"
 
 
 def save_benchmark_cache(path: str | os.PathLike) -> None:

@@ -5,11 +5,13 @@ conv2d_implicit_gemm_{fprop,dgrad,wgrad}_kernel.cu) in which only the PTX wrappe
 wait_group, ldmatrix, mma.sync, cvt.rna.tf32, and the kernels' `extern __shared__` array) are replaced by
 emulators: one std::thread per CUDA thread, warp-collective instructions with the PTX ISA's fragment
 layouts, cp.async landing at the latest or the earliest moment the ISA allows. Every configuration's output
-must match a double-precision reference bit for bit, with aligned, in-bounds, bank-conflict-free addresses.
+must match a double-precision reference bit for bit, with aligned, in-bounds addresses and shared-memory
+accesses (cp.async copies, ldmatrix rows) free of bank conflicts.
 
 This checks the kernels' index math, fragment layouts, pipeline synchronisation and alignment on any machine;
 it is not a GPU run and says nothing about speed or about hardware behaviour beyond the PTX ISA. A planted
-bug (a wait_group one stage short, swapped B fragment registers) must make it fail."""
+bug (a wait_group one stage short, swapped B fragment registers, an unswizzled or padded layout) must make
+it fail."""
 import os
 import re
 import shutil
@@ -75,9 +77,18 @@ PLANTED_BUGS = {
     "b_fragment_registers_swapped": ("f.b[nj][0] = r[0], f.b[nj][1] = r[1],", "f.b[nj][0] = r[1], f.b[nj][1] = r[0],"),
     # dgrad's column tap not negated (fprop's direction): stride-1 dgrad then gathers the mirrored pixel
     "dgrad_tap_not_negated": ("dx = DGRAD ? -s * dil_w : s * dil_w;", "dx = DGRAD ? s * dil_w : s * dil_w;"),
+    # K-major rows without the swizzle: an ldmatrix phase reads one chunk of 8 rows 64 bytes apart, 4 per bank group
+    "k_major_swizzle_dropped": ("const int chunk = (kk / E::VEC) ^ ((i >> 1) & 3);", "const int chunk = kk / E::VEC;"),
+    # K-major rows padded to 80 bytes (version 3's layout): the two rows a quarter warp's copies fill overlap
+    "k_major_rows_padded": ("static constexpr int LD = K_MAJOR ? E::BK : ROWS", "static constexpr int LD = K_MAJOR ? E::BK + E::VEC : ROWS"),
 }
 # The pass each planted bug is run in (the others: fprop).
 PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
+# What the emulation reports for each planted bug (the others: a wrong output).
+PLANTED_BUG_REPORT = {
+    "k_major_swizzle_dropped": "ldmatrix phases have shared-memory bank conflicts",
+    "k_major_rows_padded": "cp.async phases have shared-memory bank conflicts",
+}
 
 
 def stale(path: Path, what: str) -> str:
@@ -194,6 +205,8 @@ CASES = [
     case("fprop", "fp16", 1, "deferred", "depthwise", epilogue="residual"),
     case("fprop", "bf16", 3, "immediate", "multi_tile", epilogue=FULL_EPILOGUE),
     case("fprop", "fp32", 3, "deferred", "asymmetric"),
+    case("fprop", "bf16", 4, "deferred", "multi_tile", epilogue=FULL_EPILOGUE),
+    case("fprop", "fp32", 5, "immediate", "c40", epilogue="scale+relu"),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
@@ -201,6 +214,8 @@ CASES = [
     case("dgrad", "bf16", 2, "deferred", "asymmetric"),
     case("dgrad", "fp32", 1, "immediate", "pointwise_stride2"),
     case("dgrad", "fp16", 3, "deferred", "groups2_dilation2"),
+    case("dgrad", "fp32", 4, "immediate", "asymmetric"),
+    case("dgrad", "bf16", 5, "deferred", "multi_tile"),
     case("wgrad", "fp16", 0, "deferred", "c40", splits=1),
     case("wgrad", "bf16", 1, "immediate", "rgb_stem", splits=3),
     case("wgrad", "fp32", 2, "deferred", "groups2_dilation2", splits=7),
@@ -208,6 +223,8 @@ CASES = [
     case("wgrad", "bf16", 2, "deferred", "asymmetric", splits=4),
     case("wgrad", "fp32", 0, "immediate", "multi_tile", splits=5),
     case("wgrad", "bf16", 3, "deferred", "c40", splits=2),
+    case("wgrad", "fp16", 4, "immediate", "multi_tile", splits=3),
+    case("wgrad", "fp32", 5, "deferred", "rgb_stem", splits=2),
 ]
 
 
@@ -230,5 +247,5 @@ def test_planted_bug_is_caught(tmp_path, bug):
     if pass_ == "fprop":
         args["epilogue"] = FULL_EPILOGUE
     result = emulate(binary, args)
-    assert result.returncode == 1 and "mismatch at" in result.stdout, \
+    assert result.returncode == 1 and PLANTED_BUG_REPORT.get(bug, "mismatch at") in result.stdout, \
         f"planted bug {bug} not caught: exit status {result.returncode}\n{result.stdout[-4000:]}{result.stderr[-4000:]}"

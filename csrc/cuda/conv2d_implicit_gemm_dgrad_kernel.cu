@@ -15,13 +15,13 @@
 namespace fastconv {
 namespace {
 
-// Register budget: the 256-thread tile 0 in fp16/bf16 leaves it to ptxas (0: no minimum, as with the bare
-// thread count), which holds it to 128 registers, 2 blocks per SM; asking for 1 block gave it 138 and 1 block,
-// and the H200 run of f7f4e25 timed the 3x3 dgrads of ResNet-50's layer 3 and AlexNet 1.3-1.4x slower. The
-// others ask for 1 block (up to 255 registers): with no minimum, tile 1 spilled in the extension build and fp32
-// tile 0 spilled at 128.
+// Register budget: the 256-thread tile 0 in fp16/bf16 asks for 2 blocks per SM (128 registers, no spills):
+// asking for 1 block gave it 138 and 1 block, and the H200 run of f7f4e25 timed the 3x3 dgrads of ResNet-50's
+// layer 3 and AlexNet 1.3-1.4x slower (with no minimum ptxas chose 128 until the swizzled layout, then 140).
+// The others ask for 1 block (up to 255 registers): with no minimum, tile 1 spilled in the extension build
+// and fp32 tile 0 spilled at 128.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 && Cfg::THREADS == 256 ? 0 : 1)
+__global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 && Cfg::THREADS == 256 ? 2 : 1)
 conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, const T* __restrict__ wt,
                                   T* __restrict__ dx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

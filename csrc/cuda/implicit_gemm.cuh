@@ -11,9 +11,18 @@
 //
 // Shared-memory layouts. An operand tile is stored either K-major (one row per m or n, the reduction
 // index contiguous: activations gathered along (r, s, c) and filters) or MN-major (one row per reduction
-// index, m or n contiguous: wgrad's operands, whose reduction runs over pixels). Rows are padded by 16
-// bytes (32 for fp32 MN-major), which puts the 8 rows an ldmatrix phase reads (and the 32 scalars a TF32
-// fragment load reads) in distinct banks: no bank conflicts, no swizzle needed.
+// index, m or n contiguous: wgrad's operands, whose reduction runs over pixels). Shared memory serves a
+// warp's 16-byte accesses in phases of 8 lanes (one 8 x 8 matrix of an ldmatrix, a quarter of a cp.async
+// or of a TF32 fragment load); a phase is conflict-free when its 8 chunks fall in the 8 distinct 16-byte
+// bank groups of a 128-byte line.
+//  - K-major rows are BK elements (64 bytes, 4 chunks) with no padding, and chunk c of row i is stored at
+//    chunk c ^ ((i / 2) % 4) of the row (an XOR swizzle). A cp.async phase writes two whole neighbouring rows
+//    (one 128-byte line); an ldmatrix phase reads one chunk of 8 consecutive rows, which the swizzle spreads
+//    over the 8 groups. (Rows padded to 80 bytes, version 3, kept ldmatrix conflict-free but not the copies:
+//    ncu counted 2 wavefronts per cp.async phase.)
+//  - MN-major rows are padded by 16 bytes (32 for fp32): a cp.async phase writes 128 contiguous bytes of one
+//    row, and the rows an ldmatrix.trans phase (or a TF32 load) reads land 16 bytes apart in the banks.
+// tests/test_kernel_emulation.py checks both the copies and the ldmatrix phases for conflicts.
 //
 // Fragments. fp16/bf16: ldmatrix.x4 (".trans" for MN-major tiles) loads a 16x16 A fragment or two 16x8
 // B fragments per instruction, then mma.sync.m16n8k16 with fp32 accumulators. fp32: TF32 tensor cores,
@@ -44,39 +53,54 @@ struct ImplicitGemmTile {
 };
 
 // The tile configurations the launchers instantiate, indexed by the ops' `tile` argument (-1 picks one by
-// the grid's size, see implicit_gemm_pick_tile). Shared memory per block (fp16/bf16; fp32 the same bytes):
-// STAGES x (BM + BN) rows x 80 bytes.
-using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3, 2, 1>;  // 8 warps of 64 x 32; 60 KiB, 2 blocks/SM
-using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4, 3, 1>;   // 4 warps of 64 x 32; 60 KiB, 3 blocks/SM
-using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4, 4, 2>;    // 4 warps of 32 x 32; 40 KiB, 4 blocks/SM
-// Tile 1 with 3 stages: 45 KiB, so 4 blocks fit an SM where tile 1 fits 3: 16 warps per SM instead of 12.
-// (Tile 3 was 256 x 64 with 8 warps until the H100 run timed it slower than tile 1 on every layer.)
-using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 3, 4, 1>;
+// the grid's size, see implicit_gemm_pick_tile). Shared memory per block: STAGES x (BM + BN) rows x 64 bytes
+// (fprop, dgrad; wgrad's padded MN-major rows: STAGES x (BM + BN + 16) x 64 bytes), any element type.
+using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3, 2, 1>;  // 8 warps of 64 x 32; 48 KiB, 2 blocks/SM
+using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4, 3, 1>;   // 4 warps of 64 x 32; 48 KiB, 3 blocks/SM
+using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4, 4, 2>;    // 4 warps of 32 x 32; 32 KiB, 4 blocks/SM
+// Tile 1 at 4 blocks per SM (16 warps instead of 12), registers capped at 128 per thread. With 80-byte rows
+// (version 3) only 3 stages fitted 4 blocks; the unpadded rows fit 4 stages (4 x 48 KiB, wgrad 4 x 52 KiB).
+using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 4, 4, 1>;
 // Warp tiles of 64 x 64 (CUTLASS's usual Ampere warp tile): twice tile 1's MMAs per fragment loaded and per
 // copy. 128 accumulators per thread (about 220 registers), so 2 blocks of 4 warps per SM; 4 stages then cost
-// no occupancy. Tile 4 is 2 x 2 such warps (80 KiB). Tile 5 is 4 x 1, for layers of 64 filters, which leave
-// half of a 128-wide tile idle; it has 3 stages (75 KiB), since 4 would need 100, above the 99 KiB a block
-// may have on sm_86 and sm_89.
+// no occupancy. Tile 4 is 2 x 2 such warps (64 KiB). Tile 5 is 4 x 1 (80 KiB, wgrad 84: under the 99 KiB a
+// block may have on sm_86 and sm_89), for layers of 64 filters, which leave half of a 128-wide tile idle.
 using ImplicitGemmTile4 = ImplicitGemmTile<128, 128, 2, 2, 4, 2, 1>;
-using ImplicitGemmTile5 = ImplicitGemmTile<256, 64, 4, 1, 3, 2, 1>;
+using ImplicitGemmTile5 = ImplicitGemmTile<256, 64, 4, 1, 4, 2, 1>;
 
 // Element type T's reduction tile (64 bytes) and 16-byte copy width.
 template <typename T>
 struct ImplicitGemmElement {
   static constexpr int VEC = 16 / sizeof(T);
   static constexpr int BK = 64 / sizeof(T);
-  static constexpr int K_MAJOR_PAD = VEC;                      // 16 bytes
   static constexpr int MN_MAJOR_PAD = 8;                       // 32 bytes (fp32), 16 bytes (fp16/bf16)
 };
 
-// Shared-memory elements of one stage of an operand tile of `rows` m (or n) by BK.
+// Shared-memory elements of one stage of an operand tile of `rows` m (or n) by BK (layouts: see the top).
 template <typename T, bool K_MAJOR, int ROWS>
 struct OperandTile {
   using E = ImplicitGemmElement<T>;
-  static constexpr int LD = K_MAJOR ? E::BK + E::K_MAJOR_PAD : ROWS + E::MN_MAJOR_PAD;  // elements per smem row
+  static constexpr int LD = K_MAJOR ? E::BK : ROWS + E::MN_MAJOR_PAD;  // elements per smem row
   static constexpr int ELEMS = K_MAJOR ? ROWS * LD : E::BK * LD;
+  // K-major: the swizzle repeats every 8 rows, so at(i + 8j, kk) = at(i, kk) + 8j * LD.
+  static constexpr int SWIZZLE_ROWS = 8;
+  static_assert(!K_MAJOR || ROWS % SWIZZLE_ROWS == 0, "whole swizzle periods per tile");
   // Offset of element (row i in m or n, reduction index kk) of the tile.
-  __device__ __forceinline__ static int at(int i, int kk) { return K_MAJOR ? i * LD + kk : kk * LD + i; }
+  __device__ __forceinline__ static int at(int i, int kk) {
+    if constexpr (K_MAJOR) {
+      const int chunk = (kk / E::VEC) ^ ((i >> 1) & 3);
+      return i * LD + chunk * E::VEC + kk % E::VEC;
+    } else {
+      return kk * LD + i;
+    }
+  }
+  // at(i, x + kk) from offset = at(i, x), for kk a multiple of VEC whose chunk bits are clear in x / VEC (the
+  // fragment loads: x within chunks 0-1 or 0, kk a whole k step); K-major, adding kk to the chunk is an XOR.
+  __device__ __forceinline__ static int add_k(int offset, int kk) { return K_MAJOR ? offset ^ kk : offset + kk * LD; }
+  // at(i + rows, kk) from offset = at(i, kk), for rows a multiple of SWIZZLE_ROWS.
+  __device__ __forceinline__ static constexpr int add_rows(int offset, int rows) {
+    return K_MAJOR ? offset + rows * LD : offset + rows;
+  }
 };
 
 // ---- PTX wrappers -------------------------------------------------------------------------------------
@@ -181,18 +205,22 @@ struct DenseKMajorLoader {
   using Tile = OperandTile<T, true, ROWS>;
   static constexpr int CHUNKS = E::BK / E::VEC;  // vectors per row
   static constexpr int ITERS = ROWS * CHUNKS / THREADS;
+  static constexpr int ROW_STEP = THREADS / CHUNKS;  // rows between a thread's copies
   static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
+  static_assert(ROW_STEP % Tile::SWIZZLE_ROWS == 0, "a thread's rows share their swizzle");
   const T* row_src[ITERS];  // the row's element 0; src itself for a row past the end (its copies zero-fill)
   bool row_valid[ITERS];
   int K, row0, chunk_k;
+  int dst;  // the shared-memory offset of this thread's first chunk in a stage (its others: + it * ROW_STEP rows)
 
   __device__ __forceinline__ DenseKMajorLoader(const T* src, int64_t ld, int64_t rows, int64_t K_, int64_t i0)
       : K(static_cast<int>(K_)) {
     row0 = threadIdx.x / CHUNKS;
     chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
+    dst = Tile::at(row0, chunk_k);
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
-      const int64_t i = i0 + row0 + it * (THREADS / CHUNKS);
+      const int64_t i = i0 + row0 + it * ROW_STEP;
       row_valid[it] = i < rows;
       row_src[it] = row_valid[it] ? src + i * ld : src;
     }
@@ -203,7 +231,7 @@ struct DenseKMajorLoader {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const bool valid = row_valid[it] && k_valid;
-      cp_async_16(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k), row_src[it] + (valid ? k : 0), valid);
+      cp_async_16(stage + dst + it * ROW_STEP * Tile::LD, row_src[it] + (valid ? k : 0), valid);
     }
   }
 };
@@ -260,14 +288,17 @@ struct ActivationKMajorLoader {
   using Tile = OperandTile<T, true, ROWS>;
   static constexpr int CHUNKS = E::BK / E::VEC;
   static constexpr int ITERS = ROWS * CHUNKS / THREADS;
+  static constexpr int ROW_STEP = THREADS / CHUNKS;  // rows between a thread's copies
   static constexpr int kNoRow = -(1 << 29);  // y0 of a row past the end: every tap lands outside the source
   static_assert(ITERS >= 1 && ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "tile / thread mismatch");
+  static_assert(ROW_STEP % Tile::SWIZZLE_ROWS == 0, "a thread's rows share their swizzle");
   const T* src;           // the source's element 0: the address a zero-filling copy names
   int K, channels;
   int src_h, src_w;       // the source's spatial grid: x's H x W (fprop), dy's P x Q (dgrad)
   int64_t src_c;          // its channels (pixel stride)
   int dil_h, dil_w, stride_h, stride_w, S;
   int row0, chunk_k;
+  int dst;                // the shared-memory offset of this thread's first chunk in a stage (+ it * ROW_STEP rows)
   const T* row_ptr[ITERS];  // fprop: the row's reference pixel (y0, x0), channel channel0; dgrad: its image, channel0
   int y0[ITERS], x0[ITERS];
   bool gather_direct;     // fprop, or stride-1 dgrad: the tap's offset from a row's pixel is one `delta`
@@ -280,6 +311,7 @@ struct ActivationKMajorLoader {
       : src(src_), K(static_cast<int>(K_)), channels(static_cast<int>(channels_)) {
     row0 = threadIdx.x / CHUNKS;
     chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
+    dst = Tile::at(row0, chunk_k);
     src_h = static_cast<int>(DGRAD ? pb.P : pb.H);
     src_w = static_cast<int>(DGRAD ? pb.Q : pb.W);
     src_c = DGRAD ? pb.K : pb.C;
@@ -291,7 +323,7 @@ struct ActivationKMajorLoader {
     const int64_t height = DGRAD ? pb.H : pb.P, width = DGRAD ? pb.W : pb.Q;
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
-      const int64_t m = m0 + row0 + it * (THREADS / CHUNKS);
+      const int64_t m = m0 + row0 + it * ROW_STEP;
       const Pixel px = split_pixel(m, height, width);
       int yy, xx;
       if (DGRAD) {
@@ -326,8 +358,7 @@ struct ActivationKMajorLoader {
         const int h = y0[it] + dy, w = x0[it] + dx;
         const bool valid = k_valid && static_cast<unsigned>(h) < static_cast<unsigned>(src_h) &&
                            static_cast<unsigned>(w) < static_cast<unsigned>(src_w);
-        cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k),
-                          valid ? row_ptr[it] + delta : src, valid);
+        cp_async_16<true>(stage + dst + it * ROW_STEP * Tile::LD, valid ? row_ptr[it] + delta : src, valid);
       }
     } else {
 #pragma unroll
@@ -338,8 +369,7 @@ struct ActivationKMajorLoader {
         const bool valid = k_valid && th >= 0 && tw >= 0 && p * stride_h == th && q * stride_w == tw &&
                            p < src_h && q < src_w;
         const int64_t offset = (static_cast<int64_t>(p) * src_w + q) * src_c + c;
-        cp_async_16<true>(stage + Tile::at(row0 + it * (THREADS / CHUNKS), chunk_k),
-                          valid ? row_ptr[it] + offset : src, valid);
+        cp_async_16<true>(stage + dst + it * ROW_STEP * Tile::LD, valid ? row_ptr[it] + offset : src, valid);
       }
     }
     // advance this chunk's (r, s, c) by one reduction tile; the tap changes once every channels / BK tiles
@@ -414,7 +444,8 @@ struct ActivationMNMajorLoader {
 // One warp's share of a k step (k16 for fp16/bf16, k8 for TF32): `load` reads its A and B fragments from a
 // stage into registers, `mma` issues its (WM/16) x (WN/8) tensor-core MMAs on them. With two sets of
 // fragments (Cfg::FRAGMENT_BUFFERS) the main loop has the shared-memory loads of step k+1 in flight while the
-// MMAs of step k run.
+// MMAs of step k run. The constructor computes, once, where in a stage this lane's first fragment rows are;
+// every other address is that plus a k step (an XOR in the swizzled K-major layout) and a constant row offset.
 template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR>
 struct WarpMma {
   using ATile = OperandTile<T, A_K_MAJOR, Cfg::BM>;
@@ -427,48 +458,51 @@ struct WarpMma {
     uint32_t a[Cfg::MI][4], b[Cfg::NI][2];
   };
 
-  // The warp's (wm0, wn0) fragments over reduction indices [kk, kk + KSTEP) of the stage at As, Bs.
-  __device__ __forceinline__ static void load(Fragments& f, const T* As, const T* Bs, int wm0, int wn0, int kk) {
+  int a_lane, b_lane;  // offsets within a stage of this lane's rows (mi = 0, nj = 0, k step 0)
+
+  // The warp's tile starts at (wm0, wn0) of the block's.
+  __device__ __forceinline__ WarpMma(int wm0, int wn0) {
     const int lane = threadIdx.x % 32;
     if constexpr (!kTf32) {
       const int j = lane / 8, i = lane % 8;  // ldmatrix: lane supplies row i of 8x8 matrix j
+      // A matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) = a0..a3
+      const int m = wm0 + (j % 2) * 8, ka = (j / 2) * 8;
+      a_lane = A_K_MAJOR ? ATile::at(m + i, ka) : ATile::at(m, ka + i);
+      // B matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of two n8 tiles
+      const int n = wn0 + (j / 2) * 8, kb = (j % 2) * 8;
+      b_lane = B_K_MAJOR ? BTile::at(n + i, kb) : BTile::at(n, kb + i);
+    } else {
+      const int g = lane / 4, t = lane % 4;  // TF32 fragments: a (g|g+8, t|t+4), b (t|t+4, g)
+      a_lane = ATile::at(wm0 + g, t);
+      b_lane = BTile::at(wn0 + g, t);
+    }
+  }
+
+  // The warp's fragments over reduction indices [kk, kk + KSTEP) of the stage at As, Bs.
+  __device__ __forceinline__ void load(Fragments& f, const T* As, const T* Bs, int kk) const {
+    const int a_k = ATile::add_k(a_lane, kk), b_k = BTile::add_k(b_lane, kk);
+    if constexpr (!kTf32) {
 #pragma unroll
-      for (int mi = 0; mi < Cfg::MI; ++mi) {
-        // matrices: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) = a0..a3
-        const int m = wm0 + mi * 16 + (j % 2) * 8, k = kk + (j / 2) * 8;
-        if constexpr (A_K_MAJOR) {
-          ldmatrix_x4<false>(f.a[mi], As + ATile::at(m + i, k));
-        } else {
-          ldmatrix_x4<true>(f.a[mi], As + ATile::at(m, k + i));
-        }
-      }
+      for (int mi = 0; mi < Cfg::MI; ++mi) ldmatrix_x4<!A_K_MAJOR>(f.a[mi], As + ATile::add_rows(a_k, mi * 16));
 #pragma unroll
       for (int nj = 0; nj < Cfg::NI; nj += 2) {
-        // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b0, b1 of two n8 tiles
-        const int n = wn0 + nj * 8 + (j / 2) * 8, k = kk + (j % 2) * 8;
         uint32_t r[4];
-        if constexpr (B_K_MAJOR) {
-          ldmatrix_x4<false>(r, Bs + BTile::at(n + i, k));
-        } else {
-          ldmatrix_x4<true>(r, Bs + BTile::at(n, k + i));
-        }
+        ldmatrix_x4<!B_K_MAJOR>(r, Bs + BTile::add_rows(b_k, nj * 8));
         f.b[nj][0] = r[0], f.b[nj][1] = r[1], f.b[nj + 1][0] = r[2], f.b[nj + 1][1] = r[3];
       }
     } else {
-      const int g = lane / 4, t = lane % 4;  // TF32 fragments: a (g|g+8, t|t+4), b (t|t+4, g)
+      const int a_k4 = ATile::add_k(a_lane, kk + 4), b_k4 = BTile::add_k(b_lane, kk + 4);
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi) {
-        const int m = wm0 + mi * 16 + g;
-        f.a[mi][0] = to_tf32(As[ATile::at(m, kk + t)]);
-        f.a[mi][1] = to_tf32(As[ATile::at(m + 8, kk + t)]);
-        f.a[mi][2] = to_tf32(As[ATile::at(m, kk + t + 4)]);
-        f.a[mi][3] = to_tf32(As[ATile::at(m + 8, kk + t + 4)]);
+        f.a[mi][0] = to_tf32(As[ATile::add_rows(a_k, mi * 16)]);
+        f.a[mi][1] = to_tf32(As[ATile::add_rows(a_k, mi * 16 + 8)]);
+        f.a[mi][2] = to_tf32(As[ATile::add_rows(a_k4, mi * 16)]);
+        f.a[mi][3] = to_tf32(As[ATile::add_rows(a_k4, mi * 16 + 8)]);
       }
 #pragma unroll
       for (int ni = 0; ni < Cfg::NI; ++ni) {
-        const int n = wn0 + ni * 8 + g;
-        f.b[ni][0] = to_tf32(Bs[BTile::at(n, kk + t)]);
-        f.b[ni][1] = to_tf32(Bs[BTile::at(n, kk + t + 4)]);
+        f.b[ni][0] = to_tf32(Bs[BTile::add_rows(b_k, ni * 8)]);
+        f.b[ni][1] = to_tf32(Bs[BTile::add_rows(b_k4, ni * 8)]);
       }
     }
   }
@@ -505,7 +539,7 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
   T* As = smem;
   T* Bs = smem + Cfg::STAGES * A_ELEMS;
   const int warp = threadIdx.x / 32;
-  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
+  const Mma warp_mma((warp / Cfg::WARPS_N) * Cfg::WM, (warp % Cfg::WARPS_N) * Cfg::WN);
 #pragma unroll
   for (int mi = 0; mi < Cfg::MI; ++mi)
 #pragma unroll
@@ -528,16 +562,16 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
   typename Mma::Fragments frag[Cfg::FRAGMENT_BUFFERS];
   cp_async_wait<Cfg::STAGES - 2>();
   __syncthreads();  // stage 0 is visible to all
-  if constexpr (kDouble) Mma::load(frag[0], As, Bs, wm0, wn0, 0);
+  if constexpr (kDouble) warp_mma.load(frag[0], As, Bs, 0);
   for (int t = 0; t < tiles; ++t) {
     const T* A_stage = As + (t % Cfg::STAGES) * A_ELEMS;
     const T* B_stage = Bs + (t % Cfg::STAGES) * B_ELEMS;
 #pragma unroll
     for (int ks = 0; ks < Mma::KSTEPS; ++ks) {
       if constexpr (kDouble) {
-        if (ks + 1 < Mma::KSTEPS) Mma::load(frag[(ks + 1) % 2], A_stage, B_stage, wm0, wn0, (ks + 1) * Mma::KSTEP);
+        if (ks + 1 < Mma::KSTEPS) warp_mma.load(frag[(ks + 1) % 2], A_stage, B_stage, (ks + 1) * Mma::KSTEP);
       } else {
-        Mma::load(frag[0], A_stage, B_stage, wm0, wn0, ks * Mma::KSTEP);
+        warp_mma.load(frag[0], A_stage, B_stage, ks * Mma::KSTEP);
       }
       Mma::mma(acc, frag[ks % Cfg::FRAGMENT_BUFFERS]);
       if (ks == 0) {
@@ -554,7 +588,7 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
       cp_async_wait<Cfg::STAGES - 2>();
       __syncthreads();  // stage (t + 1) % STAGES is visible to all; every warp is done reading stage t % STAGES
       if constexpr (kDouble) {
-        Mma::load(frag[0], As + ((t + 1) % Cfg::STAGES) * A_ELEMS, Bs + ((t + 1) % Cfg::STAGES) * B_ELEMS, wm0, wn0, 0);
+        warp_mma.load(frag[0], As + ((t + 1) % Cfg::STAGES) * A_ELEMS, Bs + ((t + 1) % Cfg::STAGES) * B_ELEMS, 0);
       }
     }
   }

@@ -12,9 +12,9 @@
 // Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier, the warp-collective
 // instructions meet at a warp barrier. This is an emulation on the CPU, not a GPU run: it checks the
 // kernels' index math, fragment layouts, cp.async pipeline synchronisation and the alignment and bounds of
-// their cp.async / ldmatrix addresses (plus the bank-conflict-free ldmatrix layout the kernels document, a
-// property of the addresses). It says nothing about speed, nor about real hardware behaviour beyond the
-// PTX ISA's documented semantics.
+// their cp.async / ldmatrix addresses (plus the bank-conflict-free shared-memory layouts the kernels
+// document, a property of the addresses: see bank_groups_conflict). It says nothing about speed, nor about
+// real hardware behaviour beyond the PTX ISA's documented semantics.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,11 +76,15 @@ inline std::vector<GlobalBuffer> g_global_buffers;
 // the PTX ISA allows), true at issue (the earliest). Both must give the same result.
 inline bool g_cp_async_immediate = false;
 
+// Shared-memory phases of 8 lanes' 16-byte accesses (an ldmatrix matrix, a quarter of a warp's cp.async),
+// and those with a bank conflict.
 inline std::atomic<long> g_ldmatrix_phases{0}, g_ldmatrix_conflicted_phases{0};
+inline std::atomic<long> g_cp_async_phases{0}, g_cp_async_conflicted_phases{0};
 
 // What the lanes of a warp exchange at a warp-collective instruction.
 struct WarpExchange {
   const void* row[32];  // ldmatrix: the row address each lane supplies
+  long copy_dst[32];    // cp.async: each lane's shared-memory destination offset
   uint32_t a[32][4];    // mma: each lane's A and B fragment registers
   uint32_t b[32][2];
 };
@@ -108,6 +112,20 @@ inline void __syncthreads() { t_block->block_barrier->arrive_and_wait(); }
 
 inline size_t __cvta_generic_to_shared(const void* p) {
   return static_cast<size_t>(static_cast<const unsigned char*>(p) - t_block->smem);
+}
+
+// Shared memory serves 16-byte accesses in phases of 8 lanes; a phase is conflict-free when its 8 chunks
+// fall in the 8 distinct 16-byte bank groups of a 128-byte line (32 banks of 4 bytes). `offsets`: the 8
+// shared-memory byte offsets of one phase.
+inline bool bank_groups_conflict(const long (&offsets)[8]) {
+  unsigned seen = 0;
+  bool conflict = false;
+  for (const long o : offsets) {
+    const unsigned group = 1u << ((o % 128) / 16);
+    conflict |= (seen & group) != 0;
+    seen |= group;
+  }
+  return conflict;
 }
 
 // ---- cp.async -----------------------------------------------------------------------------------------
@@ -138,6 +156,22 @@ inline void emu_cp_async(void* dst, const void* src, bool valid) {
   // a zero-fill copy reads nothing, but its address must still be a global one (the kernels pass the base)
   EMU_CHECK(inside_global_buffer(s, valid ? 16 : 0), "cp.async source %p outside every global buffer (valid %d)",
             src, valid);
+  // The kernels' copies are warp-wide instructions (every lane of a warp issues the same sequence): the lanes
+  // meet here so that each quarter warp's destinations can be checked for bank conflicts.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int lanes = std::min(32, static_cast<int>(blockDim.x) - 32 * warp);
+  WarpExchange& x = t_block->warps[warp];
+  x.copy_dst[lane] = offset;
+  t_block->warp_barriers[warp]->arrive_and_wait();
+  if (lane == 0) {
+    for (int q = 0; q + 8 <= lanes; q += 8) {
+      long phase[8];
+      for (int i = 0; i < 8; ++i) phase[i] = x.copy_dst[q + i];
+      ++g_cp_async_phases;
+      if (bank_groups_conflict(phase)) ++g_cp_async_conflicted_phases;
+    }
+  }
+  t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read copy_dst before any lane reuses it
   const PendingCopy c{dst, src, valid};
   if (g_cp_async_immediate) {
     land(c);
@@ -180,19 +214,12 @@ inline void emu_ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   x.row[lane] = p;
   t_block->warp_barriers[warp]->arrive_and_wait();
   if (lane == 0) {
-    // one shared-memory phase per 8x8 matrix: its 8 rows of 16 bytes are conflict-free when they cover
-    // the 8 distinct 16-byte bank groups of a 128-byte line
+    // one shared-memory phase per 8x8 matrix, its 8 rows of 16 bytes
     for (int j = 0; j < 4; ++j) {
-      unsigned seen = 0;
-      bool conflict = false;
-      for (int i = 0; i < 8; ++i) {
-        const long o = static_cast<const unsigned char*>(x.row[8 * j + i]) - t_block->smem;
-        const unsigned group = 1u << ((o % 128) / 16);
-        conflict |= (seen & group) != 0;
-        seen |= group;
-      }
+      long phase[8];
+      for (int i = 0; i < 8; ++i) phase[i] = static_cast<const unsigned char*>(x.row[8 * j + i]) - t_block->smem;
       ++g_ldmatrix_phases;
-      if (conflict) ++g_ldmatrix_conflicted_phases;
+      if (bank_groups_conflict(phase)) ++g_ldmatrix_conflicted_phases;
     }
   }
   const int g = lane / 4, t = lane % 4;

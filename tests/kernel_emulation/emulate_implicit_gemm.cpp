@@ -7,12 +7,12 @@
 // Built by tests/test_kernel_emulation.py against copies of csrc/cuda's kernel sources whose PTX wrappers
 // call emu.h (the include path puts those copies first). Usage, one configuration per run:
 //
-//   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0|1|2|3 cp_async=deferred|immediate
+//   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0..5 cp_async=deferred|immediate
 //       N= C= H= W= K= R= S= [stride=h,w] [pad=h,w] [dil=h,w] [groups=]
 //       [epilogue=scale+shift+residual+relu]   (fprop; any subset, or none)
 //       [splits=]                              (wgrad: the requested split count)
 //
-// Exit status 0: bit-exact, no ldmatrix bank conflict, no write outside an output buffer. 1: a check
+// Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no write outside an output buffer. 1: a check
 // failed (the output says which). An emulation check (a misaligned or out-of-bounds address, copies not
 // waited for) aborts.
 //
@@ -493,8 +493,12 @@ int main(int argc, char** argv) {
   std::mt19937 rng(20240601);
   const long failures = run(c, rng);
   const long conflicted = g_ldmatrix_conflicted_phases.load(), phases = g_ldmatrix_phases.load();
+  const long copy_conflicted = g_cp_async_conflicted_phases.load(), copy_phases = g_cp_async_phases.load();
   if (conflicted != 0) std::printf("  %ld of %ld ldmatrix phases have shared-memory bank conflicts\n", conflicted, phases);
-  const bool ok = failures == 0 && conflicted == 0;
-  std::printf("%s: %s (%ld ldmatrix phases)\n", c.text.c_str(), ok ? "bit-exact" : "FAILED", phases);
+  if (copy_conflicted != 0)
+    std::printf("  %ld of %ld cp.async phases have shared-memory bank conflicts\n", copy_conflicted, copy_phases);
+  const bool ok = failures == 0 && conflicted == 0 && copy_conflicted == 0;
+  std::printf("%s: %s (%ld ldmatrix phases, %ld cp.async phases)\n", c.text.c_str(), ok ? "bit-exact" : "FAILED",
+              phases, copy_phases);
   return ok ? 0 : 1;
 }

@@ -16,6 +16,11 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
     """An int or a pair of ints (a one-element sequence counts as both), as torch's conv and pooling take them."""
+    kind = type(value)  # fast paths for what modules pass (an int, a tuple of two ints; not bools, exact types)
+    if kind is int:
+        return (value, value)
+    if kind is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     if isinstance(value, Sequence) and not isinstance(value, str):
         values = tuple(value)
         if len(values) == 1:

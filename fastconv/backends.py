@@ -136,9 +136,9 @@ def _benchmarkable(input: torch.Tensor) -> bool:
     return not isinstance(input, torch._subclasses.FakeTensor)
 
 
-def choose_algo(input, weight, bias, stride, padding, dilation, groups: int, candidates: dict) -> str:
+def choose_algo(input, weight, bias, stride, padding, dilation, groups: int, candidates) -> str:
     """The choice ``algo="auto"`` runs for this call (an algorithm name, or ``"implicit_gemm/<tile>"``, see
-    :func:`parse_choice`); `candidates` maps choices to forward callables."""
+    :func:`parse_choice`); `candidates()` maps choices to forward callables (built only when timing)."""
     if not _benchmarkable(input):
         return heuristic_algo(input, weight, stride, padding, dilation, groups)
     # JSON-friendly (save_benchmark_cache), and keyed on the GPU model rather than its index
@@ -149,7 +149,7 @@ def choose_algo(input, weight, bias, stride, padding, dilation, groups: int, can
         if key not in _benchmark_cache:
             if torch.cuda.is_current_stream_capturing():
                 return heuristic_algo(input, weight, stride, padding, dilation, groups)  # no timing inside a capture
-            _benchmark_cache[key] = _time_candidates(candidates)
+            _benchmark_cache[key] = _time_candidates(candidates())
         return _benchmark_cache[key]
 
 

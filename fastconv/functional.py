@@ -24,12 +24,15 @@ def _conv_call(choice: str, input, weight, bias, stride, padding, dilation, grou
     (backends.parse_choice), its own arguments come from backends.algo_args; `relu` fuses a ReLU."""
     algo, tile = backends.parse_choice(choice)
     extra = backends.algo_args(algo, tile)
-    return CONV_OPS[algo].fprop(input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra, relu)
+    return ops.call(CONV_OPS[algo].fprop, input, weight, bias, list(stride), list(padding), list(dilation), groups, *extra,
+                    relu)
 
 
 def check_no_forward_ad(op: str, *tensors) -> None:
     """fastconv's ops have reverse-mode derivatives only: refuse forward-mode AD (torch.func.jvp,
     torch.autograd.forward_ad) instead of silently dropping the tangents."""
+    if getattr(fwAD, "_current_level", 0) < 0:  # no dual level is open: no tensor carries a tangent
+        return
     if torch.compiler.is_compiling():
         return
     if any(isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None for t in tensors):
@@ -94,17 +97,19 @@ def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, re
     args = (input, weight, bias, stride, padding, dilation, groups)
     choice = algo
     if algo == "auto":
-        candidates = {c: (lambda c=c: _conv_call(c, *args, relu)) for c in backends.candidate_choices(input)}
+        def candidates():
+            return {c: (lambda c=c: _conv_call(c, *args, relu)) for c in backends.candidate_choices(input)}
+
         choice = backends.choose_algo(*args, candidates=candidates)
     if residual is None:
         return _conv_call(choice, *args, relu)
     chosen, tile = backends.parse_choice(choice)
     if chosen == "implicit_gemm":
-        return ops.implicit_gemm_fused(input, weight, None, bias, residual, list(stride), list(padding),
-                                       list(dilation), groups, tile, relu)
+        return ops.call(ops.implicit_gemm_fused, input, weight, None, bias, residual, list(stride), list(padding),
+                        list(dilation), groups, tile, relu)
     output = _conv_call(choice, *args, False)
     _check_residual(op, residual, output)
-    return ops.residual_add(output, residual, 1, relu)
+    return ops.call(ops.residual_add, output, residual, 1, relu)
 
 
 def _check_residual(op: str, residual: torch.Tensor, output: torch.Tensor) -> None:
@@ -140,7 +145,8 @@ def max_pool2d(
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    output, indices = ops.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation), bool(ceil_mode))
+    output, indices = ops.call(ops.max_pool2d, input, list(kernel_size), list(stride), list(padding), list(dilation),
+                               bool(ceil_mode))
     if unbatched:
         output, indices = output.squeeze(0), indices.squeeze(0)
     return (output, indices) if return_indices else output
@@ -164,7 +170,7 @@ def residual_add(residual: torch.Tensor, shortcut: torch.Tensor, *, stride: int 
     unbatched = residual.dim() == 3
     if unbatched:
         residual, shortcut = residual.unsqueeze(0), shortcut.unsqueeze(0)
-    output = ops.residual_add(residual, shortcut, stride, bool(relu))
+    output = ops.call(ops.residual_add, residual, shortcut, stride, bool(relu))
     return output.squeeze(0) if unbatched else output
 
 
@@ -259,11 +265,11 @@ def conv_bn_relu(
         return _conv2d(op, input, folded[0], folded[1], *conv_args, relu=relu, residual=residual)
     y = _conv2d(op, input, weight, bias, *conv_args, relu=False)
     # with a residual the ReLU comes after the add (residual_add applies it)
-    output, mean, var = ops.batch_norm_relu(y, bn_weight, bn_bias, float(eps), bool(relu) and residual is None)
+    output, mean, var = ops.call(ops.batch_norm_relu, y, bn_weight, bn_bias, float(eps), bool(relu) and residual is None)
     count = y.numel() // y.shape[1] if y.shape[1] else 0
     if count > 0:  # an empty batch leaves the running statistics alone, as torch does
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     if residual is not None:
         _check_residual(op, residual, output)
-        output = ops.residual_add(output, residual, 1, bool(relu))
+        output = ops.call(ops.residual_add, output, residual, 1, bool(relu))
     return output

@@ -45,6 +45,23 @@ implicit_gemm_fused = _lib.conv2d_implicit_gemm_fused.default
 bias_grad = _lib.conv2d_bias_grad.default
 
 
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", None)
+
+
+def call(op: torch._ops.OpOverload, *args):
+    """``op(*args)``, for the forward paths of fastconv.functional and the modules. When autograd has nothing
+    to record (grad mode off, or no argument requires grad) the call goes straight below the autograd key (to
+    the CPU/CUDA kernel, or the fake implementation): what the autograd kernel that ``register_autograd``
+    generates does itself in that case, without its round trip through Python (about 10 us a call, most of
+    a small layer's host time in inference). Under ``torch.compile`` the op is called as it is."""
+    if torch.compiler.is_compiling():  # (first: dynamo cannot trace _any_requires_grad)
+        return op(*args)
+    if torch._C.is_grad_enabled() and (_any_requires_grad is None or _any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def output_memory_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
     """channels_last if either operand suggests it: the rule torch's own conv2d follows for its output."""
     cl = torch.channels_last in (suggest_memory_format(a), suggest_memory_format(b))

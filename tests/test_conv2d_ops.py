@@ -57,3 +57,33 @@ def test_backward_ops_match_autograd():
     torch.testing.assert_close(OPS.conv2d_direct_dgrad(gy, w, list(x.shape), *args), gx)
     torch.testing.assert_close(OPS.conv2d_direct_wgrad(gy, x, list(w.shape), *args), gw)
     torch.testing.assert_close(OPS.conv2d_bias_grad(gy), gy.sum((0, 2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_call_bypasses_autograd_only_when_nothing_needs_it(device):
+    # fastconv.ops.call (the forward paths' op call) skips the Python autograd kernel when autograd has
+    # nothing to record; whenever a gradient is needed the op must still be recorded.
+    from fastconv import ops
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6, device=device)
+    w = torch.randn(4, 5, 3, 3, device=device)
+    op = ops.CONV_OPS["direct"].fprop
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    expected = op(x, w, None, *args)
+    # grad mode, nothing requires grad; no_grad; inference_mode: no graph, the same result
+    for context in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with context():
+            y = ops.call(op, x, w, None, *args)
+        assert y.grad_fn is None and not y.requires_grad
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    # a leaf that requires grad: recorded, and its gradient is the op's
+    w_leaf = w.clone().requires_grad_()
+    y = ops.call(op, x, w_leaf, None, *args)
+    assert y.grad_fn is not None
+    gy = torch.randn_like(y)
+    (gw,) = torch.autograd.grad(y, w_leaf, gy)
+    (gw_ref,) = torch.autograd.grad(op(x, w_leaf, None, *args), w_leaf, gy)
+    torch.testing.assert_close(gw, gw_ref, rtol=0, atol=0)
+    # requires grad but grad mode off: not recorded
+    with torch.no_grad():
+        assert ops.call(op, x, w_leaf, None, *args).grad_fn is None

@@ -99,7 +99,8 @@ def algo_tol(algo, dtype, tol) -> float:
 
 
 def check_implicit_gemm_tiles(dtype, layout, tol) -> int:
-    """Each tile configuration once: fused fprop (scale, shift, residual, ReLU), dgrad, split-K wgrad."""
+    """Each tile configuration once: fused fprop (scale, shift, residual, ReLU), dgrad, split-K wgrad; and the
+    split-K fprop."""
     failures = 0
     ig = torch.ops.fastconv
     x = torch.randn(4, 32, 10, 10, device="cuda", dtype=dtype).to(memory_format=layout)
@@ -122,6 +123,19 @@ def check_implicit_gemm_tiles(dtype, layout, tol) -> int:
             if not err <= algo_tol("implicit_gemm", dtype, tol):
                 failures += 1
                 print(f"MISMATCH implicit_gemm tile {tile} {dtype} {layout} {name}: relative error {err:.3g}")
+    # split-K fprop: one 7x7 image with a long reduction is a single tile, so the reduction is split
+    xs = torch.randn(1, 256, 7, 7, device="cuda", dtype=dtype).to(memory_format=layout)
+    ws = torch.randn(64, 256, 3, 3, device="cuda", dtype=dtype)
+    sc, sh = torch.rand(64, device="cuda", dtype=dtype) + 0.5, torch.randn(64, device="cuda", dtype=dtype)
+    ref = F.conv2d(xs.double(), ws.double(), None, 1, 1)
+    rs = torch.randn(ref.shape, device="cuda", dtype=dtype).to(memory_format=layout)
+    ref = torch.relu(ref * sc.double().view(1, -1, 1, 1) + sh.double().view(1, -1, 1, 1) + rs.double())
+    y = ig.conv2d_implicit_gemm_fused(xs, ws, sc, sh, rs, [1, 1], [1, 1], [1, 1], 1, -1, True)
+    torch.cuda.synchronize()
+    err = rel_err(y, ref)
+    if not err <= algo_tol("implicit_gemm", dtype, tol):
+        failures += 1
+        print(f"MISMATCH implicit_gemm split-K fprop {dtype} {layout}: relative error {err:.3g}")
     return failures
 
 

@@ -496,3 +496,26 @@ def test_gpu_auto_picks_implicit_gemm_and_the_benchmark_times_every_tile():
     finally:
         backends.benchmark = before
         backends.clear_benchmark_cache()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_split_k_fprop_on_a_grid_smaller_than_the_gpu(dtype):
+    # one image of a 7x7 layer with a long reduction (R*S*C = 2304) and 64 filters: a single 64 x 64 tile, so
+    # fprop splits the reduction and a second kernel sums the fp32 partials and applies the epilogue
+    case = ((1, 256, 7, 7), (64, 256, 3, 3), [1, 1], [1, 1], [1, 1], 1)
+    (x, w, sc, sh, res), conv = make_fused_args(case, "cuda", dtype, 1, 1, 1)
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # fp32 on the implicit GEMM (TF32)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            runs = [FUSED(x, w, sc, sh, res, *conv, -1, True) for _ in range(3)]
+            torch.cuda.synchronize()
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    kernels = [e.key for e in prof.key_averages()]
+    assert any("conv2d_implicit_gemm_fprop_reduce_kernel" in k for k in kernels), kernels
+    assert all(torch.equal(runs[0], r) for r in runs[1:])  # the partials are summed in a fixed order
+    ref = reference_fused(*(t.double() for t in (x, w, sc, sh, res)), *conv, True)
+    assert rel_err(runs[0], ref) < (2e-2 if dtype == torch.bfloat16 else 4e-3)

@@ -207,6 +207,10 @@ CASES = [
     case("fprop", "fp32", 3, "deferred", "asymmetric"),
     case("fprop", "bf16", 4, "deferred", "multi_tile", epilogue=FULL_EPILOGUE),
     case("fprop", "fp32", 5, "immediate", "c40", epilogue="scale+relu"),
+    # split-K (the reduction in ranges, then the split-sum kernel applies the epilogue)
+    case("fprop", "fp16", 3, "deferred", "c40", epilogue=FULL_EPILOGUE, splits=3),
+    case("fprop", "bf16", 2, "immediate", "groups2_dilation2", epilogue="shift+residual", splits=2),
+    case("fprop", "fp32", 0, "deferred", "rgb_stem", epilogue="scale+shift+relu", splits=4),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
@@ -233,6 +237,9 @@ def test_kernel_matches_reference_bit_exactly(emulator, args):
     result = emulate(emulator, args)
     assert result.returncode == 0 and "bit-exact" in result.stdout, \
         f"exit status {result.returncode}\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
+    if args.get("splits", 1) > 1:  # the split path really ran
+        splits = re.search(r"(\d+) split\(s\)", result.stdout)
+        assert splits and int(splits.group(1)) > 1, result.stdout[-2000:]
 
 
 # ---- the test has teeth -----------------------------------------------------------------------------------

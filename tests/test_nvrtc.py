@@ -33,8 +33,10 @@ KERNELS = {
     "conv2d_direct_wgrad_kernel.cu": [f"conv2d_direct_wgrad_kernel<{t}, {n}>" for t in DTYPES for n in (1, 9)],
     "gemm_kernel.cu": [f"gemm_simt_kernel<{t}, {o}>" for t in DTYPES for o in sorted({t, "float"})]
     + [f"gemm_wmma_kernel<{t}, {o}>" for t in DTYPES[1:] for o in (t, "float")],
-    "conv2d_implicit_gemm_fprop_kernel.cu": [f"conv2d_implicit_gemm_fprop_kernel<{t}, {c}>" for t in DTYPES
-                                              for c in IMPLICIT_GEMM_TILES],
+    "conv2d_implicit_gemm_fprop_kernel.cu": [f"conv2d_implicit_gemm_fprop_kernel<{t}, {c}, false>" for t in DTYPES
+                                              for c in IMPLICIT_GEMM_TILES]
+    + [f"conv2d_implicit_gemm_fprop_kernel<{t}, fastconv::ImplicitGemmSplitTile, true>" for t in DTYPES]
+    + [f"conv2d_implicit_gemm_fprop_reduce_kernel<{t}>" for t in DTYPES],
     "conv2d_implicit_gemm_dgrad_kernel.cu": [f"conv2d_implicit_gemm_dgrad_kernel<{t}, {c}>" for t in DTYPES
                                               for c in IMPLICIT_GEMM_TILES],
     "conv2d_implicit_gemm_wgrad_kernel.cu": [f"conv2d_implicit_gemm_wgrad_kernel<{t}, {c}>" for t in DTYPES

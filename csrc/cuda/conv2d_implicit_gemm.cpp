@@ -91,10 +91,15 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
   check_reduction_fits(op, ops.pb.R * ops.pb.S * ops.pb.C_per_group(), "R * S * C / groups (padded)");
   const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), sh = shift ? shift->contiguous() : at::Tensor();
   const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();  // read in aligned pairs
-  check_launch(op, launch_conv2d_implicit_gemm_fprop(ops.pb, cuda_dtype(op, input.scalar_type()), static_cast<int>(tile),
-                                                     ops.x.const_data_ptr(), ops.w.const_data_ptr(), data_or_null(sc),
-                                                     data_or_null(sh), data_or_null(res), relu, y.mutable_data_ptr(),
-                                                     c10::cuda::getCurrentCUDAStream().stream()));
+  const DType dtype = cuda_dtype(op, input.scalar_type());
+  const int splits = conv2d_implicit_gemm_fprop_splits(ops.pb, dtype, static_cast<int>(tile));
+  const at::Tensor partial =
+      splits > 1 ? at::empty({splits, pb.N * pb.P * pb.Q, pb.K}, input.options().dtype(at::kFloat)) : at::Tensor();
+  check_launch(op, launch_conv2d_implicit_gemm_fprop(
+                       ops.pb, dtype, static_cast<int>(tile), splits, ops.x.const_data_ptr(), ops.w.const_data_ptr(),
+                       data_or_null(sc), data_or_null(sh), data_or_null(res), relu,
+                       splits > 1 ? partial.mutable_data_ptr<float>() : nullptr, y.mutable_data_ptr(),
+                       c10::cuda::getCurrentCUDAStream().stream()));
   return conv2d_output_from_nhwc(y, format);
 }
 

@@ -68,6 +68,11 @@ using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 4, 4, 1>;
 using ImplicitGemmTile4 = ImplicitGemmTile<128, 128, 2, 2, 4, 2, 1>;
 using ImplicitGemmTile5 = ImplicitGemmTile<256, 64, 4, 1, 4, 2, 1>;
 
+// The tile fprop's split-K variant is built for (conv2d_implicit_gemm_fprop_kernel.cu): the smallest, which
+// implicit_gemm_pick_tile takes for the grids that leave SMs idle, the ones split-K is for.
+constexpr int kImplicitGemmSplitTile = 2;
+using ImplicitGemmSplitTile = ImplicitGemmTile2;
+
 // Element type T's reduction tile (64 bytes) and 16-byte copy width.
 template <typename T>
 struct ImplicitGemmElement {

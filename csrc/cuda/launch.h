@@ -131,11 +131,16 @@ cudaError_t launch_col2im(const Conv2dProblem& pb, DType dtype, const float* col
 // must be multiples of 8 (fprop: C / groups; dgrad: K / groups; wgrad: both), which the host wrapper
 // ensures by zero padding. `tile` picks one of kImplicitGemmTiles configurations (-1: by problem size).
 bool implicit_gemm_device_supported();
+// fprop splits its reduction (R*S*C/groups) into this many ranges when the grid would leave SMs without a
+// block (1 otherwise); with more than one, the launch needs a workspace of splits * M * K fp32 values.
+int conv2d_implicit_gemm_fprop_splits(const Conv2dProblem& pb, DType dtype, int tile);
 // fprop with its fused epilogue y = relu?(conv(x, w) * scale[k] + shift[k] + residual): scale, shift
-// (length K) and residual (NHWC like y) are optional (null), all of the element type.
-cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dtype, int tile, const void* x,
-                                              const void* w, const void* scale, const void* shift,
-                                              const void* residual, bool relu, void* y, cudaStream_t stream);
+// (length K) and residual (NHWC like y) are optional (null), all of the element type. `partial`: the
+// split-K workspace (null with one split).
+cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dtype, int tile, int splits,
+                                              const void* x, const void* w, const void* scale, const void* shift,
+                                              const void* residual, bool relu, float* partial, void* y,
+                                              cudaStream_t stream);
 // dgrad reads the filter transposed per group: wt[g][c][r][s][k] = w[g * Kg + k][r][s][c].
 cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dtype, int tile, const void* dy,
                                               const void* wt, void* dx, cudaStream_t stream);

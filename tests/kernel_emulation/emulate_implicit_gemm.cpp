@@ -10,7 +10,7 @@
 //   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0..5 cp_async=deferred|immediate
 //       N= C= H= W= K= R= S= [stride=h,w] [pad=h,w] [dil=h,w] [groups=]
 //       [epilogue=scale+shift+residual+relu]   (fprop; any subset, or none)
-//       [splits=]                              (wgrad: the requested split count)
+//       [splits=]                              (fprop, wgrad: the requested split count)
 //
 // Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no write outside an output buffer. 1: a check
 // failed (the output says which). An emulation check (a misaligned or out-of-bounds address, copies not
@@ -285,17 +285,37 @@ long run_fprop(const Config& c, std::mt19937& rng) {
   for (int64_t k = 0; k < c.K; ++k) scaled[k] = to_element<T>(scale[k]), shiftd[k] = to_element<T>(shift[k]);
   for (size_t i = 0; i < residual.size(); ++i) residuald[i] = to_element<T>(residual[i]);
   for (size_t i = 0; i < yd.size(); ++i) yd[i] = to_element<T>(NAN);
+  // conv2d_implicit_gemm_fprop_splits' rule for the split count: no empty split
+  constexpr int BK = ImplicitGemmElement<T>::BK;
+  const int64_t k_tiles = ceil_div(c.R * c.S * Cgp, BK);
+  const int splits = static_cast<int>(ceil_div(k_tiles, ceil_div(k_tiles, std::min<int64_t>(c.splits, k_tiles))));
+  DeviceBuffer<float> partial("partial", splits > 1 ? splits * M * c.K : 1);
+  for (size_t i = 0; i < partial.size(); ++i) partial[i] = NAN;
+  const T* scale_arg = c.scale ? scaled.data() : nullptr;
+  const T* shift_arg = c.shift ? shiftd.data() : nullptr;
+  const T* residual_arg = c.residual ? residuald.data() : nullptr;
 
+  // (the extension builds the split variant for kImplicitGemmSplitTile only; the emulation runs it on any tile)
   dispatch_implicit_gemm_tile(c.tile, [&](auto cfg) {
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
-    emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G), Cfg::THREADS, smem,
-               conv2d_implicit_gemm_fprop_kernel<T, Cfg>, padded, static_cast<const T*>(xd.data()),
-               static_cast<const T*>(wd.data()), static_cast<const T*>(c.scale ? scaled.data() : nullptr),
-               static_cast<const T*>(c.shift ? shiftd.data() : nullptr),
-               static_cast<const T*>(c.residual ? residuald.data() : nullptr), c.relu, yd.data());
+    const dim3 grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G * splits);
+    if (splits > 1) {
+      emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, true>, padded, splits,
+                 static_cast<const T*>(xd.data()), static_cast<const T*>(wd.data()), scale_arg, shift_arg,
+                 residual_arg, c.relu, yd.data(), partial.data());
+    } else {
+      emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, false>, padded, 1,
+                 static_cast<const T*>(xd.data()), static_cast<const T*>(wd.data()), scale_arg, shift_arg,
+                 residual_arg, c.relu, yd.data(), static_cast<float*>(nullptr));
+    }
     return cudaSuccess;
   });
+  if (splits > 1) {  // a small grid-stride grid: blocks and threads both loop
+    emu_launch(dim3(3, 1, 1), 64, 0, conv2d_implicit_gemm_fprop_reduce_kernel<T>,
+               static_cast<const float*>(partial.data()), M * c.K, c.K, splits, scale_arg, shift_arg, residual_arg,
+               c.relu, yd.data());
+  }
 
   Mismatches bad;
   for (int64_t m = 0; m < M; ++m) {
@@ -319,7 +339,8 @@ long run_fprop(const Config& c, std::mt19937& rng) {
       bad.check(as_element<T>(v), to_host_float(yd[m * c.K + k]), at({{"m", m}, {"k", k}}));
     }
   }
-  return bad.report() + damaged_guards(xd, wd, scaled, shiftd, residuald, yd);
+  std::printf("  fprop: %d split(s) of %lld reduction tiles\n", splits, static_cast<long long>(k_tiles));
+  return bad.report() + damaged_guards(xd, wd, scaled, shiftd, residuald, yd, partial);
 }
 
 // ---- dgrad --------------------------------------------------------------------------------------------

@@ -109,6 +109,9 @@ def _bias_grad_fake(grad_output):
 
 # ---- autograd --------------------------------------------------------------------------------------
 #
+# The backward formulas call their ops through `call`: a plain backward runs without grad mode, so the ops go
+# straight to their kernels; a double backward (create_graph=True) records them as usual.
+#
 # With y = fprop(x, w), gx = dgrad(gy, w) and gw = wgrad(gy, x), all bilinear (a fused ReLU first masks gy
 # with y > 0, a mask whose derivative is zero almost everywhere):
 #   d/d(gy) <ggx, dgrad(gy, w)> = fprop(ggx, w)      d/dw <ggx, dgrad(gy, w)> = wgrad(gy, ggx)
@@ -129,11 +132,11 @@ def _register_autograd(ops: ConvOps) -> None:
             grad_output = torch.where(output <= 0, torch.zeros_like(grad_output), grad_output)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = ops.dgrad(grad_output, weight, input.shape, *ctx.conv_args)
+            grad_input = call(ops.dgrad, grad_output, weight, input.shape, *ctx.conv_args)
         if ctx.needs_input_grad[1]:
-            grad_weight = ops.wgrad(grad_output, input, weight.shape, *ctx.conv_args)
+            grad_weight = call(ops.wgrad, grad_output, input, weight.shape, *ctx.conv_args)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = bias_grad(grad_output)
+            grad_bias = call(bias_grad, grad_output)
         return (grad_input, grad_weight, grad_bias) + (None,) * (len(ctx.conv_args) + 1)
 
     def dgrad_setup(ctx, inputs, output):
@@ -145,9 +148,9 @@ def _register_autograd(ops: ConvOps) -> None:
         grad_output, weight = ctx.saved_tensors
         d_grad_output = d_weight = None
         if ctx.needs_input_grad[0]:
-            d_grad_output = ops.fprop(grad_grad_input, weight, None, *ctx.conv_args)
+            d_grad_output = call(ops.fprop, grad_grad_input, weight, None, *ctx.conv_args)
         if ctx.needs_input_grad[1]:
-            d_weight = ops.wgrad(grad_output, grad_grad_input, weight.shape, *ctx.conv_args)
+            d_weight = call(ops.wgrad, grad_output, grad_grad_input, weight.shape, *ctx.conv_args)
         return (d_grad_output, d_weight, None) + (None,) * len(ctx.conv_args)
 
     def wgrad_setup(ctx, inputs, output):
@@ -159,9 +162,9 @@ def _register_autograd(ops: ConvOps) -> None:
         grad_output, input = ctx.saved_tensors
         d_grad_output = d_input = None
         if ctx.needs_input_grad[0]:
-            d_grad_output = ops.fprop(input, grad_grad_weight, None, *ctx.conv_args)
+            d_grad_output = call(ops.fprop, input, grad_grad_weight, None, *ctx.conv_args)
         if ctx.needs_input_grad[1]:
-            d_input = ops.dgrad(grad_output, grad_grad_weight, input.shape, *ctx.conv_args)
+            d_input = call(ops.dgrad, grad_output, grad_grad_weight, input.shape, *ctx.conv_args)
         return (d_grad_output, d_input, None) + (None,) * len(ctx.conv_args)
 
     torch.library.register_autograd(ops.fprop, fprop_backward, setup_context=fprop_setup)
@@ -214,14 +217,14 @@ def _implicit_gemm_fused_backward(ctx, grad_output):
     grad_conv = g * scale.view(1, -1, 1, 1) if has_scale else g
     grad_input = grad_weight = grad_scale = grad_shift = grad_residual = None
     if ctx.needs_input_grad[0]:
-        grad_input = ops.dgrad(grad_conv, weight, input.shape, *ctx.conv_args)
+        grad_input = call(ops.dgrad, grad_conv, weight, input.shape, *ctx.conv_args)
     if ctx.needs_input_grad[1]:
-        grad_weight = ops.wgrad(grad_conv, input, weight.shape, *ctx.conv_args)
+        grad_weight = call(ops.wgrad, grad_conv, input, weight.shape, *ctx.conv_args)
     if has_scale and ctx.needs_input_grad[2]:
-        conv = ops.fprop(input, weight, None, *ctx.conv_args, False)  # recomputed: the output folds it away
-        grad_scale = bias_grad(g * conv)
+        conv = call(ops.fprop, input, weight, None, *ctx.conv_args, False)  # recomputed: the output folds it away
+        grad_scale = call(bias_grad, g * conv)
     if has_shift and ctx.needs_input_grad[3]:
-        grad_shift = bias_grad(g)
+        grad_shift = call(bias_grad, g)
     if has_residual and ctx.needs_input_grad[4]:
         grad_residual = g
     return (grad_input, grad_weight, grad_scale, grad_shift, grad_residual) + (None,) * (len(ctx.conv_args) + 1)
@@ -261,7 +264,7 @@ def _max_pool2d_setup(ctx, inputs, output):
 
 def _max_pool2d_backward(ctx, grad_output, _grad_indices):
     (indices,) = ctx.saved_tensors
-    return max_pool2d_backward(grad_output, indices, ctx.input_size, *ctx.window), None, None, None, None, None
+    return call(max_pool2d_backward, grad_output, indices, ctx.input_size, *ctx.window), None, None, None, None, None
 
 
 def _max_pool2d_backward_setup(ctx, inputs, output):
@@ -307,7 +310,7 @@ def _residual_add_setup(ctx, inputs, output):
 
 def _residual_add_backward(ctx, grad_output):
     (output,) = ctx.saved_tensors
-    grad_residual, grad_shortcut = residual_add_backward(grad_output, output, ctx.shortcut_size, ctx.stride)
+    grad_residual, grad_shortcut = call(residual_add_backward, grad_output, output, ctx.shortcut_size, ctx.stride)
     return grad_residual, grad_shortcut, None, None
 
 
@@ -324,7 +327,7 @@ def _residual_add_double_backward(ctx, grad_grad_residual, grad_grad_shortcut):
         grad_grad_residual = torch.zeros_like(grad_output)
     if grad_grad_shortcut is None:
         grad_grad_shortcut = grad_output.new_zeros(ctx.shortcut_size)
-    total = residual_add(grad_grad_residual, grad_grad_shortcut, ctx.stride, False)
+    total = call(residual_add, grad_grad_residual, grad_grad_shortcut, ctx.stride, False)
     if output is not None:
         total = torch.where(output <= 0, torch.zeros_like(total), total)
     return total, None, None, None
@@ -369,8 +372,8 @@ def _batch_norm_relu_setup(ctx, inputs, output):
 
 def _batch_norm_relu_backward(ctx, grad_output, _grad_mean, _grad_var):
     input, mean, var, weight, bias = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = batch_norm_relu_backward(grad_output, input, mean, var, weight, bias,
-                                                                  ctx.eps, ctx.relu)
+    grad_input, grad_weight, grad_bias = call(batch_norm_relu_backward, grad_output, input, mean, var, weight, bias,
+                                              ctx.eps, ctx.relu)
     grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
     grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
     return grad_input, grad_weight, grad_bias, None, None

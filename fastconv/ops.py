@@ -46,6 +46,8 @@ bias_grad = _lib.conv2d_bias_grad.default
 
 
 _any_requires_grad = getattr(torch._C, "_any_requires_grad", None)
+# the innermost active torch.func transform's level (None outside every transform)
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: 0)
 
 
 def call(op: torch._ops.OpOverload, *args):
@@ -55,6 +57,10 @@ def call(op: torch._ops.OpOverload, *args):
     generates does itself in that case, without its round trip through Python (about 10 us a call, most of
     a small layer's host time in inference). Under ``torch.compile`` the op is called as it is."""
     if torch.compiler.is_compiling():  # (first: dynamo cannot trace _any_requires_grad)
+        return op(*args)
+    if _functorch_level() is not None:
+        # inside vmap/grad transforms a wrapper reports requires_grad=False while the tensor it wraps needs a
+        # gradient, and the dispatch-key state set here would reach the unwrapped call: let autograd decide
         return op(*args)
     if torch._C.is_grad_enabled() and (_any_requires_grad is None or _any_requires_grad(*args)):
         return op(*args)

@@ -332,3 +332,15 @@ def test_vmap_runs_per_sample():
     x, w = torch.randn(4, 1, 2, 5, 5, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
     out = torch.func.vmap(lambda xi: fastconv.functional.conv2d(xi, w, padding=1))(x)
     assert torch.allclose(out, torch.stack([F.conv2d(xi, w, padding=1) for xi in x]))
+
+
+def test_vmap_keeps_gradients_of_batched_inputs():
+    # Inside vmap a batched tensor reports requires_grad=False even when the tensor it wraps needs a gradient:
+    # fastconv's skip-the-autograd-kernel fast path (ops.call) must not take that at its word.
+    x = torch.randn(4, 1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    out = torch.func.vmap(lambda xi: fastconv.functional.conv2d(xi, w, padding=1))(x)
+    (out.sum() + x.sum()).backward()
+    xr = x.detach().clone().requires_grad_()
+    (torch.stack([F.conv2d(xi, w, padding=1) for xi in xr]).sum() + xr.sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad)

@@ -12,17 +12,20 @@
 // Shared-memory layouts. An operand tile is stored either K-major (one row per m or n, the reduction
 // index contiguous: activations gathered along (r, s, c) and filters) or MN-major (one row per reduction
 // index, m or n contiguous: wgrad's operands, whose reduction runs over pixels). Shared memory serves a
-// warp's 16-byte accesses in phases of 8 lanes (one 8 x 8 matrix of an ldmatrix, a quarter of a cp.async
-// or of a TF32 fragment load); a phase is conflict-free when its 8 chunks fall in the 8 distinct 16-byte
-// bank groups of a 128-byte line.
+// warp's 16-byte accesses in phases of 8 lanes (one 8 x 8 matrix of an ldmatrix, a quarter of a cp.async);
+// a phase is conflict-free when its 8 chunks fall in the 8 distinct 16-byte bank groups of a 128-byte line.
+// (TF32 fragments are 4-byte scalar loads, one phase of 32 lanes: conflict-free when the lanes' banks differ.)
 //  - K-major rows are BK elements (64 bytes, 4 chunks) with no padding, and chunk c of row i is stored at
-//    chunk c ^ ((i / 2) % 4) of the row (an XOR swizzle). A cp.async phase writes two whole neighbouring rows
-//    (one 128-byte line); an ldmatrix phase reads one chunk of 8 consecutive rows, which the swizzle spreads
-//    over the 8 groups. (Rows padded to 80 bytes, version 3, kept ldmatrix conflict-free but not the copies:
-//    ncu counted 2 wavefronts per cp.async phase.)
+//    chunk c ^ ((i / 2) % 4) of the row (an XOR swizzle: the 64-byte swizzle of wgmma's and TMA's shared
+//    layouts). A cp.async phase writes two whole neighbouring rows (one 128-byte line); an ldmatrix phase
+//    reads one chunk of 8 consecutive rows, which the swizzle spreads over the 8 groups; a TF32 load reads a
+//    chunk of 8 rows too, lane (g, t) from bank (g % 2) * 16 + (c ^ (g / 2) % 4) * 4 + t, all distinct.
+//    (Rows padded to 80 bytes, version 3, kept ldmatrix conflict-free but not the copies: ncu counted 2
+//    wavefronts per cp.async phase.)
 //  - MN-major rows are padded by 16 bytes (32 for fp32): a cp.async phase writes 128 contiguous bytes of one
 //    row, and the rows an ldmatrix.trans phase (or a TF32 load) reads land 16 bytes apart in the banks.
-// tests/test_kernel_emulation.py checks both the copies and the ldmatrix phases for conflicts.
+// tests/test_kernel_emulation.py checks both the copies and the ldmatrix phases for conflicts (not the TF32
+// loads, plain C++ reads there).
 //
 // Fragments. fp16/bf16: ldmatrix.x4 (".trans" for MN-major tiles) loads a 16x16 A fragment or two 16x8
 // B fragments per instruction, then mma.sync.m16n8k16 with fp32 accumulators. fp32: TF32 tensor cores,
@@ -35,8 +38,9 @@
 namespace fastconv {
 
 // MIN_BLOCKS: the blocks per SM the tile is built for (__launch_bounds__ of fp16/bf16 fprop), so the compiler
-// keeps registers within 65536 / (MIN_BLOCKS * THREADS): the number of blocks its shared memory allows, or
-// fewer where that would leave a thread under 128 registers or the warp tile needs more (64 x 64: about 220).
+// keeps registers within 65536 / (MIN_BLOCKS * THREADS): at most the number of blocks its shared memory
+// allows, and fewer where that would leave a thread under 128 registers, the warp tile needs more (64 x 64:
+// about 220), or the tile is the register-richer twin of another (tile 1 of tile 3).
 // FRAGMENT_BUFFERS: 2 to load the next k step's fragments while
 // the MMAs of this one run (24 more registers for a 64 x 32 warp tile), 1 to load each just before its MMAs
 // (what fits 128 registers with a 64 x 32 warp tile: double buffering there spills).
@@ -56,15 +60,18 @@ struct ImplicitGemmTile {
 // the grid's size, see implicit_gemm_pick_tile). Shared memory per block: STAGES x (BM + BN) rows x 64 bytes
 // (fprop, dgrad; wgrad's padded MN-major rows: STAGES x (BM + BN + 16) x 64 bytes), any element type.
 using ImplicitGemmTile0 = ImplicitGemmTile<128, 128, 2, 4, 3, 2, 1>;  // 8 warps of 64 x 32; 48 KiB, 2 blocks/SM
-using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4, 3, 1>;   // 4 warps of 64 x 32; 48 KiB, 3 blocks/SM
+using ImplicitGemmTile1 = ImplicitGemmTile<128, 64, 2, 2, 4, 3, 1>;   // 4 warps of 64 x 32; 48 KiB, see below
 using ImplicitGemmTile2 = ImplicitGemmTile<64, 64, 2, 2, 4, 4, 2>;    // 4 warps of 32 x 32; 32 KiB, 4 blocks/SM
-// Tile 1 at 4 blocks per SM (16 warps instead of 12), registers capped at 128 per thread. With 80-byte rows
-// (version 3) only 3 stages fitted 4 blocks; the unpadded rows fit 4 stages (4 x 48 KiB, wgrad 4 x 52 KiB).
+// Tiles 1 and 3 differ only in fp16/bf16 fprop's register budget, the one place MIN_BLOCKS applies (dgrad,
+// wgrad and fp32 compile them alike). Tile 1: 3 blocks per SM, up to 170 registers (ptxas takes about 145).
+// Tile 3: 4 blocks per SM (16 warps instead of 12), registers capped at 128. With 80-byte rows (version 3)
+// only 3 stages fitted 4 blocks; the unpadded rows fit 4 stages (4 x 48 KiB, wgrad 4 x 52 KiB).
 using ImplicitGemmTile3 = ImplicitGemmTile<128, 64, 2, 2, 4, 4, 1>;
 // Warp tiles of 64 x 64 (CUTLASS's usual Ampere warp tile): twice tile 1's MMAs per fragment loaded and per
 // copy. 128 accumulators per thread (about 220 registers), so 2 blocks of 4 warps per SM; 4 stages then cost
-// no occupancy. Tile 4 is 2 x 2 such warps (64 KiB). Tile 5 is 4 x 1 (80 KiB, wgrad 84: under the 99 KiB a
-// block may have on sm_86 and sm_89), for layers of 64 filters, which leave half of a 128-wide tile idle.
+// no occupancy on sm_90 (on sm_80, whose SM has 164 KiB, tile 5's wgrad at 84 KiB fits one block). Tile 4 is
+// 2 x 2 such warps (64 KiB). Tile 5 is 4 x 1 (80 KiB, wgrad 84: under the 99 KiB a block may have on sm_86
+// and sm_89), for layers of 64 filters, which leave half of a 128-wide tile idle.
 using ImplicitGemmTile4 = ImplicitGemmTile<128, 128, 2, 2, 4, 2, 1>;
 using ImplicitGemmTile5 = ImplicitGemmTile<256, 64, 4, 1, 4, 2, 1>;
 
@@ -710,7 +717,8 @@ inline void implicit_gemm_tile_extent(int tile, int* bm, int* bn) {
 }
 
 // The tile for `tile` = -1: the largest whose grid (over an M x N GEMM, `batches` times) still fills every
-// SM; a 128-wide N tile only when N needs it. For 128 x 64, tile 3 (4 blocks per SM) rather than tile 1 (3):
+// SM; a 128-wide N tile only when N needs it. For 128 x 64, tile 3 rather than tile 1 (fp16/bf16 fprop: 4 blocks
+// per SM against 3; elsewhere the two compile alike):
 // the H200 run of b5fddeb timed tile 3 with 3 stages 3-8% ahead of tile 1 on conv1, l1_3x3 and l3, and the
 // swizzled layout gives it tile 1's 4 stages (not yet measured on a GPU).
 inline int implicit_gemm_pick_tile(int tile, int64_t M, int64_t N, int64_t batches) {

@@ -33,6 +33,7 @@
 #pragma once
 
 #include "kernel_utils.cuh"
+#include "../fast_divmod.h"
 #include "../implicit_gemm_problem.h"
 
 namespace fastconv {
@@ -415,7 +416,7 @@ struct ActivationMNMajorLoader {
   bool col_valid;
   int dh, dw;          // r * dil - pad, s * dil - pad of this thread's tap
   int64_t channel;     // absolute channel of this thread's vector
-  uint32_t plane, width;
+  FastDivmod plane, width;  // P * Q and Q: a pixel index's image, then its row and column
 
   __device__ __forceinline__ ActivationMNMajorLoader(const T* src_, const Conv2dProblem& pb_, int64_t cols, int64_t K_,
                                                      int64_t channels, int64_t channel0, int64_t j0)
@@ -427,8 +428,8 @@ struct ActivationMNMajorLoader {
     dh = static_cast<int>(t.r * pb.dil_h - pb.pad_h);
     dw = static_cast<int>(t.s * pb.dil_w - pb.pad_w);
     channel = channel0 + t.c;
-    plane = static_cast<uint32_t>(pb.P * pb.Q);
-    width = static_cast<uint32_t>(pb.Q);
+    plane = FastDivmod(static_cast<uint32_t>(pb.P * pb.Q > 0 ? pb.P * pb.Q : 1));  // (empty: nothing is loaded)
+    width = FastDivmod(static_cast<uint32_t>(pb.Q > 0 ? pb.Q : 1));
   }
   __device__ __forceinline__ void load(T* stage, int k0) const {
 #pragma unroll
@@ -437,10 +438,10 @@ struct ActivationMNMajorLoader {
       const int64_t k = static_cast<int64_t>(k0) + kk;
       int64_t offset = -1;
       if (col_valid && k < K) {
-        // 32-bit pixel split: the host guarantees N * P * Q < 2^31
-        const uint32_t m = static_cast<uint32_t>(k);
-        const uint32_t n = m / plane, rest = m - n * plane;
-        const uint32_t p = rest / width, q = rest - p * width;
+        // 32-bit pixel split, by multiplies: the host guarantees N * P * Q < 2^31
+        uint32_t n, rest, p, q;
+        plane.divmod(static_cast<uint32_t>(k), n, rest);
+        width.divmod(rest, p, q);
         const int h = static_cast<int>(p) * static_cast<int>(pb.stride_h) + dh;
         const int w = static_cast<int>(q) * static_cast<int>(pb.stride_w) + dw;
         if (h >= 0 && h < pb.H && w >= 0 && w < pb.W)

@@ -5,6 +5,7 @@
 #include <stdio.h>
 
 #include "conv2d_problem.h"
+#include "fast_divmod.h"
 
 using fastconv::Conv2dProblem;
 using fastconv::Strides4;
@@ -53,6 +54,47 @@ int main() {
   CHECK_EQ(fastconv::pool_output_extent(4294967301LL, 0, 1, 3, 2, false), (4294967301LL - 3) / 2 + 1);
   CHECK_EQ(fastconv::pool_output_extent(4294967301LL, 0, 1, 3, 2, true), (4294967301LL - 3 + 1) / 2 + 1);
   CHECK_EQ(fastconv::floor_div(-4294967297LL, 2), -2147483649LL);
+
+  // FastDivmod against / and %: every divisor up to 3000, powers of two and their neighbours up to 2^31, and
+  // pseudo-random ones; dividends at 0, around multiples of the divisor, at the top of the range (2^31 - 1),
+  // and pseudo-random. (The check stops counting after the first few failures.)
+  {
+    uint64_t state = 12345;
+    const auto next = [&state]() {  // 64-bit LCG, high bits
+      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+      return (uint32_t)(state >> 33);
+    };
+    const auto check_divisor = [&](uint32_t d) {
+      const fastconv::FastDivmod f(d);
+      uint32_t ns[64];
+      int count = 0;
+      const uint32_t top = 0x7fffffffu;
+      ns[count++] = 0, ns[count++] = top, ns[count++] = top - 1, ns[count++] = d - 1 <= top ? d - 1 : 0;
+      ns[count++] = d <= top ? d : 0, ns[count++] = top / d * d, ns[count++] = top / d * d - (top >= d ? 1 : 0);
+      for (int i = 0; i < 16 && count < 64; ++i) {
+        const uint32_t k = next() % (top / d + 1);  // a multiple of d, and its neighbours
+        const uint64_t m = (uint64_t)k * d;
+        if (m <= top) ns[count++] = (uint32_t)m;
+        if (m >= 1 && m - 1 <= top) ns[count++] = (uint32_t)(m - 1);
+        if (m + 1 <= top) ns[count++] = (uint32_t)(m + 1);
+      }
+      while (count < 64) ns[count++] = next();
+      for (int i = 0; i < count && failures < 8; ++i) {
+        uint32_t q = 0, r = 0;
+        f.divmod(ns[i], q, r);
+        CHECK_EQ(q, ns[i] / d);
+        CHECK_EQ(r, ns[i] % d);
+      }
+    };
+    for (uint32_t d = 1; d <= 3000; ++d) check_divisor(d);
+    for (int b = 1; b <= 31; ++b) {
+      const uint32_t p2 = 1u << b;
+      check_divisor(p2);
+      check_divisor(p2 - 1);
+      if (b < 31) check_divisor(p2 + 1);
+    }
+    for (int i = 0; i < 2000; ++i) check_divisor(next() % 0x7fffffffu + 1);
+  }
 
   if (failures == 0) printf("ok\n");
   return failures == 0 ? 0 : 1;

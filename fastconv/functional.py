@@ -194,14 +194,22 @@ def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias,
 
 
 def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
-    # torch's update: the batch mean, and the batch variance made unbiased (count / (count - 1)).
+    # torch's update, (1 - momentum) * running + momentum * batch: the batch mean, and the batch variance made
+    # unbiased (count / (count - 1)). Statistics of the buffers' dtype update in place with one lerp (a kernel
+    # each, where the three-term form launched four); others (float16 buffers) are computed at the
+    # statistics' precision and rounded once.
     with torch.no_grad():
         if running_mean is not None:
-            new_mean = momentum * mean + (1 - momentum) * running_mean.to(mean.dtype)
-            running_mean.copy_(new_mean)
+            if running_mean.dtype == mean.dtype:
+                running_mean.lerp_(mean, momentum)
+            else:
+                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
         if running_var is not None:
             unbiased = var * (count / (count - 1))
-            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(var.dtype))
+            if running_var.dtype == var.dtype:
+                running_var.lerp_(unbiased, momentum)
+            else:
+                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(var.dtype))
 
 
 def conv_bn_relu(

@@ -105,6 +105,7 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+@functools.lru_cache(maxsize=None)
 def _tensor_cores(device: torch.device) -> bool:
     # (a fake CUDA tensor on a machine without a GPU has none to ask)
     return device.type == "cuda" and torch.cuda.is_available() and _device_capability(device)[0] >= 8
@@ -116,7 +117,7 @@ def _tf32_allowed() -> bool:
 
 def heuristic_algo(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> str:
     """The documented shape rule (module docstring, step 2)."""
-    if any(v <= 0 for v in stride):
+    if stride[0] <= 0 or stride[1] <= 0:
         return "direct"  # invalid: the op itself raises the error that names it
     if weight.shape[1] == 1 and groups > 1:
         return "direct"

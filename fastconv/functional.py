@@ -195,18 +195,21 @@ def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias,
 
 def _update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     # torch's update, (1 - momentum) * running + momentum * batch: the batch mean, and the batch variance made
-    # unbiased (count / (count - 1)). Statistics of the buffers' dtype update in place with one lerp (a kernel
-    # each, where the three-term form launched four); others (float16 buffers) are computed at the
-    # statistics' precision and rounded once.
+    # unbiased (count / (count - 1)). Buffers of the statistics' dtype update in place with one lerp (a kernel
+    # each, where the three-term form launches four); buffers of another dtype (float16, bfloat16) are updated
+    # at the statistics' precision and rounded once. Under torch.compile the three-term form: a lerp's weight
+    # is a Scalar argument, which dynamo specialises on, so momentum=None's changing 1/n would recompile every
+    # step.
+    fused = not torch.compiler.is_compiling()
     with torch.no_grad():
         if running_mean is not None:
-            if running_mean.dtype == mean.dtype:
+            if fused and running_mean.dtype == mean.dtype:
                 running_mean.lerp_(mean, momentum)
             else:
                 running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
         if running_var is not None:
             unbiased = var * (count / (count - 1))
-            if running_var.dtype == var.dtype:
+            if fused and running_var.dtype == var.dtype:
                 running_var.lerp_(unbiased, momentum)
             else:
                 running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(var.dtype))

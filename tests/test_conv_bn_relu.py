@@ -518,6 +518,22 @@ def test_torch_compile_fullgraph_train_and_eval():
     assert_close_to(compiled(x), ref(x), 1e-5, "compiled eval output")
 
 
+def test_torch_compile_cumulative_momentum_does_not_recompile_every_step():
+    # momentum=None: the running statistics' weight is 1 / steps, a new float each step; an op taking it as a
+    # Scalar argument (lerp_'s weight) would make dynamo recompile per step until its recompile limit
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    fused = ConvBNReLU(3, 4, 3, padding=1, momentum=None)
+    ref = torch_sequence(fused)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fused, backend=counter)
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(12):
+        compiled(x), ref(x)
+    assert_states_equal(fused, ref, 1e-6)
+    assert counter.frame_count <= 4, counter.frame_count
+
+
 # ---- fuse() -------------------------------------------------------------------------------------------
 
 

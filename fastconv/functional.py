@@ -201,18 +201,18 @@ def _update_running_stats(running_mean, running_var, mean, var, count: int, mome
     # is a Scalar argument, which dynamo specialises on, so momentum=None's changing 1/n would recompile every
     # step.
     fused = not torch.compiler.is_compiling()
+
+    def blend_(running, batch):
+        if fused and running.dtype == batch.dtype:
+            running.lerp_(batch, momentum)
+        else:
+            running.copy_(momentum * batch + (1 - momentum) * running.to(batch.dtype))
+
     with torch.no_grad():
         if running_mean is not None:
-            if fused and running_mean.dtype == mean.dtype:
-                running_mean.lerp_(mean, momentum)
-            else:
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
+            blend_(running_mean, mean)
         if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            if fused and running_var.dtype == var.dtype:
-                running_var.lerp_(unbiased, momentum)
-            else:
-                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.to(var.dtype))
+            blend_(running_var, var * (count / (count - 1)))
 
 
 def conv_bn_relu(

@@ -14,7 +14,6 @@
 // Requires NHWC x, KRSC w, Cg a multiple of the copy width (8 fp16/bf16 channels, 4 fp32): the host
 // wrapper zero-pads the channels of other shapes. fp32 runs as TF32.
 #if !defined(__CUDACC_RTC__)
-#include <algorithm>
 #include <type_traits>
 #endif
 
@@ -46,11 +45,7 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, int splits, const T* __restr
   constexpr int BK = ImplicitGemmElement<T>::BK;
   const int64_t k_tiles = (Kred + BK - 1) / BK;
   int64_t kt_begin = 0, kt_end = k_tiles;
-  if constexpr (SPLIT) {  // this block's split: whole reduction tiles, none empty (the host's count)
-    const int64_t per_split = (k_tiles + splits - 1) / splits;
-    kt_begin = (blockIdx.z % splits) * per_split;
-    kt_end = kt_begin + per_split < k_tiles ? kt_begin + per_split : k_tiles;
-  }
+  if constexpr (SPLIT) split_tile_range(k_tiles, splits, blockIdx.z % splits, kt_begin, kt_end);
   // The loaders see the split's range as a reduction of its own, from 0 (so that no offset stays live through
   // the main loop): the filter rows start at k_begin, the gather's taps and channels too.
   const int64_t k_begin = kt_begin * BK;
@@ -114,14 +109,9 @@ int conv2d_implicit_gemm_fprop_splits(const Conv2dProblem& pb, DType dtype, int 
   // (the size heuristic takes the split tile, 64 x 64, exactly when the larger tiles' grids leave SMs idle)
   if (implicit_gemm_pick_tile(tile, M, Kg, pb.groups) != kImplicitGemmSplitTile) return 1;
   const int64_t blocks = ceil_div(M, ImplicitGemmSplitTile::BM) * ceil_div(Kg, ImplicitGemmSplitTile::BN) * pb.groups;
-  const int64_t sms = multiprocessor_count();
-  if (blocks >= sms) return 1;  // every SM has a block: splitting would only add the partials' traffic
-  // about two blocks per SM, each split keeping at least 8 reduction tiles to amortise its prologue
-  int64_t want = std::min<int64_t>(ceil_div(2 * sms, blocks), std::max<int64_t>(k_tiles / 8, 1));
-  want = std::min<int64_t>(want, 16);
-  // no empty split: every split gets ceil(k_tiles / splits) tiles except the last
-  const int64_t per_split = ceil_div(k_tiles, want);
-  return static_cast<int>(ceil_div(k_tiles, per_split));
+  // every SM has a block: splitting would only add the partials' traffic
+  if (blocks >= multiprocessor_count()) return 1;
+  return implicit_gemm_reduction_splits(blocks, k_tiles, 16);
 }
 
 cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dtype, int tile, int splits,

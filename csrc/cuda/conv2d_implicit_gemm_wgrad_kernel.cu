@@ -10,10 +10,6 @@
 // an fp32 partial filter to its slice of the workspace; a second kernel sums the slices in a fixed order
 // and converts, so the result is deterministic (no atomics). Requires Kg and Cg multiples of the copy
 // width (the wrapper pads) and N*P*Q < 2^31 (32-bit pixel split in the loader; the wrapper checks).
-#if !defined(__CUDACC_RTC__)
-#include <algorithm>
-#endif
-
 #include "implicit_gemm.cuh"
 
 namespace fastconv {
@@ -31,8 +27,8 @@ conv2d_implicit_gemm_wgrad_kernel(Conv2dProblem pb, int splits, const T* __restr
   const int64_t Ncols = pb.R * pb.S * Cg, Kred = pb.N * pb.P * pb.Q;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
   constexpr int BK = ImplicitGemmElement<T>::BK;
-  const int64_t k_tiles = (Kred + BK - 1) / BK, per_split = (k_tiles + splits - 1) / splits;
-  const int64_t kt_begin = split * per_split, kt_end = kt_begin + per_split < k_tiles ? kt_begin + per_split : k_tiles;
+  int64_t kt_begin = 0, kt_end = 0;
+  split_tile_range((Kred + BK - 1) / BK, splits, split, kt_begin, kt_end);
   DenseMNMajorLoader<T, Cfg::BM, Cfg::THREADS> a_loader(dy + g * Kg, pb.K, Kg, Kred, m0);
   ActivationMNMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(x, pb, Ncols, Kred, Cg, g * Cg, n0);
   float acc[Cfg::MI][Cfg::NI][4];
@@ -78,19 +74,12 @@ int conv2d_implicit_gemm_wgrad_splits(const Conv2dProblem& pb, DType dtype, int 
   const int bk = dtype == DType::Float32 ? ImplicitGemmElement<float>::BK : ImplicitGemmElement<__half>::BK;
   const int64_t k_tiles = ceil_div(Kred, bk);
   if (k_tiles <= 1) return 1;
-  if (splits <= 0) {
-    // enough blocks for two waves, each split keeping at least 8 reduction tiles to amortise its prologue
-    tile = wgrad_tile(pb, tile);
-    int bm = 0, bn = 0;
-    implicit_gemm_tile_extent(tile, &bm, &bn);
-    const int64_t blocks = ceil_div(pb.K_per_group(), bm) * ceil_div(pb.R * pb.S * pb.C_per_group(), bn) * pb.groups;
-    int64_t want = ceil_div(2 * static_cast<int64_t>(multiprocessor_count()), blocks);
-    want = std::min<int64_t>(want, std::max<int64_t>(k_tiles / 8, 1));
-    splits = static_cast<int>(std::min<int64_t>(want, 64));
-  }
-  // no empty split: every split gets ceil(k_tiles / splits) tiles except the last
-  const int64_t per_split = ceil_div(k_tiles, std::min<int64_t>(splits, k_tiles));
-  return static_cast<int>(ceil_div(k_tiles, per_split));
+  if (splits > 0) return implicit_gemm_nonempty_splits(k_tiles, splits);
+  tile = wgrad_tile(pb, tile);
+  int bm = 0, bn = 0;
+  implicit_gemm_tile_extent(tile, &bm, &bn);
+  const int64_t blocks = ceil_div(pb.K_per_group(), bm) * ceil_div(pb.R * pb.S * pb.C_per_group(), bn) * pb.groups;
+  return implicit_gemm_reduction_splits(blocks, k_tiles, 64);
 }
 
 cudaError_t launch_conv2d_implicit_gemm_wgrad(const Conv2dProblem& pb, DType dtype, int tile, int splits,

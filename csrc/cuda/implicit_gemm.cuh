@@ -32,6 +32,10 @@
 // mma.sync.m16n8k8, fragments read with scalar shared loads and rounded to TF32 (cvt.rna).
 #pragma once
 
+#if !defined(__CUDACC_RTC__)
+#include <algorithm>  // (the host-side tile and split choices)
+#endif
+
 #include "kernel_utils.cuh"
 #include "../fast_divmod.h"
 #include "../implicit_gemm_problem.h"
@@ -529,6 +533,15 @@ struct WarpMma {
 };
 
 
+// Split-K (fprop's small grids, wgrad): the reduction tiles [begin, end) of split `split` of `splits`, each
+// ceil(k_tiles / splits) tiles but the last (the host's count leaves none empty: implicit_gemm_nonempty_splits).
+__device__ __forceinline__ void split_tile_range(int64_t k_tiles, int64_t splits, int64_t split, int64_t& begin,
+                                                 int64_t& end) {
+  const int64_t per_split = (k_tiles + splits - 1) / splits;
+  begin = split * per_split;
+  end = begin + per_split < k_tiles ? begin + per_split : k_tiles;
+}
+
 // The block's accumulators over reduction tiles [kt_begin, kt_end) (each BK wide): the cp.async pipeline
 // around WarpMma. `smem` holds STAGES stages of A then STAGES stages of B.
 //
@@ -728,6 +741,22 @@ inline int implicit_gemm_pick_tile(int tile, int64_t M, int64_t N, int64_t batch
   if (N > 64 && ceil_div(M, 128) * ceil_div(N, 128) * batches >= sms) return 0;
   if (ceil_div(M, 128) * ceil_div(N, 64) * batches >= sms) return 3;
   return 2;
+}
+
+// Split-K's count for a reduction of k_tiles tiles: at most `splits` ranges of whole tiles, as many as leave
+// none empty (split_tile_range's ranges: every split gets ceil(k_tiles / splits) tiles except the last).
+inline int implicit_gemm_nonempty_splits(int64_t k_tiles, int64_t splits) {
+  if (k_tiles <= 1) return 1;
+  const int64_t per_split = ceil_div(k_tiles, splits < k_tiles ? splits : k_tiles);
+  return static_cast<int>(ceil_div(k_tiles, per_split));
+}
+
+// Split-K's count by size, for a grid of `blocks` blocks over a reduction of k_tiles tiles: about two blocks
+// per SM, each split keeping at least 8 reduction tiles to amortise its prologue, at most max_splits.
+inline int implicit_gemm_reduction_splits(int64_t blocks, int64_t k_tiles, int64_t max_splits) {
+  int64_t want = ceil_div(2 * static_cast<int64_t>(multiprocessor_count()), blocks);
+  want = std::min<int64_t>(want, std::max<int64_t>(k_tiles / 8, 1));
+  return implicit_gemm_nonempty_splits(k_tiles, std::min<int64_t>(want, max_splits));
 }
 
 // Opts the kernel into `bytes` of dynamic shared memory (above the 48 KiB default). The attribute belongs to

@@ -5,7 +5,9 @@ without a GPU; otherwise (or with FASTCONV_FORCE_CPU=1) the extension is CPU-onl
 
 Environment switches:
   FASTCONV_CUDA_ARCH    architectures, e.g. "9.0" or "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST). Default: an
-                        explicit TORCH_CUDA_ARCH_LIST, else the visible GPU's, else "8.0;9.0".
+                        explicit TORCH_CUDA_ARCH_LIST, else the visible GPUs', else "8.0;9.0". Hopper (9.0) is
+                        built as 9.0a, whose code runs on compute capability 9.0 only and adds the wgmma
+                        kernels (implicit-GEMM tiles 6 and 7); FASTCONV_NO_SM90A=1 keeps plain 9.0.
   FASTCONV_FORCE_CPU=1  skip the CUDA kernels.
   FASTCONV_NO_EXTENSION=1  no compiled extension at all (a machine without a compiler): the package then
                         offers fastconv.cupy's build-free path, which compiles the kernels with NVRTC at run time.
@@ -40,11 +42,22 @@ def want_cuda() -> bool:
     )
 
 
-def set_cuda_archs() -> None:
+def set_cuda_archs() -> list:
+    """Sets TORCH_CUDA_ARCH_LIST and returns it as a list."""
     if os.environ.get("FASTCONV_CUDA_ARCH"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTCONV_CUDA_ARCH"]
-    elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS  # no GPU to ask
+        archs = os.environ["FASTCONV_CUDA_ARCH"]
+    elif os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    elif torch.cuda.is_available():
+        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    else:
+        archs = DEFAULT_ARCHS  # no GPU to ask
+    arch_list = [a for a in archs.replace(" ", ";").split(";") if a]
+    if os.environ.get("FASTCONV_NO_SM90A", "0") in ("", "0"):
+        # sm_90a: sm_90 plus the arch-specific instructions (wgmma), for compute capability 9.0 exactly
+        arch_list = [a.replace("9.0", "9.0a", 1) if a.split("+")[0] == "9.0" else a for a in arch_list]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch_list)
+    return arch_list
 
 
 def pip_cuda_include_flags() -> list:
@@ -69,8 +82,11 @@ def make_extension():
     if not want_cuda():
         print("fastconv: building the CPU-only extension (no CUDA toolkit or CPU-only torch)")
         return CppExtension("fastconv._C", common, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
-    set_cuda_archs()
-    print(f"fastconv: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}")
+    arch_list = set_cuda_archs()
+    print(f"fastconv: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    macros = [("FASTCONV_WITH_CUDA", "1")]
+    if any(a.split("+")[0] == "9.0a" for a in arch_list):
+        macros.append(("FASTCONV_WITH_SM90A", "1"))  # the wgmma kernels exist (implicit_gemm_wgmma_supported)
     nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3"]
     if not debug and os.environ.get("FASTCONV_LINEINFO", "1") not in ("", "0"):
         nvcc_flags.append("-lineinfo")  # Nsight Compute maps samples to source lines
@@ -78,7 +94,7 @@ def make_extension():
         "fastconv._C",
         common + sources("cuda/*.cpp") + sources("cuda/*.cu"),
         include_dirs=include_dirs,
-        define_macros=[("FASTCONV_WITH_CUDA", "1")],
+        define_macros=macros,
         extra_compile_args={"cxx": cxx_flags + pip_cuda_include_flags(), "nvcc": nvcc_flags},
     )
 

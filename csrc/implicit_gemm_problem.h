@@ -22,9 +22,15 @@
 
 namespace fastconv {
 
-// Tile configurations of the CUDA kernels (csrc/cuda/implicit_gemm.cuh); the ops' `tile` argument is an
-// index below this, or -1 for the kernels' own choice.
-constexpr int kImplicitGemmTiles = 6;
+// Tile configurations of the CUDA kernels; the ops' `tile` argument is an index below kImplicitGemmTiles, or -1
+// for the kernels' own choice. Tiles 0-5 run mma.sync (csrc/cuda/implicit_gemm.cuh), any pass and element type on
+// sm_80 and later; tiles 6 and 7 are Hopper's wgmma (csrc/cuda/wgmma.cuh): fp16/bf16 fprop on sm_90a. Elsewhere
+// (dgrad, wgrad, fp32, another GPU, a build without sm_90a) a wgmma tile runs as its mma.sync twin, the tile of
+// the same block shape.
+constexpr int kImplicitGemmTiles = 8;
+constexpr int kImplicitGemmMmaSyncTiles = 6;
+FASTCONV_HD constexpr bool implicit_gemm_is_wgmma_tile(int tile) { return tile >= kImplicitGemmMmaSyncTiles; }
+FASTCONV_HD constexpr int implicit_gemm_mma_sync_twin(int tile) { return tile == 6 ? 0 : tile == 7 ? 3 : tile; }
 
 // Reduction index k of a gathered operand split into filter tap (r, s) and channel c within the group.
 struct TapChannel {

@@ -15,6 +15,8 @@
    im2col matrix would exceed the workspace limit, in which case ``"direct"``. (float32 goes to
    ``"implicit_gemm"`` only when asked for or when the benchmark picks it, which it considers only while
    torch.backends.cudnn.allow_tf32 allows TF32: otherwise that algorithm runs the exact direct kernels.)
+   With ``wgmma_tiles`` on, fp16/bf16 on a compute capability 9.0 GPU takes the Hopper tiles 6 and 7 wherever
+   their grid fills the GPU.
 
 The im2col workspace limit defaults to 256 MiB; set it with :func:`set_workspace_limit` or the
 environment variable ``FASTCONV_WORKSPACE_LIMIT_MB``. Results never depend on it.
@@ -36,6 +38,12 @@ from . import _checks
 
 #: Time every algorithm once per configuration on CUDA and cache the fastest (off by default).
 benchmark: bool = False
+
+#: Let ``auto`` use implicit_gemm's Hopper tiles 6 and 7 (wgmma, sm_90a; fp16/bf16 forward on a compute
+#: capability 9.0 GPU): the shape heuristic takes them where their grid fills the GPU, and the benchmark times
+#: them too. Off by default (environment: ``FASTCONV_WGMMA_TILES=1``): those kernels have not yet run on a GPU,
+#: only in the CPU emulation (csrc/cuda/wgmma.cuh). Asked for explicitly (``tile=6``) they run regardless.
+wgmma_tiles: bool = os.environ.get("FASTCONV_WGMMA_TILES", "0") not in ("", "0")
 
 _DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 _workspace_bytes = int(float(os.environ.get("FASTCONV_WORKSPACE_LIMIT_MB", 256)) * 2**20) or _DEFAULT_WORKSPACE_BYTES
@@ -91,7 +99,10 @@ def candidate_choices(input: torch.Tensor) -> list[str]:
 
     choices = [name for name in CONV_OPS if name != "implicit_gemm"]
     if input.is_cuda and _tensor_cores(input.device) and (input.dtype != torch.float32 or _tf32_allowed()):
-        choices += [f"implicit_gemm/{t}" for t in range(_checks.IMPLICIT_GEMM_TILES)]
+        choices += [f"implicit_gemm/{t}" for t in range(_checks.IMPLICIT_GEMM_MMA_SYNC_TILES)]
+        # (elsewhere a wgmma tile runs as its mma.sync twin: timing it would time a duplicate)
+        if wgmma_tiles and input.dtype != torch.float32 and _device_capability(input.device) == (9, 0):
+            choices += [f"implicit_gemm/{t}" for t in _checks.IMPLICIT_GEMM_WGMMA_TILES]
     return choices
 
 
@@ -124,11 +135,37 @@ def heuristic_algo(input: torch.Tensor, weight: torch.Tensor, stride, padding, d
     if input.is_cuda and input.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(input.device):
         # channels per group not a multiple of 8 (the RGB stem) are zero-padded by the op: ResNet-50's conv1
         # there runs 1.3x cuDNN, where im2col's fprop ran 0.28x and its wgrad 0.001x (H200, batch 64)
+        if wgmma_tiles and _device_capability(input.device) == (9, 0):
+            tile = _wgmma_tile(input, weight, stride, padding, dilation, groups)
+            if tile is not None:
+                return f"implicit_gemm/{tile}"
         return "implicit_gemm"
     pointwise = tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
     if not pointwise and _im2col_bytes_per_image(input, weight, stride, padding, dilation) > _workspace_bytes:
         return "direct"
     return "im2col"
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _wgmma_tile(input, weight, stride, padding, dilation, groups: int):
+    """With ``wgmma_tiles`` on a compute capability 9.0 GPU: the Hopper tile for this forward, by the kernels' own
+    size rule (implicit_gemm_pick_tile) over the twins' block shapes: 6 (128 x 128) when more than 64 filters per
+    group still give every SM a block, else 7 (128 x 64) when that does; None leaves smaller grids to the kernels'
+    rule (the 64 x 64 tile, split-K)."""
+    n, _, h, w = input.shape
+    r, s = weight.shape[2:]
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    k = weight.shape[0] // max(groups, 1)
+    rows = -(-max(n * p * q, 0) // 128) * groups
+    sms = _multiprocessors(input.device)
+    if k > 64 and rows * -(-k // 128) >= sms:
+        return 6
+    return 7 if rows * -(-k // 64) >= sms else None
 
 
 def _benchmarkable(input: torch.Tensor) -> bool:

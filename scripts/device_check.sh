@@ -73,10 +73,16 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
   # one Nsight Compute profile (the full set: warp stall reasons too): the implicit-GEMM fprop of a ResNet-50
   # 3x3 layer, bf16 channels_last; FASTCONV_PROFILE_ALGO=implicit_gemm/<tile> profiles one tile configuration
-  algo=${FASTCONV_PROFILE_ALGO:-implicit_gemm}
+  # (default: wgmma tile 6, unmeasured until the first run after 2026-11-28; implicit_gemm alone is the heuristic)
+  algo=${FASTCONV_PROFILE_ALGO:-implicit_gemm/6}
   step ncu 60 bash scripts/profile.sh --kernel implicit_gemm --set full --count 1 \
     --out "$OUT/ncu/fprop-resnet50_l1_3x3-${algo//\//-}" \
     -- --op fprop --layer resnet50_l1_3x3 --algo "$algo" --dtype bfloat16 --layout channels_last
+  # ResNet-50's bf16 conv+BN+ReLU and model rows again, with auto taking the Hopper wgmma tiles where the GPU has
+  # them (fastconv.backends.wgmma_tiles; off by default until a run like this one has measured them)
+  mkdir -p "$OUT/wgmma"
+  step bench_wgmma 90 env FASTCONV_WGMMA_TILES=1 FASTCONV_BENCH_OUT="$OUT/wgmma" "$PY" -m pytest \
+    bench/test_conv_bn_relu_bench.py bench/test_models_bench.py -q -p no:cacheprovider -k "resnet50 and bfloat16"
 fi
 
 echo
@@ -84,7 +90,7 @@ printf '%s\n' "${SUMMARY[@]}" > "$OUT/summary.txt"
 # The device tool brings back at most 8 files (the 2026-11-28 run lost its test log, racecheck log, summary
 # and ncu report to that): keep the ones read first, archive the rest.
 (cd "$OUT" && tar czf logs.tar.gz --remove-files build.log memcheck.log racecheck.log ncu.log bench.log \
-   bench_pytest_benchmark.json tests-progress.jsonl ncu 2>/dev/null) || true
+   bench_pytest_benchmark.json tests-progress.jsonl ncu bench_wgmma.log wgmma 2>/dev/null) || true
 echo "== files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ -f "$OUT/bench.md" ] && tail -n 40 "$OUT/bench.md"
 # the summary last, so that the reply's output tail always holds it

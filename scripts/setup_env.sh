@@ -5,7 +5,7 @@
 #
 #   FASTCONV_PYTHON=python3   use that interpreter as it is (no venv, nothing installed): the GPU machines
 #                             have torch preinstalled and no network.
-#   FASTCONV_CUDA_ARCH, FASTCONV_FORCE_CPU, FASTCONV_LINEINFO, FASTCONV_DEBUG, MAX_JOBS, CUDA_HOME: see setup.py.
+#   FASTCONV_CUDA_ARCH, FASTCONV_NO_SM90A, FASTCONV_FORCE_CPU, FASTCONV_LINEINFO, FASTCONV_DEBUG, MAX_JOBS, CUDA_HOME: see setup.py.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -32,7 +32,7 @@ fi
 stamp=$( {
   cat setup.py
   find csrc -type f | sort | xargs cat
-  echo "${FASTCONV_CUDA_ARCH:-} ${TORCH_CUDA_ARCH_LIST:-} ${FASTCONV_FORCE_CPU:-} ${CUDA_HOME:-} ${FASTCONV_LINEINFO:-} ${FASTCONV_DEBUG:-}"
+  echo "${FASTCONV_CUDA_ARCH:-} ${TORCH_CUDA_ARCH_LIST:-} ${FASTCONV_NO_SM90A:-} ${FASTCONV_FORCE_CPU:-} ${CUDA_HOME:-} ${FASTCONV_LINEINFO:-} ${FASTCONV_DEBUG:-}"
   "$PY" -c 'import sys, torch; print(sys.version, torch.__version__, torch.__file__)'
 } | sha256sum | cut -d' ' -f1)
 if ! ls fastconv/_C*.so >/dev/null 2>&1 || [ "$(cat fastconv/.build-stamp 2>/dev/null)" != "$stamp" ]; then

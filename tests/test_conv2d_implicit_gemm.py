@@ -4,6 +4,7 @@ autotuner's choices and their save/load, and on a GPU the tensor-core kernels ag
 configuration, channel counts that need padding, TF32, split-K wgrad). The generic conv tests (every mode,
 gradients, gradcheck, errors) run this algorithm too, through fastconv.CONV_ALGOS."""
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 import fastconv
 from fastconv import backends, functional, ops
-from fastconv._checks import IMPLICIT_GEMM_TILES
+from fastconv._checks import IMPLICIT_GEMM_TILES, IMPLICIT_GEMM_WGMMA_TILES
 from fastconv.ops import CONV_OPS
 
 from conftest import DEVICES, HAS_CUDA, cuda
@@ -279,6 +280,29 @@ def test_choices_parse_and_carry_their_arguments():
                                    (1, 1), (1, 1), (1, 1), 1) == "im2col"
 
 
+def test_wgmma_rule_takes_the_hopper_tiles_only_where_their_grid_fills_the_gpu(monkeypatch):
+    """backends.wgmma_tiles' shape rule (a pure function of the shapes and the SM count; on a GPU the heuristic
+    asks it on compute capability 9.0 only), the kernels' size rule over the twins' shapes: tile 6 (128 x 128)
+    where more than 64 filters per group still fill the GPU, else 7 (128 x 64) where that does, else none (the
+    kernels' 64 x 64 tile and split-K)."""
+    monkeypatch.setattr(backends, "_multiprocessors", lambda device: 132)
+
+    def rule(x_shape, w_shape, stride=(1, 1), padding=(1, 1), groups=1):
+        return backends._wgmma_tile(torch.empty(x_shape), torch.empty(w_shape), stride, padding, (1, 1), groups)
+
+    assert rule((64, 64, 56, 56), (64, 64, 3, 3)) == 7            # ResNet-50 layer1 3x3: 1568 x 1 blocks
+    assert rule((64, 64, 56, 56), (256, 64, 1, 1), padding=(0, 0)) == 6
+    assert rule((64, 256, 14, 14), (256, 256, 3, 3)) == 6         # layer3: 98 x 2 blocks
+    assert rule((64, 512, 7, 7), (512, 512, 3, 3)) == 7           # layer4: 25 x 4 blocks of 128 x 128, 25 x 8 of 128 x 64
+    assert rule((8, 512, 7, 7), (512, 512, 3, 3)) is None        # batch 8: 4 x 8 blocks for 132 SMs
+    assert rule((16, 128, 28, 28), (128, 64, 3, 3), groups=2) == 7  # 64 filters per group: 98 x 1 x 2 blocks
+    assert rule((4, 128, 28, 28), (128, 64, 3, 3), groups=2) is None  # 25 x 1 x 2
+    assert rule((0, 64, 8, 8), (64, 64, 3, 3)) is None            # an empty batch
+    cpu = torch.randn(1, 8, 4, 4, dtype=torch.bfloat16)
+    monkeypatch.setattr(backends, "wgmma_tiles", True)
+    assert backends.heuristic_algo(cpu, torch.randn(8, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1) == "im2col"
+
+
 def test_benchmark_cache_save_and_load_round_trip(tmp_path):
     key = ((64, 256, 56, 56), (64, 256, 1, 1), False, (1, 1), (0, 0), (1, 1), 1, "torch.bfloat16", True, True,
            "NVIDIA H100 80GB HBM3")
@@ -393,6 +417,8 @@ def test_gpu_fprop_dgrad_wgrad_match_torch(case, dtype, tile):
     dx = IG.dgrad(gy, w, list(x.shape), *conv, tile)
     bound, err = low_precision_bound(dx, xt.grad, xr.grad, dtype)
     assert err <= bound, f"dgrad: {err:.3g} > {bound:.3g}"
+    if tile in IMPLICIT_GEMM_WGMMA_TILES:
+        return  # (wgrad runs a wgmma tile as its mma.sync twin, tested above; strided dgrad's phases are fprops)
     dw = IG.wgrad(gy, x, list(w.shape), *conv, tile)
     bound, err = low_precision_bound(dw, wt.grad, wr.grad, dtype)
     assert err <= bound, f"wgrad: {err:.3g} > {bound:.3g}"
@@ -496,6 +522,30 @@ def test_gpu_auto_picks_implicit_gemm_and_the_benchmark_times_every_tile():
     finally:
         backends.benchmark = before
         backends.clear_benchmark_cache()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(os.environ.get("FASTCONV_NO_SM90A", "0") not in ("", "0"), reason="built without sm_90a")
+@pytest.mark.parametrize("tile", IMPLICIT_GEMM_WGMMA_TILES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_wgmma_tiles_run_warpgroup_mmas_on_hopper(dtype, tile):
+    """On a compute capability 9.0 GPU, tiles 6 and 7 run the wgmma kernel (csrc/cuda/wgmma.cuh) with the whole
+    fused epilogue, deterministically, within torch's own error; a long reduction (R*S*C = 1152: 36 tiles, every
+    stage refilled many times) and several blocks along M and N. Elsewhere they are their mma.sync twins."""
+    case = ((4, 128, 14, 14), (192, 128, 3, 3), [1, 1], [1, 1], [1, 1], 1)
+    (x, w, sc, sh, res), conv = make_fused_args(case, "cuda", dtype, 1, 1, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        runs = [FUSED(x, w, sc, sh, res, *conv, tile, True) for _ in range(3)]
+        torch.cuda.synchronize()
+    kernels = [e.key for e in prof.key_averages()]
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert any("fprop_wgmma_kernel" in k for k in kernels) == hopper, kernels
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    ref = reference_fused(*(t.double() for t in (x, w, sc, sh, res)), *conv, True)
+    torch_out = reference_fused(*(t for t in (x, w, sc, sh, res)), *conv, True)
+    bound, err = low_precision_bound(runs[0], torch_out, ref, dtype)
+    assert err <= bound, f"{err:.3g} > {bound:.3g}"
 
 
 @cuda

@@ -1,17 +1,18 @@
 """The implicit-GEMM CUDA kernels run in a CPU emulation (tests/kernel_emulation): no GPU needed.
 
-g++ compiles copies of the current kernel sources (csrc/cuda/implicit_gemm.cuh and
-conv2d_implicit_gemm_{fprop,dgrad,wgrad}_kernel.cu) in which only the PTX wrappers (cp.async, commit and
-wait_group, ldmatrix, mma.sync, cvt.rna.tf32, and the kernels' `extern __shared__` array) are replaced by
-emulators: one std::thread per CUDA thread, warp-collective instructions with the PTX ISA's fragment
-layouts, cp.async landing at the latest or the earliest moment the ISA allows. Every configuration's output
+g++ compiles copies of the current kernel sources (csrc/cuda/implicit_gemm.cuh, wgmma.cuh and
+conv2d_implicit_gemm_{fprop,dgrad,wgrad,fprop_wgmma}_kernel.cu) in which only the PTX wrappers (cp.async, commit
+and wait_group, ldmatrix, mma.sync, cvt.rna.tf32, Hopper's wgmma with its fences, commit and wait_group, and the
+kernels' `extern __shared__` array) are replaced by emulators: one std::thread per CUDA thread, warp- and
+warpgroup-collective instructions with the PTX ISA's fragment layouts and matrix descriptors, cp.async landing
+and wgmma reading at the latest or the earliest moment the ISA allows. Every configuration's output
 must match a double-precision reference bit for bit, with aligned, in-bounds addresses and shared-memory
 accesses (cp.async copies, ldmatrix rows) free of bank conflicts.
 
 This checks the kernels' index math, fragment layouts, pipeline synchronisation and alignment on any machine;
 it is not a GPU run and says nothing about speed or about hardware behaviour beyond the PTX ISA. A planted
-bug (a wait_group one stage short, swapped B fragment registers, an unswizzled or padded layout) must make
-it fail."""
+bug (a wait_group one stage short, swapped B fragment registers, an unswizzled or padded layout; a wrong
+descriptor stride, a stage refilled under MMAs in flight, a missing proxy fence) must make it fail."""
 import os
 import re
 import shutil
@@ -45,7 +46,10 @@ pytestmark = [
 # ---- patching the kernel sources --------------------------------------------------------------------------
 
 ARCH_GUARD = "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800"
-KERNEL_FILES = [f"conv2d_implicit_gemm_{p}_kernel.cu" for p in ("fprop", "dgrad", "wgrad")]
+SM90A_GUARD = "#if defined(__CUDA_ARCH_FEAT_SM90_ALL)"  # wgmma.cuh and the wgmma kernel: sm_90a code only
+# each kernel file and the guard around its kernel body
+KERNEL_FILES = {**{f"conv2d_implicit_gemm_{p}_kernel.cu": ARCH_GUARD for p in ("fprop", "dgrad", "wgrad")},
+                "conv2d_implicit_gemm_fprop_wgmma_kernel.cu": SM90A_GUARD}
 
 # The PTX wrappers of implicit_gemm.cuh: signature, the PTX its guarded block must hold (the semantics
 # emu.h emulates), and the emulator call that replaces the block.
@@ -64,11 +68,30 @@ PTX_WRAPPERS = [
     ("uint32_t to_tf32(float v)", ["cvt.rna.tf32.f32"], "r = emu_tf32(v);"),
 ]
 
+# The PTX wrappers of wgmma.cuh (guarded by SM90A_GUARD). wgmma_64xNx16's block names its instructions through
+# macros, whose text is checked separately (WGMMA_INSTRUCTIONS).
+WGMMA_PTX_WRAPPERS = [
+    ("void fence_proxy_async_shared()", ["fence.proxy.async.shared::cta;"], "emu_fence_proxy_async();"),
+    ("void wgmma_fence()", ["wgmma.fence.sync.aligned;"], "emu_wgmma_fence();"),
+    ("void wgmma_commit()", ["wgmma.commit_group.sync.aligned;"], "emu_wgmma_commit();"),
+    ("void wgmma_wait()", ["wgmma.wait_group.sync.aligned %0;"], "emu_wgmma_wait(N);"),
+    ("void wgmma_fence_operand(float& r)", ['asm volatile("" : "+f"(r)::"memory");'], "(void)r;"),
+    ("void wgmma_64xNx16(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b)",
+     ['FASTCONV_WGMMA_N64("f16")', 'FASTCONV_WGMMA_N64("bf16")', 'FASTCONV_WGMMA_N128("f16")',
+      'FASTCONV_WGMMA_N128("bf16")'], "emu_wgmma<T, N>(d, desc_a, desc_b);"),
+]
+# What emu_wgmma emulates: m64nNk16, fp32 accumulators, scale-d from a register, A and B scales 1, K-major.
+WGMMA_INSTRUCTIONS = ['"{\\n.reg .pred p;\\nsetp.ne.b32 p, " op ", 0;\\n"',
+                      '"wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " "',
+                      '"wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " "',
+                      '", %32, %33, p, 1, 1, 0, 0;', '", %64, %65, p, 1, 1, 0, 0;']
+
 # A kernel file's host-code section (launch configuration, <<<>>> launchers), which NVRTC skips too: the driver
 # launches through emu_launch instead.
 HOST_CODE = re.compile(r"#if !defined\(__CUDACC_RTC__\)\s*// host code.*?#endif\s*// !defined\(__CUDACC_RTC__\)", re.S)
 
-# Planted bugs, each an edit of implicit_gemm.cuh the emulation must catch.
+# Planted bugs, each an edit of implicit_gemm.cuh (or, under WGMMA_PLANTED_BUGS, of wgmma.cuh) the emulation
+# must catch.
 PLANTED_BUGS = {
     # waits for one stage less than the loop reads: the stage about to be used has not landed
     "wait_group_one_short": ("cp_async_wait<Cfg::STAGES - 2>();\n      __syncthreads();  // stage (t + 1)",
@@ -82,12 +105,25 @@ PLANTED_BUGS = {
     # K-major rows padded to 80 bytes (version 3's layout): the two rows a quarter warp's copies fill overlap
     "k_major_rows_padded": ("static constexpr int LD = K_MAJOR ? E::BK : ROWS", "static constexpr int LD = K_MAJOR ? E::BK + E::VEC : ROWS"),
 }
+WGMMA_PLANTED_BUGS = {
+    # 1024 bytes between groups of 8 rows (a 128-byte-row layout's): the MMAs read the wrong rows
+    "wgmma_stride_offset_doubled": ("constexpr uint32_t kWgmmaSw64DescriptorHi = (512 >> 4)",
+                                    "constexpr uint32_t kWgmmaSw64DescriptorHi = (1024 >> 4)"),
+    # two groups left in flight: a stage is refilled while the MMAs of the tile it held may still read it
+    "wgmma_stage_refilled_in_flight": ("    cp_async_commit();\n    wgmma_wait<1>();",
+                                       "    cp_async_commit();\n    wgmma_wait<2>();"),
+    # the copies' generic-proxy writes not fenced before the async proxy's reads
+    "proxy_fence_dropped": ("    fence_proxy_async_shared();\n    __syncthreads();", "    __syncthreads();"),
+}
+PLANTED_BUGS.update(WGMMA_PLANTED_BUGS)
 # The pass each planted bug is run in (the others: fprop).
 PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
 # What the emulation reports for each planted bug (the others: a wrong output).
 PLANTED_BUG_REPORT = {
     "k_major_swizzle_dropped": "ldmatrix phases have shared-memory bank conflicts",
     "k_major_rows_padded": "cp.async phases have shared-memory bank conflicts",
+    "proxy_fence_dropped": "without fence.proxy.async",  # an emulation check (abort)
+    "wgmma_stride_offset_doubled": "wgmma operand outside the block's shared memory",  # (the last B stage's rows)
 }
 
 
@@ -102,15 +138,15 @@ def replace_once(text: str, old: str, new: str, path: Path) -> str:
     return text.replace(old, new)
 
 
-def replace_ptx_block(text: str, signature: str, ptx: list, call: str, path: Path) -> str:
-    """The `#if <sm_80+> ... #endif` block of the wrapper declared by `signature` becomes `call`."""
+def replace_ptx_block(text: str, signature: str, ptx: list, call: str, path: Path, arch_guard: str = ARCH_GUARD) -> str:
+    """The `#if <arch_guard> ... #endif` block of the wrapper declared by `signature` becomes `call`."""
     assert text.count(signature) == 1, stale(path, f"expected one PTX wrapper `{signature}`")
     start = text.index(signature)
-    guard = text.find(ARCH_GUARD, start)
+    guard = text.find(arch_guard, start)
     end = text.find("#endif", guard)
     assert guard >= 0 and end >= 0 and text[start:guard].count("{") == 1, \
-        stale(path, f"`{signature}` no longer opens with an sm_80 guard around its PTX")
-    block = text[guard + len(ARCH_GUARD):end]
+        stale(path, f"`{signature}` no longer opens with an `{arch_guard}` guard around its PTX")
+    block = text[guard + len(arch_guard):end]
     assert "#if" not in block, stale(path, f"`{signature}`: nested #if in its PTX block")
     for instruction in ptx:
         assert instruction in block, stale(path, f"`{signature}` no longer issues `{instruction}` (emu.h emulates that)")
@@ -122,20 +158,25 @@ def patched_sources(out_dir: Path, planted_bug: str = None) -> Path:
     cuda = out_dir / "cuda"
     cuda.mkdir(parents=True)
 
-    path = CUDA_SOURCES / "implicit_gemm.cuh"
-    text = path.read_text()
-    for signature, ptx, call in PTX_WRAPPERS:
-        text = replace_ptx_block(text, signature, ptx, call, path)
-    assert ARCH_GUARD not in text and not re.search(r"\basm\b", text), \
-        stale(path, "a PTX block the emulation does not know (emu.h has no emulator for it)")
-    if planted_bug is not None:
-        text = replace_once(text, *PLANTED_BUGS[planted_bug], path)
-    (cuda / path.name).write_text(text)
+    for header, guard, wrappers in (("implicit_gemm.cuh", ARCH_GUARD, PTX_WRAPPERS),
+                                    ("wgmma.cuh", SM90A_GUARD, WGMMA_PTX_WRAPPERS)):
+        path = CUDA_SOURCES / header
+        text = path.read_text()
+        for signature, ptx, call in wrappers:
+            text = replace_ptx_block(text, signature, ptx, call, path, guard)
+        assert guard not in text and not re.search(r"\basm\b", text), \
+            stale(path, "a PTX block the emulation does not know (emu.h has no emulator for it)")
+        if header == "wgmma.cuh":
+            for instruction in WGMMA_INSTRUCTIONS:
+                assert instruction in text, stale(path, f"the wgmma macros no longer read `{instruction}` (emu.h emulates that)")
+        if planted_bug is not None and (planted_bug in WGMMA_PLANTED_BUGS) == (header == "wgmma.cuh"):
+            text = replace_once(text, *PLANTED_BUGS[planted_bug], path)
+        (cuda / path.name).write_text(text)
 
-    for name in KERNEL_FILES:
+    for name, guard in KERNEL_FILES.items():
         path = CUDA_SOURCES / name
         text = path.read_text()
-        text = replace_once(text, ARCH_GUARD, "#if 1", path)  # the kernel body
+        text = replace_once(text, guard, "#if 1", path)  # the kernel body
         text = replace_once(text, "extern __shared__ __align__(16) unsigned char smem_bytes[];",
                             "unsigned char* smem_bytes = emu_smem;", path)
         # the launchers (<<<...>>>) go: the driver launches through emu_launch
@@ -184,6 +225,8 @@ SHAPES = {
     "asymmetric": dict(N=3, C=8, H=7, W=9, K=8, R=3, S=3, stride="2,1", pad="0,2", dil="1,2"),
     "stride3_groups2": dict(N=1, C=16, H=10, W=10, K=20, R=3, S=3, stride=3, pad=1, groups=2),
     "depthwise": dict(N=1, C=8, H=7, W=7, K=8, R=3, S=3, pad=1, groups=8),
+    # 18 reduction tiles (fp16/bf16): every stage of the deepest pipeline is refilled, some more than once
+    "deep_reduction": dict(N=1, C=64, H=6, W=6, K=136, R=3, S=3, pad=1),
 }
 FULL_EPILOGUE = "scale+shift+residual+relu"
 
@@ -211,6 +254,16 @@ CASES = [
     case("fprop", "fp16", 3, "deferred", "c40", epilogue=FULL_EPILOGUE, splits=3),
     case("fprop", "bf16", 2, "immediate", "groups2_dilation2", epilogue="shift+residual", splits=2),
     case("fprop", "fp32", 0, "deferred", "rgb_stem", epilogue="scale+shift+relu", splits=4),
+    # Hopper's wgmma tiles (fp16/bf16 fprop), in every order of copies landing and MMAs reading; fp32 runs the twin
+    case("fprop", "bf16", 6, "immediate", "multi_tile", epilogue=FULL_EPILOGUE, wgmma="deferred"),
+    case("fprop", "fp16", 6, "deferred", "c40", epilogue=FULL_EPILOGUE, wgmma="immediate"),
+    case("fprop", "fp16", 7, "immediate", "rgb_stem", epilogue="scale+shift+relu", wgmma="deferred"),
+    case("fprop", "bf16", 7, "deferred", "groups4_of_3", epilogue=FULL_EPILOGUE, wgmma="deferred"),
+    case("fprop", "bf16", 6, "immediate", "asymmetric", wgmma="immediate"),
+    case("fprop", "fp16", 6, "immediate", "deep_reduction", epilogue="scale+shift+relu", wgmma="deferred"),
+    case("fprop", "bf16", 7, "deferred", "deep_reduction", epilogue="residual", wgmma="immediate"),
+    case("fprop", "fp16", 7, "deferred", "pointwise_stride2", epilogue="residual", wgmma="deferred"),
+    case("fprop", "fp32", 6, "immediate", "c40", epilogue="shift"),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
@@ -251,8 +304,12 @@ def test_planted_bug_is_caught(tmp_path, bug):
     pass_ = PLANTED_BUG_PASS.get(bug, "fprop")
     binary = build(tmp_path, planted_bug=bug, defines=[f"EMU_PASSES={1 if pass_ == 'fprop' else 2}", "EMU_DTYPES=1"])
     args = {"pass": pass_, "dtype": "fp16", "tile": 2, "cp_async": "deferred", **SHAPES["c40"]}
+    if bug in WGMMA_PLANTED_BUGS:  # copies landing at once, MMAs reading at the wait: the strictest order
+        args.update(tile=6, cp_async="immediate", wgmma="deferred", **SHAPES["deep_reduction"])
     if pass_ == "fprop":
         args["epilogue"] = FULL_EPILOGUE
     result = emulate(binary, args)
-    assert result.returncode == 1 and PLANTED_BUG_REPORT.get(bug, "mismatch at") in result.stdout, \
+    report = PLANTED_BUG_REPORT.get(bug, "mismatch at")
+    # a wrong output or a bank conflict fails the run (exit status 1); a broken emulation check aborts
+    assert result.returncode != 0 and report in result.stdout + result.stderr, \
         f"planted bug {bug} not caught: exit status {result.returncode}\n{result.stdout[-4000:]}{result.stderr[-4000:]}"

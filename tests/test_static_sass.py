@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import fastconv
-from fastconv._checks import IMPLICIT_GEMM_TILES
+from fastconv._checks import IMPLICIT_GEMM_MMA_SYNC_TILES, IMPLICIT_GEMM_WGMMA_TILES
 
 
 def cuobjdump():
@@ -39,8 +39,16 @@ def dump(*args) -> str:
     return subprocess.run([cuobjdump(), *args, library()], capture_output=True, text=True, check=True).stdout
 
 
-# 3 passes x 3 dtypes x every tile x 2 archs, plus fprop's split-K variant (one tile) per dtype and arch
-IMPLICIT_GEMM_KERNELS = 3 * 3 * IMPLICIT_GEMM_TILES * 2 + 3 * 2
+# mma.sync: 3 passes x 3 dtypes x every mma.sync tile x 2 archs, plus fprop's split-K variant (one tile) per dtype
+# and arch
+IMPLICIT_GEMM_KERNELS = 3 * 3 * IMPLICIT_GEMM_MMA_SYNC_TILES * 2 + 3 * 2
+
+
+@functools.lru_cache(maxsize=None)
+def hopper_arch() -> str:
+    """The build's Hopper code: sm_90a (setup.py's default, with the wgmma kernels), sm_90, or none ("")."""
+    elf = dump("-lelf")
+    return "sm_90a" if "sm_90a" in elf else "sm_90" if "sm_90" in elf else ""
 
 
 def test_no_kernel_spills_registers_to_local_memory():
@@ -112,11 +120,11 @@ def test_implicit_gemm_fprop_issues_mmas_before_the_next_stages_copies_and_fits_
     between the loop's barrier and its first cp.async come MMAs (the tensor pipe works through them while the
     warp does the loaders' address math; the loop may close between the two), and every tile's registers let the
     blocks per SM it was built for (MIN_BLOCKS, its shared memory's count) fit."""
-    if "sm_90" not in dump("-lelf"):
+    if not hopper_arch():
         pytest.skip("the build has no sm_90 code (TORCH_CUDA_ARCH_LIST)")
-    blocks = re.split(r"\n\s*Function : ", dump("-sass", "-arch", "sm_90"))
+    blocks = re.split(r"\n\s*Function : ", dump("-sass", "-arch", hopper_arch()))
     fprop = [b for b in blocks if re.match(r"\S*\d+conv2d_implicit_gemm_fprop_kernelI(6__half|13__nv_bfloat16)", b)]
-    assert len(fprop) == 2 * (IMPLICIT_GEMM_TILES + 1), len(fprop)  # + fprop's split-K variant
+    assert len(fprop) == 2 * (IMPLICIT_GEMM_MMA_SYNC_TILES + 1), len(fprop)  # + fprop's split-K variant
     for b in fprop:
         loop = main_loop(b)
         barrier = next(i for i, line in enumerate(loop) if "BAR.SYNC" in line)
@@ -125,7 +133,7 @@ def test_implicit_gemm_fprop_issues_mmas_before_the_next_stages_copies_and_fits_
         assert any("HMMA" in line for line in cycle[:first_copy]), \
             f"{b.split(chr(10), 1)[0]}: no MMA between the loop's barrier and its copies"
     # every fp16/bf16 fprop tile fits the blocks per SM it is built for (its MIN_BLOCKS, 6th template argument)
-    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", dump("-res-usage", "-arch", "sm_90"))
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", dump("-res-usage", "-arch", hopper_arch()))
     tiles = 0
     for name, reg in usage:
         if not re.search(r"conv2d_implicit_gemm_fprop_kernelI(6__half|13__nv_bfloat16)", name):
@@ -135,4 +143,55 @@ def test_implicit_gemm_fprop_issues_mmas_before_the_next_stages_copies_and_fits_
         threads = 32 * wm * wn
         assert int(reg) * threads * min_blocks <= 65536, (name, reg, min_blocks)
         tiles += 1
-    assert tiles == 2 * (IMPLICIT_GEMM_TILES + 1)
+    assert tiles == 2 * (IMPLICIT_GEMM_MMA_SYNC_TILES + 1)
+
+
+def test_wgmma_fprop_main_loop_keeps_one_group_of_warpgroup_mmas_in_flight():
+    """The Hopper tiles (csrc/cuda/wgmma.cuh), in the sm_90a code: each fp16/bf16 kernel's main loop issues
+    HGMMA (wgmma, operands by descriptor) between a WARPGROUP.ARRIVE (wgmma.fence) and a WARPGROUP.DEPBAR that
+    leaves one group in flight (wait_group 1), fences the copies to the async proxy (FENCE.VIEW.ASYNC.S) before
+    its barrier, loads no fragments (no LDSM) and issues no mma.sync (no HMMA); ptxas kept the MMAs asynchronous
+    (it would serialise them, waiting after each, if other instructions touched the accumulators in flight), and
+    the registers fit the blocks per SM the tile is built for. Elsewhere (sm_80) the kernels are stubs."""
+    if hopper_arch() != "sm_90a":
+        pytest.skip("the build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a, or FASTCONV_NO_SM90A=1)")
+    blocks = re.split(r"\n\s*Function : ", dump("-sass", "-arch", "sm_90a"))
+    wgmma = [b for b in blocks if re.match(r"\S*\d+conv2d_implicit_gemm_fprop_wgmma_kernelI", b)]
+    assert len(wgmma) == 2 * len(IMPLICIT_GEMM_WGMMA_TILES), len(wgmma)  # fp16, bf16
+    for b in wgmma:
+        name = b.split("\n", 1)[0]
+        lines = [line for line in b.split("\n") if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+        addr = [int(re.match(r"\s*/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
+        mmas = [i for i, line in enumerate(lines) if "HGMMA" in line]
+        assert mmas, f"{name}: no HGMMA"
+        # the loop: from the backward branch's target to the branch, around the HGMMAs
+        loop = None
+        for i in range(mmas[-1], len(lines)):
+            target = re.search(r"\bBRA\b[^;]*?0x([0-9a-f]+)", lines[i])
+            if target and int(target.group(1), 16) <= addr[mmas[0]]:
+                loop = lines[addr.index(int(target.group(1), 16)):i + 1]
+                break
+        assert loop is not None, f"{name}: no loop closes around the HGMMAs"
+        text = "\n".join(loop)
+        assert "WARPGROUP.ARRIVE" in text and "LDGSTS" in text and "BAR.SYNC" in text, name
+        assert re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", text), f"{name}: the loop does not keep one group in flight"
+        fence = text.index("FENCE.VIEW.ASYNC.S")
+        assert fence < text.index("BAR.SYNC"), f"{name}: no proxy fence before the barrier"
+        # each k step one HGMMA; the last of a tile closes the group (gsb0); nothing waits between them
+        tile_mmas = [line for line in loop if "HGMMA" in line]
+        assert len(tile_mmas) == 2 and "gsb0" in tile_mmas[-1] and "gsb0" not in tile_mmas[0], (name, tile_mmas)
+        assert "LDSM" not in b and not re.search(r"\bHMMA\.", b), f"{name}: fragments or mma.sync in a wgmma kernel"
+        assert not re.search(r"\bSTL(\.\S+)?\s", b), f"{name}: local stores (register spills)"
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", dump("-res-usage", "-arch", "sm_90a"))
+    fitted = 0
+    for name, reg in usage:
+        if "conv2d_implicit_gemm_fprop_wgmma_kernelI" not in name:
+            continue
+        bm, _bn, _stages, min_blocks = map(int, re.search(r"WgmmaTileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E", name).groups())
+        assert int(reg) * (bm // 64) * 128 * min_blocks <= 65536, (name, reg, min_blocks)
+        fitted += 1
+    assert fitted == 2 * len(IMPLICIT_GEMM_WGMMA_TILES)
+    if "sm_80" in dump("-lelf"):  # the other arch compiles the trap stub only
+        stubs = [b for b in re.split(r"\n\s*Function : ", dump("-sass", "-arch", "sm_80"))
+                 if re.match(r"\S*\d+conv2d_implicit_gemm_fprop_wgmma_kernelI", b)]
+        assert stubs and all("HGMMA" not in b and "LDGSTS" not in b for b in stubs)

@@ -120,7 +120,11 @@ cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dty
                                               cudaStream_t stream) {
   const int64_t M = pb.N * pb.P * pb.Q, Kg = pb.K_per_group();
   if (M == 0 || Kg == 0) return cudaSuccess;
-  tile = implicit_gemm_pick_tile(tile, M, Kg, pb.groups);
+  if (implicit_gemm_is_wgmma_tile(tile) && dtype != DType::Float32 && implicit_gemm_wgmma_supported()) {
+    if (splits != 1) return cudaErrorInvalidValue;  // (conv2d_implicit_gemm_fprop_splits gives these tiles one)
+    return launch_conv2d_implicit_gemm_fprop_wgmma(pb, dtype, tile, x, w, scale, shift, residual, relu, y, stream);
+  }
+  tile = implicit_gemm_pick_tile(tile, M, Kg, pb.groups);  // (a wgmma tile elsewhere: its mma.sync twin)
   if (splits < 1 || (splits > 1 && (partial == nullptr || tile != kImplicitGemmSplitTile))) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -708,7 +708,7 @@ constexpr int implicit_gemm_smem_bytes() {
          static_cast<int>(sizeof(T));
 }
 
-// Calls f(Cfg{}) with the tile configuration of index `tile` (0 .. kImplicitGemmTiles - 1).
+// Calls f(Cfg{}) with the mma.sync tile configuration of index `tile` (0 .. kImplicitGemmMmaSyncTiles - 1).
 template <typename F>
 cudaError_t dispatch_implicit_gemm_tile(int tile, F&& f) {
   switch (tile) {
@@ -722,9 +722,9 @@ cudaError_t dispatch_implicit_gemm_tile(int tile, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// The block tile (BM x BN) of configuration `tile`.
+// The block tile (BM x BN) of configuration `tile` (a wgmma tile's is its twin's).
 inline void implicit_gemm_tile_extent(int tile, int* bm, int* bn) {
-  dispatch_implicit_gemm_tile(tile, [&](auto cfg) {
+  dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(tile), [&](auto cfg) {
     *bm = decltype(cfg)::BM, *bn = decltype(cfg)::BN;
     return cudaSuccess;
   });
@@ -735,8 +735,10 @@ inline void implicit_gemm_tile_extent(int tile, int* bm, int* bn) {
 // per SM against 3; elsewhere the two compile alike):
 // the H200 run of b5fddeb timed tile 3 with 3 stages 3-8% ahead of tile 1 on conv1, l1_3x3 and l3, and the
 // swizzled layout gives it tile 1's 4 stages (not yet measured on a GPU).
+// A wgmma tile asked for explicitly comes back as its mma.sync twin: the tile the mma.sync kernels run (fprop
+// launches wgmma tiles itself, before asking).
 inline int implicit_gemm_pick_tile(int tile, int64_t M, int64_t N, int64_t batches) {
-  if (tile >= 0) return tile;
+  if (tile >= 0) return implicit_gemm_mma_sync_twin(tile);
   const int64_t sms = multiprocessor_count();
   if (N > 64 && ceil_div(M, 128) * ceil_div(N, 128) * batches >= sms) return 0;
   if (ceil_div(M, 128) * ceil_div(N, 64) * batches >= sms) return 3;

@@ -141,6 +141,13 @@ cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dty
                                               const void* x, const void* w, const void* scale, const void* shift,
                                               const void* residual, bool relu, float* partial, void* y,
                                               cudaStream_t stream);
+// Can this build and GPU run the wgmma tiles (6, 7: sm_90a code, a compute capability 9.0 GPU)?
+bool implicit_gemm_wgmma_supported();
+// fprop on a wgmma tile (6 or 7; fp16/bf16, no split-K), when implicit_gemm_wgmma_supported(); the arguments as
+// launch_conv2d_implicit_gemm_fprop's. launch_conv2d_implicit_gemm_fprop calls it for those tiles.
+cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DType dtype, int tile, const void* x,
+                                                    const void* w, const void* scale, const void* shift,
+                                                    const void* residual, bool relu, void* y, cudaStream_t stream);
 // dgrad reads the filter transposed per group: wt[g][c][r][s][k] = w[g * Kg + k][r][s][c].
 cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dtype, int tile, const void* dy,
                                               const void* wt, void* dx, cudaStream_t stream);

@@ -8,6 +8,10 @@
 //   ldmatrix.x4 (.trans)     emu_ldmatrix: warp-collective, the PTX ISA's fragment layout
 //   mma.sync m16n8k16 / k8   emu_mma: warp-collective, the PTX ISA's A/B/C fragment layouts
 //   cvt.rna.tf32.f32         emu_tf32
+//   wgmma.mma_async (sm_90a) emu_wgmma: warpgroup-collective, descriptors decoded as the PTX ISA defines
+//   wgmma commit / wait_group  emu_wgmma_commit / emu_wgmma_wait: the MMAs read shared memory and update the
+//                            accumulators at wait_group (the latest moment) or at issue (g_wgmma_immediate)
+//   wgmma.fence, fence.proxy.async  emu_wgmma_fence / emu_fence_proxy_async: bookkeeping that a wgmma checks
 //
 // Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier, the warp-collective
 // instructions meet at a warp barrier. This is an emulation on the CPU, not a GPU run: it checks the
@@ -75,6 +79,9 @@ inline std::vector<GlobalBuffer> g_global_buffers;
 // cp.async completion: false lands a copy at the wait_group that retires its group (the latest moment
 // the PTX ISA allows), true at issue (the earliest). Both must give the same result.
 inline bool g_cp_async_immediate = false;
+// wgmma completion likewise: false at the wait_group that retires its group, true at issue. Copies landing early
+// with MMAs reading late is the combination that catches a stage refilled under MMAs still in flight.
+inline bool g_wgmma_immediate = false;
 
 // Shared-memory phases of 8 lanes' 16-byte accesses (an ldmatrix matrix, a quarter of a warp's cp.async),
 // and those with a bank conflict.
@@ -89,10 +96,17 @@ struct WarpExchange {
   uint32_t b[32][2];
 };
 
+// What the threads of a warpgroup (4 warps) exchange at a wgmma: each one's descriptors, which must agree.
+struct WarpgroupExchange {
+  uint64_t desc[128][2];
+};
+
 struct BlockContext {
   std::barrier<>* block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
   std::vector<WarpExchange> warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warpgroup_barriers;  // when the block is whole warpgroups
+  std::vector<WarpgroupExchange> warpgroups;
   unsigned char* smem;
   size_t smem_bytes;
 };
@@ -107,6 +121,9 @@ struct PendingCopy {
 };
 inline thread_local std::vector<PendingCopy> t_open_group;
 inline thread_local std::vector<std::vector<PendingCopy>> t_committed_groups;  // oldest first
+// This thread landed cp.async copies (the generic proxy) not yet fenced to the async proxy (fence.proxy.async),
+// which wgmma reads shared memory through.
+inline thread_local bool t_unfenced_copies = false;
 
 inline void __syncthreads() { t_block->block_barrier->arrive_and_wait(); }
 
@@ -137,6 +154,7 @@ inline bool inside_global_buffer(const unsigned char* p, size_t bytes) {
 }
 
 inline void land(const PendingCopy& c) {
+  t_unfenced_copies = true;
   if (c.valid) {
     std::memcpy(c.dst, c.src, 16);
   } else {
@@ -309,6 +327,101 @@ inline void emu_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2
   t_block->warp_barriers[warp]->arrive_and_wait();  // fragments are read before any lane reuses x.a, x.b
 }
 
+// ---- wgmma (sm_90a) ------------------------------------------------------------------------------------
+
+// A wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16} of this thread: its accumulators (N / 2 floats, the
+// layout below) and the two descriptors.
+struct PendingWgmma {
+  float* d;
+  int n;
+  bool bf16;
+  uint64_t desc_a, desc_b;
+};
+inline thread_local std::vector<PendingWgmma> t_wgmma_open;                     // since the last commit_group
+inline thread_local std::vector<std::vector<PendingWgmma>> t_wgmma_committed;  // oldest first
+inline thread_local bool t_wgmma_fenced = false;  // a wgmma.fence since the accumulators were last touched
+
+inline void emu_fence_proxy_async() { t_unfenced_copies = false; }
+inline void emu_wgmma_fence() { t_wgmma_fenced = true; }
+
+// The shared-memory byte address of element (row, k) of a K-major operand named by `desc`, as the PTX ISA's
+// matrix descriptor defines it: start address bits 0-13, leading-dimension offset 16-29 (unused by swizzled
+// K-major layouts), stride offset 32-45 (from one group of 8 rows to the next), base offset 49-51, layout type
+// 62-63. Only the 64-byte swizzle (type 2) is emulated: rows of an 8-row group lie 64 bytes apart, and the
+// swizzle XORs address bits [4, 6) with bits [7, 9) of the absolute address.
+inline long wgmma_k_major_address(uint64_t desc, int row, int k, int element_bytes) {
+  const long start = static_cast<long>(desc & 0x3FFF) << 4;
+  const long stride = static_cast<long>((desc >> 32) & 0x3FFF) << 4;
+  const int base_offset = static_cast<int>((desc >> 49) & 7), layout = static_cast<int>(desc >> 62);
+  EMU_CHECK(layout == 2, "wgmma descriptor layout type %d: the emulation knows the 64-byte swizzle (2) only", layout);
+  EMU_CHECK(base_offset == 0, "wgmma descriptor base offset %d (the kernels align their stages)", base_offset);
+  const long linear = start + (row / 8) * stride + (row % 8) * 64 + static_cast<long>(k) * element_bytes;
+  return linear ^ (((linear >> 7) & 3) << 4);
+}
+
+// d += A * B for one wgmma: A 64 x 16 and B N x 16, both K-major, read from shared memory now. This thread's
+// accumulators: warp w of the warpgroup owns rows 16w .. 16w + 15; lane (g, t) holds in d[4j + e] the element
+// (row 16w + g + 8 * (e / 2), column 8j + 2t + e % 2). The products are summed in double (exact: see the
+// driver).
+inline void run_wgmma(const PendingWgmma& op) {
+  const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
+  const int g = lane / 4, t = lane % 4;
+  const auto element = [&](long address) -> float {
+    EMU_CHECK(address >= 0 && address + 2 <= static_cast<long>(t_block->smem_bytes),
+              "wgmma operand outside the block's shared memory (offset %ld)", address);
+    const uint16_t bits = load_b16(t_block->smem + address);
+    return op.bf16 ? bfloat16_bits_to_float(bits) : half_bits_to_float(bits);
+  };
+  for (int i = 0; i < op.n / 2; ++i) {
+    const int j = i / 4, e = i % 4;
+    const int row = 16 * warp_in_group + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+    double sum = op.d[i];
+    for (int k = 0; k < 16; ++k)
+      sum += static_cast<double>(element(wgmma_k_major_address(op.desc_a, row, k, 2))) *
+             element(wgmma_k_major_address(op.desc_b, col, k, 2));
+    op.d[i] = static_cast<float>(sum);
+  }
+}
+
+// wgmma.mma_async (warpgroup-collective): every thread of the warpgroup issues it, with the same descriptors,
+// after a wgmma.fence and after fencing its landed copies to the async proxy.
+template <typename T, int N>
+inline void emu_wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
+  EMU_CHECK(!t_block->warpgroups.empty(), "wgmma in a block of %u threads (not whole warpgroups)", blockDim.x);
+  EMU_CHECK(t_wgmma_fenced, "wgmma without a wgmma.fence since the accumulators were last accessed");
+  EMU_CHECK(!t_unfenced_copies, "wgmma after cp.async copies landed without fence.proxy.async (thread %u)",
+            threadIdx.x);
+  const int group = threadIdx.x / 128, member = threadIdx.x % 128;
+  WarpgroupExchange& x = t_block->warpgroups[group];
+  x.desc[member][0] = desc_a, x.desc[member][1] = desc_b;
+  t_block->warpgroup_barriers[group]->arrive_and_wait();
+  for (int other = 0; other < 128; ++other)
+    EMU_CHECK(x.desc[other][0] == desc_a && x.desc[other][1] == desc_b,
+              "the threads of warpgroup %d issue a wgmma with different descriptors", group);
+  t_block->warpgroup_barriers[group]->arrive_and_wait();  // all compared before any thread rewrites x.desc
+  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b};
+  if (g_wgmma_immediate) {
+    run_wgmma(op);
+  } else {
+    t_wgmma_open.push_back(op);
+  }
+}
+
+inline void emu_wgmma_commit() {
+  t_wgmma_committed.push_back(std::move(t_wgmma_open));
+  t_wgmma_open.clear();
+}
+
+// wgmma.wait_group n: every committed group but the newest n has completed; the accumulators may then be read
+// (and touched: a wgmma.fence is due before the next wgmma).
+inline void emu_wgmma_wait(int n) {
+  while (static_cast<int>(t_wgmma_committed.size()) > n) {
+    for (const PendingWgmma& op : t_wgmma_committed.front()) run_wgmma(op);
+    t_wgmma_committed.erase(t_wgmma_committed.begin());
+  }
+  t_wgmma_fenced = false;
+}
+
 // ---- launch -------------------------------------------------------------------------------------------
 
 // Runs kernel<<<grid, threads, smem_bytes>>>(args...): the blocks one after another, each with one
@@ -329,6 +442,10 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
         for (int w = 0; w < warps; ++w)
           block.warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
         block.warps.resize(warps);
+        if (threads % 128 == 0) {
+          for (int g = 0; g < threads / 128; ++g) block.warpgroup_barriers.push_back(std::make_unique<std::barrier<>>(128));
+          block.warpgroups.resize(threads / 128);
+        }
         // 128-byte aligned, as the hardware's shared window (the bank check reads offsets from here)
         block.smem = reinterpret_cast<unsigned char*>(std::aligned_alloc(128, (smem_bytes + 255) / 128 * 128));
         block.smem_bytes = smem_bytes;
@@ -342,11 +459,18 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
             emu_smem = block.smem;
             t_open_group.clear();
             t_committed_groups.clear();
+            t_unfenced_copies = false;
+            t_wgmma_open.clear();
+            t_wgmma_committed.clear();
+            t_wgmma_fenced = false;
             kernel(args...);
             bool outstanding = !t_open_group.empty();
             for (const auto& group : t_committed_groups) outstanding |= !group.empty();
             EMU_CHECK(!outstanding, "thread %d of block (%u, %u, %u) exits with cp.async copies not waited for", t,
                       x, y, z);
+            bool mmas = !t_wgmma_open.empty();
+            for (const auto& group : t_wgmma_committed) mmas |= !group.empty();
+            EMU_CHECK(!mmas, "thread %d of block (%u, %u, %u) exits with wgmma groups not waited for", t, x, y, z);
           });
         for (std::thread& w : workers) w.join();
         std::free(block.smem);

@@ -7,10 +7,11 @@
 // Built by tests/test_kernel_emulation.py against copies of csrc/cuda's kernel sources whose PTX wrappers
 // call emu.h (the include path puts those copies first). Usage, one configuration per run:
 //
-//   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0..5 cp_async=deferred|immediate
+//   emulate_implicit_gemm pass=fprop|dgrad|wgrad dtype=fp16|bf16|fp32 tile=0..7 cp_async=deferred|immediate
 //       N= C= H= W= K= R= S= [stride=h,w] [pad=h,w] [dil=h,w] [groups=]
 //       [epilogue=scale+shift+residual+relu]   (fprop; any subset, or none)
 //       [splits=]                              (fprop, wgrad: the requested split count)
+//       [wgmma=deferred|immediate]             (tiles 6, 7: when the MMAs read shared memory; default deferred)
 //
 // Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no write outside an output buffer. 1: a check
 // failed (the output says which). An emulation check (a misaligned or out-of-bounds address, copies not
@@ -24,6 +25,7 @@
 // The patched kernel sources (anonymous-namespace kernels, so they are included, not linked).
 #include "conv2d_implicit_gemm_dgrad_kernel.cu"
 #include "conv2d_implicit_gemm_fprop_kernel.cu"
+#include "conv2d_implicit_gemm_fprop_wgmma_kernel.cu"
 #include "conv2d_implicit_gemm_wgrad_kernel.cu"
 
 #include <algorithm>
@@ -120,7 +122,7 @@ class DeviceBuffer {
 struct Config {
   std::string pass, dtype;
   int tile = 0;
-  bool immediate = false;
+  bool immediate = false, wgmma_immediate = false;
   int64_t N = 0, C = 0, H = 0, W = 0, K = 0, R = 0, S = 0;
   int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1, groups = 1;
   bool scale = false, shift = false, residual = false, relu = false;
@@ -179,6 +181,9 @@ Config parse(int argc, char** argv) {
   const std::string mode = take("cp_async", true);
   if (mode != "deferred" && mode != "immediate") usage("cp_async= is deferred or immediate");
   c.immediate = mode == "immediate";
+  const std::string wgmma = take("wgmma", false);
+  if (!wgmma.empty() && wgmma != "deferred" && wgmma != "immediate") usage("wgmma= is deferred or immediate");
+  c.wgmma_immediate = wgmma == "immediate";
   int64_t* dims[] = {&c.N, &c.C, &c.H, &c.W, &c.K, &c.R, &c.S};
   const char* names[] = {"N", "C", "H", "W", "K", "R", "S"};
   for (int i = 0; i < 7; ++i) *dims[i] = parse_int(names[i], take(names[i], true));
@@ -295,8 +300,22 @@ long run_fprop(const Config& c, std::mt19937& rng) {
   const T* shift_arg = c.shift ? shiftd.data() : nullptr;
   const T* residual_arg = c.residual ? residuald.data() : nullptr;
 
+  if (implicit_gemm_is_wgmma_tile(c.tile) && sizeof(T) == 2) {
+    // Hopper's wgmma tiles (fp16/bf16 fprop; elsewhere the host runs their mma.sync twin, as below)
+    if (splits > 1) usage("the wgmma tiles (6, 7) have no split-K variant");
+    if constexpr (sizeof(T) == 2) {
+      dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
+        using Cfg = decltype(cfg);
+        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512;  // as the launcher asks
+        emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G), Cfg::THREADS, smem,
+                   conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(xd.data()),
+                   static_cast<const T*>(wd.data()), scale_arg, shift_arg, residual_arg, c.relu, yd.data());
+        return cudaSuccess;
+      });
+    }
+  } else
   // (the extension builds the split variant for kImplicitGemmSplitTile only; the emulation runs it on any tile)
-  dispatch_implicit_gemm_tile(c.tile, [&](auto cfg) {
+  dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
     const dim3 grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G * splits);
@@ -368,7 +387,7 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
               to_element<T>(k < Kg ? w[((g * Kg + k) * c.R * c.S + rs) * Cg + ch] : 0.f);
   for (size_t i = 0; i < dxd.size(); ++i) dxd[i] = to_element<T>(NAN);
 
-  dispatch_implicit_gemm_tile(c.tile, [&](auto cfg) {
+  dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
     emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
@@ -437,7 +456,7 @@ long run_wgrad(const Config& c, std::mt19937& rng) {
   DeviceBuffer<T> dwd("dw", count);
   for (size_t i = 0; i < partial.size(); ++i) partial[i] = NAN;
 
-  dispatch_implicit_gemm_tile(c.tile, [&](auto cfg) {
+  dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, false, false>();
     emu_launch(dim3(ceil_div(Kgp, Cfg::BM), ceil_div(Ncols, Cfg::BN), G * splits), Cfg::THREADS, smem,
@@ -511,6 +530,7 @@ long run(const Config& c, std::mt19937& rng) {
 int main(int argc, char** argv) {
   const Config c = parse(argc, argv);
   g_cp_async_immediate = c.immediate;
+  g_wgmma_immediate = c.wgmma_immediate;
   std::mt19937 rng(20240601);
   const long failures = run(c, rng);
   const long conflicted = g_ldmatrix_conflicted_phases.load(), phases = g_ldmatrix_phases.load();

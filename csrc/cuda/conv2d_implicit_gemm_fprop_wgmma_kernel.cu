@@ -1,0 +1,89 @@
+// Implicit-GEMM fprop on Hopper's warpgroup MMAs (wgmma, sm_90a): the same GEMM, loaders, shared layout and
+// fused epilogue as conv2d_implicit_gemm_fprop_kernel.cu (mma.sync), with the main loop of wgmma.cuh. fp16 and
+// bf16; the ops' tiles 6 (128 x 128) and 7 (128 x 64).
+//
+// Built only into sm_90a code (TORCH_CUDA_ARCH_LIST "9.0a", setup.py's default for Hopper; elsewhere the kernel
+// body is a trap and the launcher is never reached): implicit_gemm_wgmma_supported() says whether this build
+// and GPU run it, and launch_conv2d_implicit_gemm_fprop falls back to the mma.sync twin of the tile otherwise
+// (kImplicitGemmWgmmaTwin).
+//
+// Not yet verified on a GPU (2026-11-28): checked by the CPU emulation only. The size heuristic (tile -1) and
+// the autotuner leave these tiles out until a device run has passed the GPU tests and timed them
+// (fastconv.backends.wgmma_tiles).
+#if !defined(__CUDACC_RTC__)
+#include <type_traits>
+#endif
+
+#include "wgmma.cuh"
+
+namespace fastconv {
+namespace {
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
+conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ x, const T* __restrict__ w,
+                                        const T* __restrict__ scale, const T* __restrict__ shift,
+                                        const T* __restrict__ residual, bool relu, T* __restrict__ y) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  // the swizzle is a function of the shared address: the stages start on a 512-byte boundary (the launch asks
+  // for 512 bytes more than the stages take)
+  T* smem = reinterpret_cast<T*>(smem_bytes + (512 - smem_address(smem_bytes) % 512) % 512);
+  const int64_t g = blockIdx.z;
+  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t M = pb.N * pb.P * pb.Q, Kred = pb.R * pb.S * Cg;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  constexpr int BK = ImplicitGemmElement<T>::BK;
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, M, Kred, Cg, g * Cg, m0, 0);
+  DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred, Kred, Kg, Kred, n0);
+  float acc[1][Cfg::NI][4];
+  wgmma_mainloop<T, Cfg>(acc, smem, a_loader, b_loader, static_cast<int>((Kred + BK - 1) / BK));
+  conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, g * Kg, y, scale, shift, residual, relu);
+#else
+  __trap();  // launched only where implicit_gemm_wgmma_supported()
+#endif
+}
+
+}  // namespace
+
+#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
+
+bool implicit_gemm_wgmma_supported() {
+#if defined(FASTCONV_WITH_SM90A)
+  int device = 0, major = 0, minor = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
+         minor == 0;
+#else
+  return false;  // no sm_90a code in this build
+#endif
+}
+
+cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DType dtype, int tile, const void* x,
+                                                    const void* w, const void* scale, const void* shift,
+                                                    const void* residual, bool relu, void* y, cudaStream_t stream) {
+  const int64_t M = pb.N * pb.P * pb.Q, Kg = pb.K_per_group();
+  if (M == 0 || Kg == 0) return cudaSuccess;
+  if (dtype == DType::Float32 || !implicit_gemm_wgmma_supported()) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (sizeof(T) != 2) {
+      return cudaErrorInvalidValue;
+    } else {
+      return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) {
+        using Cfg = decltype(cfg);
+        return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>,
+                                         implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512, ceil_div(M, Cfg::BM),
+                                         ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
+                                         static_cast<const T*>(w), static_cast<const T*>(scale),
+                                         static_cast<const T*>(shift), static_cast<const T*>(residual), relu,
+                                         static_cast<T*>(y));
+      });
+    }
+  });
+}
+
+#endif  // !defined(__CUDACC_RTC__)
+
+}  // namespace fastconv

@@ -24,8 +24,8 @@ namespace fastconv {
 
 // Tile configurations of the CUDA kernels; the ops' `tile` argument is an index below kImplicitGemmTiles, or -1
 // for the kernels' own choice. Tiles 0-5 run mma.sync (csrc/cuda/implicit_gemm.cuh), any pass and element type on
-// sm_80 and later; tiles 6 and 7 are Hopper's wgmma (csrc/cuda/wgmma.cuh): fp16/bf16 fprop on sm_90a. Elsewhere
-// (dgrad, wgrad, fp32, another GPU, a build without sm_90a) a wgmma tile runs as its mma.sync twin, the tile of
+// sm_80 and later; tiles 6 and 7 are Hopper's wgmma (csrc/cuda/wgmma.cuh): fp16/bf16 fprop and dgrad on sm_90a.
+// Elsewhere (wgrad, fp32, another GPU, a build without sm_90a) a wgmma tile runs as its mma.sync twin, the tile of
 // the same block shape.
 constexpr int kImplicitGemmTiles = 8;
 constexpr int kImplicitGemmMmaSyncTiles = 6;

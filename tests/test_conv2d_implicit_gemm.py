@@ -418,7 +418,7 @@ def test_gpu_fprop_dgrad_wgrad_match_torch(case, dtype, tile):
     bound, err = low_precision_bound(dx, xt.grad, xr.grad, dtype)
     assert err <= bound, f"dgrad: {err:.3g} > {bound:.3g}"
     if tile in IMPLICIT_GEMM_WGMMA_TILES:
-        return  # (wgrad runs a wgmma tile as its mma.sync twin, tested above; strided dgrad's phases are fprops)
+        return  # (wgrad runs a wgmma tile as its mma.sync twin, tested above)
     dw = IG.wgrad(gy, x, list(w.shape), *conv, tile)
     bound, err = low_precision_bound(dw, wt.grad, wr.grad, dtype)
     assert err <= bound, f"wgrad: {err:.3g} > {bound:.3g}"
@@ -530,22 +530,30 @@ def test_gpu_auto_picks_implicit_gemm_and_the_benchmark_times_every_tile():
 @pytest.mark.parametrize("tile", IMPLICIT_GEMM_WGMMA_TILES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_wgmma_tiles_run_warpgroup_mmas_on_hopper(dtype, tile):
-    """On a compute capability 9.0 GPU, tiles 6 and 7 run the wgmma kernel (csrc/cuda/wgmma.cuh) with the whole
-    fused epilogue, deterministically, within torch's own error; a long reduction (R*S*C = 1152: 36 tiles, every
-    stage refilled many times) and several blocks along M and N. Elsewhere they are their mma.sync twins."""
+    """On a compute capability 9.0 GPU, tiles 6 and 7 run the wgmma kernels (csrc/cuda/wgmma.cuh): fprop with the
+    whole fused epilogue and stride-1 dgrad, deterministically, within torch's own error; long reductions (fprop
+    R*S*C = 1152, dgrad R*S*K = 1728: every stage refilled many times) and several blocks along M and N. Elsewhere
+    they are their mma.sync twins."""
     case = ((4, 128, 14, 14), (192, 128, 3, 3), [1, 1], [1, 1], [1, 1], 1)
     (x, w, sc, sh, res), conv = make_fused_args(case, "cuda", dtype, 1, 1, 1)
+    gy = torch.randn(res.shape, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         runs = [FUSED(x, w, sc, sh, res, *conv, tile, True) for _ in range(3)]
+        dxs = [IG.dgrad(gy, w, list(x.shape), *conv, tile) for _ in range(2)]
         torch.cuda.synchronize()
     kernels = [e.key for e in prof.key_averages()]
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert any("fprop_wgmma_kernel" in k for k in kernels) == hopper, kernels
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert any("dgrad_wgmma_kernel" in k for k in kernels) == hopper, kernels
+    assert all(torch.equal(runs[0], r) for r in runs[1:]) and torch.equal(dxs[0], dxs[1])
     ref = reference_fused(*(t.double() for t in (x, w, sc, sh, res)), *conv, True)
     torch_out = reference_fused(*(t for t in (x, w, sc, sh, res)), *conv, True)
     bound, err = low_precision_bound(runs[0], torch_out, ref, dtype)
-    assert err <= bound, f"{err:.3g} > {bound:.3g}"
+    assert err <= bound, f"fprop: {err:.3g} > {bound:.3g}"
+    ref_dx = torch.nn.grad.conv2d_input(x.shape, w.double(), gy.double(), padding=1)
+    torch_dx = torch.nn.grad.conv2d_input(x.shape, w, gy, padding=1)
+    bound, err = low_precision_bound(dxs[0], torch_dx, ref_dx, dtype)
+    assert err <= bound, f"dgrad: {err:.3g} > {bound:.3g}"
 
 
 @cuda

@@ -1,7 +1,7 @@
 """The implicit-GEMM CUDA kernels run in a CPU emulation (tests/kernel_emulation): no GPU needed.
 
 g++ compiles copies of the current kernel sources (csrc/cuda/implicit_gemm.cuh, wgmma.cuh and
-conv2d_implicit_gemm_{fprop,dgrad,wgrad,fprop_wgmma}_kernel.cu) in which only the PTX wrappers (cp.async, commit
+conv2d_implicit_gemm_{fprop,dgrad,wgrad,fprop_wgmma,dgrad_wgmma}_kernel.cu) in which only the PTX wrappers (cp.async, commit
 and wait_group, ldmatrix, mma.sync, cvt.rna.tf32, Hopper's wgmma with its fences, commit and wait_group, and the
 kernels' `extern __shared__` array) are replaced by emulators: one std::thread per CUDA thread, warp- and
 warpgroup-collective instructions with the PTX ISA's fragment layouts and matrix descriptors, cp.async landing
@@ -49,7 +49,7 @@ ARCH_GUARD = "#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800"
 SM90A_GUARD = "#if defined(__CUDA_ARCH_FEAT_SM90_ALL)"  # wgmma.cuh and the wgmma kernel: sm_90a code only
 # each kernel file and the guard around its kernel body
 KERNEL_FILES = {**{f"conv2d_implicit_gemm_{p}_kernel.cu": ARCH_GUARD for p in ("fprop", "dgrad", "wgrad")},
-                "conv2d_implicit_gemm_fprop_wgmma_kernel.cu": SM90A_GUARD}
+                **{f"conv2d_implicit_gemm_{p}_wgmma_kernel.cu": SM90A_GUARD for p in ("fprop", "dgrad")}}
 
 # The PTX wrappers of implicit_gemm.cuh: signature, the PTX its guarded block must hold (the semantics
 # emu.h emulates), and the emulator call that replaces the block.
@@ -273,6 +273,10 @@ CASES = [
     case("dgrad", "fp16", 3, "deferred", "groups2_dilation2"),
     case("dgrad", "fp32", 4, "immediate", "asymmetric"),
     case("dgrad", "bf16", 5, "deferred", "multi_tile"),
+    case("dgrad", "fp16", 6, "immediate", "deep_reduction", wgmma="deferred"),
+    case("dgrad", "bf16", 7, "deferred", "asymmetric", wgmma="immediate"),
+    case("dgrad", "bf16", 6, "immediate", "groups4_of_3", wgmma="deferred"),
+    case("dgrad", "fp32", 7, "deferred", "c40"),
     case("wgrad", "fp16", 0, "deferred", "c40", splits=1),
     case("wgrad", "bf16", 1, "immediate", "rgb_stem", splits=3),
     case("wgrad", "fp32", 2, "deferred", "groups2_dilation2", splits=7),

@@ -38,9 +38,10 @@ KERNELS = {
                                               for c in IMPLICIT_GEMM_TILES]
     + [f"conv2d_implicit_gemm_fprop_kernel<{t}, fastconv::ImplicitGemmSplitTile, true>" for t in DTYPES]
     + [f"conv2d_implicit_gemm_fprop_reduce_kernel<{t}>" for t in DTYPES],
-    "conv2d_implicit_gemm_fprop_wgmma_kernel.cu": [f"conv2d_implicit_gemm_fprop_wgmma_kernel<{t}, {c}>" for t in DTYPES[1:]
+    **{f"conv2d_implicit_gemm_{p}_wgmma_kernel.cu": [f"conv2d_implicit_gemm_{p}_wgmma_kernel<{t}, {c}>" for t in DTYPES[1:]
                                                     for c in ("fastconv::ImplicitGemmWgmmaTile6",
-                                                              "fastconv::ImplicitGemmWgmmaTile7")],
+                                                              "fastconv::ImplicitGemmWgmmaTile7")]
+       for p in ("fprop", "dgrad")},
     "conv2d_implicit_gemm_dgrad_kernel.cu": [f"conv2d_implicit_gemm_dgrad_kernel<{t}, {c}>" for t in DTYPES
                                               for c in IMPLICIT_GEMM_TILES],
     "conv2d_implicit_gemm_wgrad_kernel.cu": [f"conv2d_implicit_gemm_wgrad_kernel<{t}, {c}>" for t in DTYPES
@@ -121,9 +122,10 @@ def test_kernel_source_compiles_with_nvrtc(source, arch):
     assert len(lowered) == len(KERNELS[source]) and all(v.startswith("_Z") for v in lowered.values())
 
 
-def test_wgmma_kernel_compiles_for_sm90a_with_nvrtc():
+@pytest.mark.parametrize("source", ["conv2d_implicit_gemm_fprop_wgmma_kernel.cu",
+                                    "conv2d_implicit_gemm_dgrad_wgmma_kernel.cu"])
+def test_wgmma_kernel_compiles_for_sm90a_with_nvrtc(source):
     """The wgmma kernels' bodies exist in sm_90a code only (elsewhere: a trap), so the loop above compiles stubs."""
-    source = "conv2d_implicit_gemm_fprop_wgmma_kernel.cu"
     ok, log, lowered = nvrtc_compile(CUDA_DIR / source, "90a", KERNELS[source])
     assert ok, log
     assert len(lowered) == len(KERNELS[source])

@@ -50,7 +50,9 @@ cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dty
                                               const void* wt, void* dx, cudaStream_t stream) {
   const int64_t M = pb.N * pb.H * pb.W, Cg = pb.C_per_group();
   if (M == 0 || Cg == 0) return cudaSuccess;
-  tile = implicit_gemm_pick_tile(tile, M, Cg, pb.groups);
+  if (implicit_gemm_is_wgmma_tile(tile) && dtype != DType::Float32 && implicit_gemm_wgmma_supported())
+    return launch_conv2d_implicit_gemm_dgrad_wgmma(pb, dtype, tile, dy, wt, dx, stream);
+  tile = implicit_gemm_pick_tile(tile, M, Cg, pb.groups);  // (a wgmma tile elsewhere: its mma.sync twin)
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     return dispatch_implicit_gemm_tile(tile, [&](auto cfg) {

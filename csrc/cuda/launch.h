@@ -151,6 +151,10 @@ cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DTy
 // dgrad reads the filter transposed per group: wt[g][c][r][s][k] = w[g * Kg + k][r][s][c].
 cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dtype, int tile, const void* dy,
                                               const void* wt, void* dx, cudaStream_t stream);
+// dgrad on a wgmma tile (6 or 7; fp16/bf16), when implicit_gemm_wgmma_supported(); launch_conv2d_implicit_gemm_dgrad
+// calls it for those tiles.
+cudaError_t launch_conv2d_implicit_gemm_dgrad_wgmma(const Conv2dProblem& pb, DType dtype, int tile, const void* dy,
+                                                    const void* wt, void* dx, cudaStream_t stream);
 // wgrad splits the reduction over N*P*Q into this many ranges (splits <= 0: chosen from the grid's size);
 // the returned count is what the launch uses, and the workspace holds that many fp32 filters.
 int conv2d_implicit_gemm_wgrad_splits(const Conv2dProblem& pb, DType dtype, int tile, int splits);

@@ -24,6 +24,7 @@
 
 // The patched kernel sources (anonymous-namespace kernels, so they are included, not linked).
 #include "conv2d_implicit_gemm_dgrad_kernel.cu"
+#include "conv2d_implicit_gemm_dgrad_wgmma_kernel.cu"
 #include "conv2d_implicit_gemm_fprop_kernel.cu"
 #include "conv2d_implicit_gemm_fprop_wgmma_kernel.cu"
 #include "conv2d_implicit_gemm_wgrad_kernel.cu"
@@ -387,14 +388,28 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
               to_element<T>(k < Kg ? w[((g * Kg + k) * c.R * c.S + rs) * Cg + ch] : 0.f);
   for (size_t i = 0; i < dxd.size(); ++i) dxd[i] = to_element<T>(NAN);
 
-  dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
-    using Cfg = decltype(cfg);
-    constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
-    emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
-               conv2d_implicit_gemm_dgrad_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
-               static_cast<const T*>(wtd.data()), dxd.data());
-    return cudaSuccess;
-  });
+  if constexpr (sizeof(T) == 2) {
+    if (implicit_gemm_is_wgmma_tile(c.tile)) {  // Hopper's wgmma tiles (fp16/bf16; fp32 runs the twin, below)
+      dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
+        using Cfg = decltype(cfg);
+        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512;  // as the launcher asks
+        emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
+                   conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
+                   static_cast<const T*>(wtd.data()), dxd.data());
+        return cudaSuccess;
+      });
+    }
+  }
+  if (sizeof(T) == 4 || !implicit_gemm_is_wgmma_tile(c.tile)) {
+    dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
+      using Cfg = decltype(cfg);
+      constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
+      emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
+                 conv2d_implicit_gemm_dgrad_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
+                 static_cast<const T*>(wtd.data()), dxd.data());
+      return cudaSuccess;
+    });
+  }
 
   // reference: scatter every dy element through every tap
   std::vector<double> dx(M * c.C, 0.0);

@@ -5,9 +5,10 @@ without a GPU; otherwise (or with FASTCONV_FORCE_CPU=1) the extension is CPU-onl
 
 Environment switches:
   FASTCONV_CUDA_ARCH    architectures, e.g. "9.0" or "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST). Default: an
-                        explicit TORCH_CUDA_ARCH_LIST, else the visible GPUs', else "8.0;9.0". Hopper (9.0) is
-                        built as 9.0a, whose code runs on compute capability 9.0 only and adds the wgmma
-                        kernels (implicit-GEMM tiles 6 and 7); FASTCONV_NO_SM90A=1 keeps plain 9.0.
+                        explicit TORCH_CUDA_ARCH_LIST, else the visible GPUs', else "8.0;9.0". A bare "9.0"
+                        (Hopper) is built as 9.0a, whose code runs on compute capability 9.0 only and adds the
+                        wgmma kernels (implicit-GEMM tiles 6 and 7); FASTCONV_NO_SM90A=1 keeps plain 9.0, and
+                        "9.0+PTX" stays as written (its PTX serves newer GPUs).
   FASTCONV_FORCE_CPU=1  skip the CUDA kernels.
   FASTCONV_NO_EXTENSION=1  no compiled extension at all (a machine without a compiler): the package then
                         offers fastconv.cupy's build-free path, which compiles the kernels with NVRTC at run time.
@@ -43,19 +44,24 @@ def want_cuda() -> bool:
 
 
 def set_cuda_archs() -> list:
-    """Sets TORCH_CUDA_ARCH_LIST and returns it as a list."""
+    """Sets TORCH_CUDA_ARCH_LIST where fastconv decides it, and returns the list ([] when torch decides: visible
+    GPUs that are not all Hopper)."""
     if os.environ.get("FASTCONV_CUDA_ARCH"):
         archs = os.environ["FASTCONV_CUDA_ARCH"]
     elif os.environ.get("TORCH_CUDA_ARCH_LIST"):
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     elif torch.cuda.is_available():
-        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        if caps != {(9, 0)}:
+            return []  # torch's own choice for the visible GPUs (capped at what it supports, +PTX)
+        archs = "9.0"
     else:
         archs = DEFAULT_ARCHS  # no GPU to ask
     arch_list = [a for a in archs.replace(" ", ";").split(";") if a]
     if os.environ.get("FASTCONV_NO_SM90A", "0") in ("", "0"):
-        # sm_90a: sm_90 plus the arch-specific instructions (wgmma), for compute capability 9.0 exactly
-        arch_list = [a.replace("9.0", "9.0a", 1) if a.split("+")[0] == "9.0" else a for a in arch_list]
+        # a bare 9.0 becomes 9.0a: sm_90 plus the arch-specific instructions (wgmma), for compute capability 9.0
+        # exactly. "9.0+PTX" stays as it is: its compute_90 PTX is what newer GPUs compile at load time.
+        arch_list = ["9.0a" if a == "9.0" else a for a in arch_list]
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch_list)
     return arch_list
 
@@ -83,10 +89,14 @@ def make_extension():
         print("fastconv: building the CPU-only extension (no CUDA toolkit or CPU-only torch)")
         return CppExtension("fastconv._C", common, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
     arch_list = set_cuda_archs()
-    print(f"fastconv: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    print(f"fastconv: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch: the visible GPUs)')}")
     macros = [("FASTCONV_WITH_CUDA", "1")]
     if any(a.split("+")[0] == "9.0a" for a in arch_list):
-        macros.append(("FASTCONV_WITH_SM90A", "1"))  # the wgmma kernels exist (implicit_gemm_wgmma_supported)
+        # the wgmma kernels exist (implicit_gemm_wgmma_supported); a plain 9.0 next to it would let a Hopper GPU
+        # load the sm_90 image, whose wgmma kernels are stubs
+        if any(a.split("+")[0] == "9.0" for a in arch_list):
+            raise SystemExit("fastconv: TORCH_CUDA_ARCH_LIST lists both 9.0 and 9.0a; keep one (9.0a has the wgmma kernels)")
+        macros.append(("FASTCONV_WITH_SM90A", "1"))
     nvcc_flags = ["-O0", "-G", "-g"] if debug else ["-O3"]
     if not debug and os.environ.get("FASTCONV_LINEINFO", "1") not in ("", "0"):
         nvcc_flags.append("-lineinfo")  # Nsight Compute maps samples to source lines

@@ -97,7 +97,13 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   const long with_cuda = 0;
 #endif
-  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+#ifdef FASTCONV_WITH_SM90A
+  const long with_sm90a = 1;  // the Hopper wgmma kernels (implicit-GEMM tiles 6, 7) were built (setup.py: 9.0a)
+#else
+  const long with_sm90a = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0 ||
+      PyModule_AddIntConstant(module, "WITH_SM90A", with_sm90a) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

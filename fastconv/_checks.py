@@ -264,8 +264,8 @@ def check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dil
 
 
 #: Tile configurations of the implicit-GEMM CUDA kernels (kImplicitGemmTiles in csrc/implicit_gemm_problem.h):
-#: 0-5 mma.sync (any pass and dtype, sm_80+), 6 and 7 Hopper's wgmma (fp16/bf16 forward on sm_90a; elsewhere
-#: they run as their mma.sync twins, tiles 0 and 3).
+#: 0-5 mma.sync (any pass and dtype, sm_80+), 6 and 7 Hopper's wgmma (fp16/bf16 fprop and dgrad on sm_90a;
+#: elsewhere they run as their mma.sync twins, tiles 0 and 3).
 IMPLICIT_GEMM_TILES = 8
 IMPLICIT_GEMM_MMA_SYNC_TILES = 6
 IMPLICIT_GEMM_WGMMA_TILES = (6, 7)

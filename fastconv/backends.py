@@ -101,7 +101,7 @@ def candidate_choices(input: torch.Tensor) -> list[str]:
     if input.is_cuda and _tensor_cores(input.device) and (input.dtype != torch.float32 or _tf32_allowed()):
         choices += [f"implicit_gemm/{t}" for t in range(_checks.IMPLICIT_GEMM_MMA_SYNC_TILES)]
         # (elsewhere a wgmma tile runs as its mma.sync twin: timing it would time a duplicate)
-        if wgmma_tiles and input.dtype != torch.float32 and _device_capability(input.device) == (9, 0):
+        if wgmma_tiles and input.dtype != torch.float32 and _wgmma_available(input.device):
             choices += [f"implicit_gemm/{t}" for t in _checks.IMPLICIT_GEMM_WGMMA_TILES]
     return choices
 
@@ -135,7 +135,7 @@ def heuristic_algo(input: torch.Tensor, weight: torch.Tensor, stride, padding, d
     if input.is_cuda and input.dtype in (torch.float16, torch.bfloat16) and _tensor_cores(input.device):
         # channels per group not a multiple of 8 (the RGB stem) are zero-padded by the op: ResNet-50's conv1
         # there runs 1.3x cuDNN, where im2col's fprop ran 0.28x and its wgrad 0.001x (H200, batch 64)
-        if wgmma_tiles and _device_capability(input.device) == (9, 0):
+        if wgmma_tiles and _wgmma_available(input.device):
             tile = _wgmma_tile(input, weight, stride, padding, dilation, groups)
             if tile is not None:
                 return f"implicit_gemm/{tile}"
@@ -144,6 +144,13 @@ def heuristic_algo(input: torch.Tensor, weight: torch.Tensor, stride, padding, d
     if not pointwise and _im2col_bytes_per_image(input, weight, stride, padding, dilation) > _workspace_bytes:
         return "direct"
     return "im2col"
+
+
+def _wgmma_available(device: torch.device) -> bool:
+    """Does this build run the wgmma tiles on this GPU (sm_90a code, compute capability 9.0)?"""
+    from ._extension import _C
+
+    return bool(getattr(_C, "WITH_SM90A", 0)) and _device_capability(device) == (9, 0)
 
 
 @functools.lru_cache(maxsize=None)

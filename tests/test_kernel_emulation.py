@@ -77,14 +77,24 @@ WGMMA_PTX_WRAPPERS = [
     ("void wgmma_wait()", ["wgmma.wait_group.sync.aligned %0;"], "emu_wgmma_wait(N);"),
     ("void wgmma_fence_operand(float& r)", ['asm volatile("" : "+f"(r)::"memory");'], "(void)r;"),
     ("void wgmma_64xNx16(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b)",
-     ['FASTCONV_WGMMA_N64("f16")', 'FASTCONV_WGMMA_N64("bf16")', 'FASTCONV_WGMMA_N128("f16")',
-      'FASTCONV_WGMMA_N128("bf16")'], "emu_wgmma<T, N>(d, desc_a, desc_b);"),
+     ['if constexpr (N == 64 && same_type<T, __half>::value) {\n    asm volatile(FASTCONV_WGMMA_N64("f16") : FASTCONV_WGMMA_D32 :',
+      '} else if constexpr (N == 64) {\n    asm volatile(FASTCONV_WGMMA_N64("bf16") : FASTCONV_WGMMA_D32 :',
+      '} else if constexpr (same_type<T, __half>::value) {\n    asm volatile(FASTCONV_WGMMA_N128("f16") : FASTCONV_WGMMA_D64 :',
+      '} else {\n    asm volatile(FASTCONV_WGMMA_N128("bf16") : FASTCONV_WGMMA_D64 :',
+      ': "l"(desc_a), "l"(desc_b), "r"(1));'], "emu_wgmma<T, N>(d, desc_a, desc_b);"),
 ]
 # What emu_wgmma emulates: m64nNk16, fp32 accumulators, scale-d from a register, A and B scales 1, K-major.
 WGMMA_INSTRUCTIONS = ['"{\\n.reg .pred p;\\nsetp.ne.b32 p, " op ", 0;\\n"',
                       '"wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " "',
                       '"wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " "',
-                      '", %32, %33, p, 1, 1, 0, 0;', '", %64, %65, p, 1, 1, 0, 0;']
+                      '", %32, %33, p, 1, 1, 0, 0;', '", %64, %65, p, 1, 1, 0, 0;',
+                      # the accumulators in the D layout's register order: d[j][0..3] for slice j = 0, 1, ...
+                      '#define FASTCONV_WGMMA_D4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])',
+                      'FASTCONV_WGMMA_D4(0), FASTCONV_WGMMA_D4(1), FASTCONV_WGMMA_D4(2), FASTCONV_WGMMA_D4(3), '
+                      'FASTCONV_WGMMA_D4(4), \\\n      FASTCONV_WGMMA_D4(5), FASTCONV_WGMMA_D4(6), FASTCONV_WGMMA_D4(7)',
+                      'FASTCONV_WGMMA_D32, FASTCONV_WGMMA_D4(8), FASTCONV_WGMMA_D4(9), FASTCONV_WGMMA_D4(10), '
+                      'FASTCONV_WGMMA_D4(11), \\\n      FASTCONV_WGMMA_D4(12), FASTCONV_WGMMA_D4(13), FASTCONV_WGMMA_D4(14), '
+                      'FASTCONV_WGMMA_D4(15)']
 
 # A kernel file's host-code section (launch configuration, <<<>>> launchers), which NVRTC skips too: the driver
 # launches through emu_launch instead.
@@ -114,7 +124,21 @@ WGMMA_PLANTED_BUGS = {
                                        "    cp_async_commit();\n    wgmma_wait<2>();"),
     # the copies' generic-proxy writes not fenced before the async proxy's reads
     "proxy_fence_dropped": ("    fence_proxy_async_shared();\n    __syncthreads();", "    __syncthreads();"),
+    # fenced only after the barrier: another warpgroup's MMAs may read them first
+    "proxy_fence_after_barrier": ("    fence_proxy_async_shared();\n    __syncthreads();",
+                                  "    __syncthreads();\n    fence_proxy_async_shared();"),
+    # the stages where the shared memory starts, not on a 512-byte boundary of the address (the emulated window
+    # starts 48 bytes past one): the hardware's swizzle then disagrees with the loaders' layout
+    "wgmma_stages_unaligned": ("return reinterpret_cast<T*>(smem_bytes + (512 - smem_address(smem_bytes) % 512) % 512);",
+                               "return reinterpret_cast<T*>(smem_bytes);"),
+    # the copies waited for one tile short: the MMAs may read a stage that has not landed
+    "wgmma_copies_waited_one_short": ("    cp_async_wait<Cfg::STAGES - 3>();\n    fence_proxy_async_shared();",
+                                      "    cp_async_wait<Cfg::STAGES - 2>();\n    fence_proxy_async_shared();"),
 }
+# The order each wgmma planted bug runs in (the others: copies landing at once, MMAs reading at the wait, the order
+# that exposes a stage refilled too early); a copy waited for too late shows when copies land late and MMAs read
+# early.
+WGMMA_PLANTED_BUG_ORDER = {"wgmma_copies_waited_one_short": ("deferred", "immediate")}
 PLANTED_BUGS.update(WGMMA_PLANTED_BUGS)
 # The pass each planted bug is run in (the others: fprop).
 PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
@@ -122,7 +146,8 @@ PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
 PLANTED_BUG_REPORT = {
     "k_major_swizzle_dropped": "ldmatrix phases have shared-memory bank conflicts",
     "k_major_rows_padded": "cp.async phases have shared-memory bank conflicts",
-    "proxy_fence_dropped": "without fence.proxy.async",  # an emulation check (abort)
+    "proxy_fence_dropped": "fence.proxy.async",  # an emulation check (abort)
+    "proxy_fence_after_barrier": "fence.proxy.async",
     "wgmma_stride_offset_doubled": "wgmma operand outside the block's shared memory",  # (the last B stage's rows)
 }
 
@@ -308,8 +333,9 @@ def test_planted_bug_is_caught(tmp_path, bug):
     pass_ = PLANTED_BUG_PASS.get(bug, "fprop")
     binary = build(tmp_path, planted_bug=bug, defines=[f"EMU_PASSES={1 if pass_ == 'fprop' else 2}", "EMU_DTYPES=1"])
     args = {"pass": pass_, "dtype": "fp16", "tile": 2, "cp_async": "deferred", **SHAPES["c40"]}
-    if bug in WGMMA_PLANTED_BUGS:  # copies landing at once, MMAs reading at the wait: the strictest order
-        args.update(tile=6, cp_async="immediate", wgmma="deferred", **SHAPES["deep_reduction"])
+    if bug in WGMMA_PLANTED_BUGS:
+        cp_async, wgmma = WGMMA_PLANTED_BUG_ORDER.get(bug, ("immediate", "deferred"))
+        args.update(tile=6, cp_async=cp_async, wgmma=wgmma, **SHAPES["deep_reduction"])
     if pass_ == "fprop":
         args["epilogue"] = FULL_EPILOGUE
     result = emulate(binary, args)

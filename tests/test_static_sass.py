@@ -154,6 +154,8 @@ def test_wgmma_main_loop_keeps_one_group_of_warpgroup_mmas_in_flight():
     asynchronous (it would serialise them, waiting after each, if other instructions touched the accumulators in
     flight), and the registers fit the blocks per SM the tile is built for. Elsewhere (sm_80) the kernels are
     stubs."""
+    # the extension says so too (fastconv._C.WITH_SM90A: the host side launches the wgmma kernels)
+    assert bool(fastconv._C.WITH_SM90A) == (hopper_arch() == "sm_90a")
     if hopper_arch() != "sm_90a":
         pytest.skip("the build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a, or FASTCONV_NO_SM90A=1)")
     blocks = re.split(r"\n\s*Function : ", dump("-sass", "-arch", "sm_90a"))
@@ -181,6 +183,14 @@ def test_wgmma_main_loop_keeps_one_group_of_warpgroup_mmas_in_flight():
         # each k step one HGMMA; the last of a tile closes the group (gsb0); nothing waits between them
         tile_mmas = [line for line in loop if "HGMMA" in line]
         assert len(tile_mmas) == 2 and "gsb0" in tile_mmas[-1] and "gsb0" not in tile_mmas[0], (name, tile_mmas)
+        # the shape and types the tile and element type call for (what the emulation takes on trust from the PTX
+        # text): 64 x BN x 16 with fp32 accumulators, bf16 operands exactly in the bf16 kernels (fp16 has no suffix)
+        bn = int(re.search(r"WgmmaTileILi\d+ELi(\d+)E", name).group(1))
+        bf16 = "13__nv_bfloat16" in name
+        shapes = {re.search(r"HGMMA\.(\S+)", line).group(1) for line in tile_mmas}
+        assert shapes == {f"64x{bn}x16.F32" + (".BF16" if bf16 else "")}, (name, shapes)
+        # the descriptors' high word: 512-byte stride, base offset 0, 64-byte swizzle (0x80000020)
+        assert re.search(r"-0x7fffffe0\b|\b0x80000020\b", b), f"{name}: no 64B-swizzle descriptor constant"
         assert "LDSM" not in b and not re.search(r"\bHMMA\.", b), f"{name}: fragments or mma.sync in a wgmma kernel"
         assert not re.search(r"\bSTL(\.\S+)?\s", b), f"{name}: local stores (register spills)"
     usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+)", dump("-res-usage", "-arch", "sm_90a"))

@@ -1,7 +1,8 @@
 // Implicit-GEMM dgrad on Hopper's warpgroup MMAs (wgmma, sm_90a): conv2d_implicit_gemm_dgrad_kernel.cu's GEMM,
 // loaders and epilogue (dy gathered K-major through the negated taps, the filter transposed per group), with the
-// main loop of wgmma.cuh. fp16 and bf16; the ops' tiles 6 (128 x 128) and 7 (128 x 64). Strided dgrad does not
-// come here: it runs as stride-1 fprops (csrc/conv2d_dgrad_phases.h), which take the wgmma fprop kernel.
+// main loop of wgmma.cuh. fp16 and bf16; the ops' tiles 6 (128 x 128) and 7 (128 x 64). Stride 1, and strided
+// dilated dgrad (the gather's exact-division branch); other strided dgrad runs as stride-1 fprops
+// (csrc/conv2d_dgrad_phases.h), which take the wgmma fprop kernel.
 //
 // Built only into sm_90a code, launched where implicit_gemm_wgmma_supported(); elsewhere these tiles run as their
 // mma.sync twins. Not yet verified on a GPU (2026-11-28): checked by the CPU emulation only.
@@ -18,8 +19,7 @@ conv2d_implicit_gemm_dgrad_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ 
                                         T* __restrict__ dx) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem_bytes[];
-  // the stages on a 512-byte boundary (the swizzle is of the shared address; the launch adds 512 bytes)
-  T* smem = reinterpret_cast<T*>(smem_bytes + (512 - smem_address(smem_bytes) % 512) % 512);
+  T* smem = wgmma_stages<T>(smem_bytes);
   const int64_t g = blockIdx.z;
   const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
   const int64_t M = pb.N * pb.H * pb.W, Kred = pb.R * pb.S * Kg;
@@ -52,7 +52,7 @@ cudaError_t launch_conv2d_implicit_gemm_dgrad_wgmma(const Conv2dProblem& pb, DTy
       return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
         return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>,
-                                         implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512, ceil_div(M, Cfg::BM),
+                                         implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack, ceil_div(M, Cfg::BM),
                                          ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(dy),
                                          static_cast<const T*>(wt), static_cast<T*>(dx));
       });

@@ -11,6 +11,7 @@
 // the autotuner leave these tiles out until a device run has passed the GPU tests and timed them
 // (fastconv.backends.wgmma_tiles).
 #if !defined(__CUDACC_RTC__)
+#include <atomic>
 #include <type_traits>
 #endif
 
@@ -26,9 +27,7 @@ conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ 
                                         const T* __restrict__ residual, bool relu, T* __restrict__ y) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem_bytes[];
-  // the swizzle is a function of the shared address: the stages start on a 512-byte boundary (the launch asks
-  // for 512 bytes more than the stages take)
-  T* smem = reinterpret_cast<T*>(smem_bytes + (512 - smem_address(smem_bytes) % 512) % 512);
+  T* smem = wgmma_stages<T>(smem_bytes);
   const int64_t g = blockIdx.z;
   const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
   const int64_t M = pb.N * pb.P * pb.Q, Kred = pb.R * pb.S * Cg;
@@ -50,11 +49,19 @@ conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ 
 
 bool implicit_gemm_wgmma_supported() {
 #if defined(FASTCONV_WITH_SM90A)
-  int device = 0, major = 0, minor = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess && major == 9 &&
-         minor == 0;
+  // per device, asked once (0 unknown, 1 no, 2 yes); a race only asks twice
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device >= 0 && device < kDevices && known[device].load(std::memory_order_relaxed) != 0)
+    return known[device].load(std::memory_order_relaxed) == 2;
+  int major = 0, minor = 0;
+  const bool hopper = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+                      major == 9 && minor == 0;
+  if (device >= 0 && device < kDevices) known[device].store(hopper ? 2 : 1, std::memory_order_relaxed);
+  return hopper;
 #else
   return false;  // no sm_90a code in this build
 #endif
@@ -74,7 +81,7 @@ cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DTy
       return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
         return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>,
-                                         implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512, ceil_div(M, Cfg::BM),
+                                         implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack, ceil_div(M, Cfg::BM),
                                          ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
                                          static_cast<const T*>(w), static_cast<const T*>(scale),
                                          static_cast<const T*>(shift), static_cast<const T*>(residual), relu,

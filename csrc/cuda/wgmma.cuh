@@ -114,10 +114,6 @@ __device__ __forceinline__ void wgmma_fence_operand(float& r) {
   "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
   "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-// d += A * B for the warpgroup's 64 x N tile over one k step of 16: A (64 x 16) and B (N x 16), both K-major,
-// named by descriptors; fp32 accumulators d in the layout described at the top (d[j][e]: 8-column slice j).
-// scale-d (a predicate: false would overwrite d) is true, to accumulate (the main loop zeroes d first); the A and
-// B scales are 1, neither operand is transposed (both K-major).
 // scale-d, a predicate, from the register operand `op` (1: accumulate)
 #define FASTCONV_WGMMA_SCALE_D(op) "{\n.reg .pred p;\nsetp.ne.b32 p, " op ", 0;\n"
 #define FASTCONV_WGMMA_N64(type)                                                                     \
@@ -127,6 +123,10 @@ __device__ __forceinline__ void wgmma_fence_operand(float& r) {
   FASTCONV_WGMMA_SCALE_D("%66") "wgmma.mma_async.sync.aligned.m64n128k16.f32." type "." type " " \
       FASTCONV_WGMMA_R64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
 
+// d += A * B for the warpgroup's 64 x N tile over one k step of 16: A (64 x 16) and B (N x 16), both K-major,
+// named by descriptors; fp32 accumulators d in the layout described at the top (d[j][e]: 8-column slice j).
+// scale-d (a predicate: false would overwrite d) is true, to accumulate (the main loop zeroes d first); the A and
+// B scales are 1, neither operand is transposed (both K-major).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_64xNx16(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
   static_assert(N == 64 || N == 128, "the tiles' wgmma shapes");
@@ -144,6 +144,15 @@ __device__ __forceinline__ void wgmma_64xNx16(float (&d)[N / 8][4], uint64_t des
 }
 
 // ---- the main loop ------------------------------------------------------------------------------------
+
+// Where the stages start in the block's dynamic shared memory: the first 512-byte boundary of the shared address
+// (the swizzle is a function of the address, not of the offset), so launches ask for kWgmmaAlignmentSlack bytes
+// more than the stages take.
+constexpr int kWgmmaAlignmentSlack = 512;
+template <typename T>
+__device__ __forceinline__ T* wgmma_stages(unsigned char* smem_bytes) {
+  return reinterpret_cast<T*>(smem_bytes + (512 - smem_address(smem_bytes) % 512) % 512);
+}
 
 // The block's accumulators over reduction tiles [0, tiles) (each BK = 32 fp16/bf16 wide), in `smem`: STAGES
 // stages of A (BM x 64 bytes each), then STAGES of B (BN x 64 bytes), the whole starting on a 512-byte

@@ -101,8 +101,18 @@ struct WarpgroupExchange {
   uint64_t desc[128][2];
 };
 
+struct BlockContext;
+// Runs once per __syncthreads, after every thread arrived and before any leaves: notes whether every thread had
+// fenced its landed cp.async copies to the async proxy (what a wgmma reading them after the barrier needs).
+struct BarrierCompletion {
+  BlockContext* block;
+  void operator()() noexcept;
+};
+
 struct BlockContext {
-  std::barrier<>* block_barrier;
+  std::barrier<BarrierCompletion>* block_barrier;
+  std::vector<char> unfenced_at_barrier;  // per thread, written as it arrives
+  bool copies_fenced_at_last_barrier = true;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
   std::vector<WarpExchange> warps;
   std::vector<std::unique_ptr<std::barrier<>>> warpgroup_barriers;  // when the block is whole warpgroups
@@ -125,10 +135,24 @@ inline thread_local std::vector<std::vector<PendingCopy>> t_committed_groups;  /
 // which wgmma reads shared memory through.
 inline thread_local bool t_unfenced_copies = false;
 
-inline void __syncthreads() { t_block->block_barrier->arrive_and_wait(); }
+inline void BarrierCompletion::operator()() noexcept {
+  block->copies_fenced_at_last_barrier =
+      std::none_of(block->unfenced_at_barrier.begin(), block->unfenced_at_barrier.end(), [](char u) { return u != 0; });
+}
+
+inline void __syncthreads() {
+  t_block->unfenced_at_barrier[threadIdx.x] = t_unfenced_copies;
+  t_block->block_barrier->arrive_and_wait();
+}
+
+// The shared-memory address of the block's first byte, as __cvta_generic_to_shared reports it: 16-byte aligned
+// like the hardware's dynamic shared memory, and deliberately not 128- or 512-byte aligned, so that a kernel whose
+// layout depends on the address (the wgmma swizzle) must align its own stages. (The bank checks read offsets from
+// the block's first byte, which the hardware's shared window aligns to 128 bytes.)
+inline constexpr long kSharedWindowBase = 48;
 
 inline size_t __cvta_generic_to_shared(const void* p) {
-  return static_cast<size_t>(static_cast<const unsigned char*>(p) - t_block->smem);
+  return static_cast<size_t>(static_cast<const unsigned char*>(p) - t_block->smem + kSharedWindowBase);
 }
 
 // Shared memory serves 16-byte accesses in phases of 8 lanes; a phase is conflict-free when its 8 chunks
@@ -366,10 +390,11 @@ inline long wgmma_k_major_address(uint64_t desc, int row, int k, int element_byt
 inline void run_wgmma(const PendingWgmma& op) {
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
   const int g = lane / 4, t = lane % 4;
-  const auto element = [&](long address) -> float {
-    EMU_CHECK(address >= 0 && address + 2 <= static_cast<long>(t_block->smem_bytes),
-              "wgmma operand outside the block's shared memory (offset %ld)", address);
-    const uint16_t bits = load_b16(t_block->smem + address);
+  const auto element = [&](long address) -> float {  // a shared-memory address (kSharedWindowBase + offset)
+    const long offset = address - kSharedWindowBase;
+    EMU_CHECK(offset >= 0 && offset + 2 <= static_cast<long>(t_block->smem_bytes),
+              "wgmma operand outside the block's shared memory (offset %ld)", offset);
+    const uint16_t bits = load_b16(t_block->smem + offset);
     return op.bf16 ? bfloat16_bits_to_float(bits) : half_bits_to_float(bits);
   };
   for (int i = 0; i < op.n / 2; ++i) {
@@ -391,6 +416,8 @@ inline void emu_wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
   EMU_CHECK(t_wgmma_fenced, "wgmma without a wgmma.fence since the accumulators were last accessed");
   EMU_CHECK(!t_unfenced_copies, "wgmma after cp.async copies landed without fence.proxy.async (thread %u)",
             threadIdx.x);
+  EMU_CHECK(t_block->copies_fenced_at_last_barrier,
+            "wgmma after a barrier that some thread reached with landed cp.async copies not fenced (fence.proxy.async)");
   const int group = threadIdx.x / 128, member = threadIdx.x % 128;
   WarpgroupExchange& x = t_block->warpgroups[group];
   x.desc[member][0] = desc_a, x.desc[member][1] = desc_b;
@@ -436,9 +463,10 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> block_barrier(threads);
         BlockContext block;
+        std::barrier<BarrierCompletion> block_barrier(threads, BarrierCompletion{&block});
         block.block_barrier = &block_barrier;
+        block.unfenced_at_barrier.assign(threads, 0);
         for (int w = 0; w < warps; ++w)
           block.warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
         block.warps.resize(warps);

@@ -307,7 +307,7 @@ long run_fprop(const Config& c, std::mt19937& rng) {
     if constexpr (sizeof(T) == 2) {
       dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
-        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512;  // as the launcher asks
+        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
         emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G), Cfg::THREADS, smem,
                    conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(xd.data()),
                    static_cast<const T*>(wd.data()), scale_arg, shift_arg, residual_arg, c.relu, yd.data());
@@ -392,7 +392,7 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
     if (implicit_gemm_is_wgmma_tile(c.tile)) {  // Hopper's wgmma tiles (fp16/bf16; fp32 runs the twin, below)
       dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
-        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + 512;  // as the launcher asks
+        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
         emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
                    conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
                    static_cast<const T*>(wtd.data()), dxd.data());

@@ -78,14 +78,17 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
   # the benchmarks took 85 s at batch 32 on the H100; they run batch 64 since, about twice that
   step bench 260 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
-  # one Nsight Compute profile (the full set: warp stall reasons too): the implicit-GEMM fprop of a ResNet-50
-  # 3x3 layer, bf16 channels_last; FASTCONV_PROFILE_ALGO=implicit_gemm/<tile> profiles one tile configuration
-  # (default: wgmma tile 6, unmeasured until the first run after 2026-11-28, unless its tests failed; implicit_gemm
-  # alone is the heuristic's tile)
-  default_algo=implicit_gemm/6
-  [ -n "${FASTCONV_SKIP_WGMMA:-}" ] && default_algo=implicit_gemm
-  algo=${FASTCONV_PROFILE_ALGO:-$default_algo}
+  # Nsight Compute profiles (the full set: warp stall reasons too) of the implicit-GEMM fprop of ResNet-50's layer1
+  # 3x3 (64 filters), bf16 channels_last: the size heuristic's mma.sync tile (implicit_gemm: tile 3; version 5's
+  # swizzle predicted zero LDGSTS bank conflicts), then FASTCONV_PROFILE_ALGO=implicit_gemm/<tile> (default the
+  # wgmma tile for 64 filters, 7, unless its tests failed)
   step ncu 60 bash scripts/profile.sh --kernel implicit_gemm --set full --count 1 \
+    --out "$OUT/ncu/fprop-resnet50_l1_3x3-implicit_gemm" \
+    -- --op fprop --layer resnet50_l1_3x3 --algo implicit_gemm --dtype bfloat16 --layout channels_last
+  default_algo=implicit_gemm/7
+  [ -n "${FASTCONV_SKIP_WGMMA:-}" ] && default_algo=implicit_gemm/2
+  algo=${FASTCONV_PROFILE_ALGO:-$default_algo}
+  step ncu_tile 60 bash scripts/profile.sh --kernel implicit_gemm --set full --count 1 \
     --out "$OUT/ncu/fprop-resnet50_l1_3x3-${algo//\//-}" \
     -- --op fprop --layer resnet50_l1_3x3 --algo "$algo" --dtype bfloat16 --layout channels_last
   # ResNet-50's bf16 conv+BN+ReLU and model rows again, with auto taking the Hopper wgmma tiles where the GPU has
@@ -102,7 +105,7 @@ printf '%s\n' "${SUMMARY[@]}" > "$OUT/summary.txt"
 # The device tool brings back at most 8 files (the 2026-11-28 run lost its test log, racecheck log, summary
 # and ncu report to that): keep the ones read first, archive the rest.
 (cd "$OUT" && tar czf logs.tar.gz --remove-files build.log memcheck.log racecheck.log ncu.log bench.log \
-   bench_pytest_benchmark.json tests-progress.jsonl ncu wgmma.log bench_wgmma.log wgmma 2>/dev/null) || true
+   bench_pytest_benchmark.json tests-progress.jsonl ncu ncu_tile.log wgmma.log bench_wgmma.log wgmma 2>/dev/null) || true
 echo "== files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 [ -f "$OUT/bench.md" ] && tail -n 40 "$OUT/bench.md"
 # the summary last, so that the reply's output tail always holds it

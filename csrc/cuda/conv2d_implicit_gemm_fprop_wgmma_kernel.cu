@@ -80,8 +80,8 @@ cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DTy
     } else {
       return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
-        return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>,
-                                         implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack, ceil_div(M, Cfg::BM),
+        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
+        return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
                                          ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
                                          static_cast<const T*>(w), static_cast<const T*>(scale),
                                          static_cast<const T*>(shift), static_cast<const T*>(residual), relu,

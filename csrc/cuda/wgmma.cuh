@@ -1,4 +1,5 @@
-// Hopper (sm_90a) warpgroup MMAs for the implicit-GEMM fprop and dgrad: conv2d_implicit_gemm_{fprop,dgrad}_wgmma_kernel.cu.
+// Hopper (sm_90a) warpgroup MMAs for the implicit-GEMM fprop and dgrad
+// (conv2d_implicit_gemm_{fprop,dgrad}_wgmma_kernel.cu).
 //
 // What changes against the mma.sync main loop of implicit_gemm.cuh, and why. On Hopper, mma.sync runs at
 // about two thirds of the tensor cores' rate; wgmma.mma_async, issued by a warpgroup (4 warps, 128 threads),

@@ -39,9 +39,9 @@ from . import _checks
 #: Time every algorithm once per configuration on CUDA and cache the fastest (off by default).
 benchmark: bool = False
 
-#: Let ``auto`` use implicit_gemm's Hopper tiles 6 and 7 (wgmma, sm_90a; fp16/bf16 forward on a compute
-#: capability 9.0 GPU): the shape heuristic takes them where their grid fills the GPU, and the benchmark times
-#: them too. Off by default (environment: ``FASTCONV_WGMMA_TILES=1``): those kernels have not yet run on a GPU,
+#: Let ``auto`` use implicit_gemm's Hopper tiles 6 and 7 (wgmma, sm_90a; fp16/bf16 on a compute capability 9.0
+#: GPU): the shape heuristic takes them where their grid fills the GPU, and the benchmark times them too. The
+#: choice is the forward's; autograd passes it on to dgrad (wgmma too) and wgrad (their mma.sync twins). Off by default (environment: ``FASTCONV_WGMMA_TILES=1``): those kernels have not yet run on a GPU,
 #: only in the CPU emulation (csrc/cuda/wgmma.cuh). Asked for explicitly (``tile=6``) they run regardless.
 wgmma_tiles: bool = os.environ.get("FASTCONV_WGMMA_TILES", "0") not in ("", "0")
 

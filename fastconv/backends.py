@@ -69,13 +69,21 @@ def clear_benchmark_cache() -> None:
         _benchmark_cache.clear()
 
 
-def _im2col_bytes_per_image(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> int:
-    _, c, h, w = input.shape
+def _output_extent(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
+    """The output's P x Q (0 where the arguments leave no output; the ops themselves reject invalid ones)."""
+    h, w = input.shape[2:]
     r, s = weight.shape[2:]
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return max(p, 0), max(q, 0)
+
+
+def _im2col_bytes_per_image(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> int:
+    c = input.shape[1]
+    r, s = weight.shape[2:]
+    p, q = _output_extent(input, weight, stride, padding, dilation)
     # Counted at the accumulation width, as the ops count it (csrc/conv2d_args.h): 4 bytes, 8 for float64.
-    return max(p, 0) * max(q, 0) * c * r * s * max(input.element_size(), 4)
+    return p * q * c * r * s * max(input.element_size(), 4)
 
 
 def algo_args(algo: str, tile: int = -1) -> tuple:
@@ -163,12 +171,9 @@ def _wgmma_tile(input, weight, stride, padding, dilation, groups: int):
     size rule (implicit_gemm_pick_tile) over the twins' block shapes: 6 (128 x 128) when more than 64 filters per
     group still give every SM a block, else 7 (128 x 64) when that does; None leaves smaller grids to the kernels'
     rule (the 64 x 64 tile, split-K)."""
-    n, _, h, w = input.shape
-    r, s = weight.shape[2:]
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    p, q = _output_extent(input, weight, stride, padding, dilation)
     k = weight.shape[0] // max(groups, 1)
-    rows = -(-max(n * p * q, 0) // 128) * groups
+    rows = -(-(input.shape[0] * p * q) // 128) * groups
     sms = _multiprocessors(input.device)
     if k > 64 and rows * -(-k // 128) >= sms:
         return 6

@@ -43,20 +43,13 @@ cudaError_t launch_conv2d_implicit_gemm_dgrad_wgmma(const Conv2dProblem& pb, DTy
                                                     const void* wt, void* dx, cudaStream_t stream) {
   const int64_t M = pb.N * pb.H * pb.W, Cg = pb.C_per_group();
   if (M == 0 || Cg == 0) return cudaSuccess;
-  if (dtype == DType::Float32 || !implicit_gemm_wgmma_supported()) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_implicit_gemm_wgmma(dtype, tile, [&](auto tag, auto cfg) {
     using T = decltype(tag);
-    if constexpr (sizeof(T) != 2) {
-      return cudaErrorInvalidValue;
-    } else {
-      return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) {
-        using Cfg = decltype(cfg);
-        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
-        return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
-                                         ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(dy),
-                                         static_cast<const T*>(wt), static_cast<T*>(dx));
-      });
-    }
+    using Cfg = decltype(cfg);
+    constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
+    return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
+                                     ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(dy),
+                                     static_cast<const T*>(wt), static_cast<T*>(dx));
   });
 }
 

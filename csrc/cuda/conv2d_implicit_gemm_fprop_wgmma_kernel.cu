@@ -5,14 +5,13 @@
 // Built only into sm_90a code (TORCH_CUDA_ARCH_LIST "9.0a", setup.py's default for Hopper; elsewhere the kernel
 // body is a trap and the launcher is never reached): implicit_gemm_wgmma_supported() says whether this build
 // and GPU run it, and launch_conv2d_implicit_gemm_fprop falls back to the mma.sync twin of the tile otherwise
-// (kImplicitGemmWgmmaTwin).
+// (implicit_gemm_mma_sync_twin).
 //
 // Not yet verified on a GPU (2026-11-28): checked by the CPU emulation only. The size heuristic (tile -1) and
 // the autotuner leave these tiles out until a device run has passed the GPU tests and timed them
 // (fastconv.backends.wgmma_tiles).
 #if !defined(__CUDACC_RTC__)
 #include <atomic>
-#include <type_traits>
 #endif
 
 #include "wgmma.cuh"
@@ -72,22 +71,15 @@ cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DTy
                                                     const void* residual, bool relu, void* y, cudaStream_t stream) {
   const int64_t M = pb.N * pb.P * pb.Q, Kg = pb.K_per_group();
   if (M == 0 || Kg == 0) return cudaSuccess;
-  if (dtype == DType::Float32 || !implicit_gemm_wgmma_supported()) return cudaErrorInvalidValue;
-  return dispatch_dtype(dtype, [&](auto tag) {
+  return dispatch_implicit_gemm_wgmma(dtype, tile, [&](auto tag, auto cfg) {
     using T = decltype(tag);
-    if constexpr (sizeof(T) != 2) {
-      return cudaErrorInvalidValue;
-    } else {
-      return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) {
-        using Cfg = decltype(cfg);
-        constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
-        return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
-                                         ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
-                                         static_cast<const T*>(w), static_cast<const T*>(scale),
-                                         static_cast<const T*>(shift), static_cast<const T*>(residual), relu,
-                                         static_cast<T*>(y));
-      });
-    }
+    using Cfg = decltype(cfg);
+    constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
+    return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
+                                     ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
+                                     static_cast<const T*>(w), static_cast<const T*>(scale),
+                                     static_cast<const T*>(shift), static_cast<const T*>(residual), relu,
+                                     static_cast<T*>(y));
   });
 }
 

@@ -249,6 +249,20 @@ cudaError_t dispatch_implicit_gemm_wgmma_tile(int tile, F&& f) {
   }
   return cudaErrorInvalidValue;
 }
+
+// Calls f(T{}, Cfg{}) with the element type of `dtype` (fp16 or bf16) and the wgmma tile `tile`, where this build
+// and GPU run the wgmma kernels: the launchers' common dispatch. cudaErrorInvalidValue otherwise.
+template <typename F>
+cudaError_t dispatch_implicit_gemm_wgmma(DType dtype, int tile, F&& f) {
+  if (dtype == DType::Float32 || !implicit_gemm_wgmma_supported()) return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    if constexpr (sizeof(tag) != 2) {
+      return cudaErrorInvalidValue;
+    } else {
+      return dispatch_implicit_gemm_wgmma_tile(tile, [&](auto cfg) { return f(tag, cfg); });
+    }
+  });
+}
 #endif  // !defined(__CUDACC_RTC__)
 
 }  // namespace fastconv

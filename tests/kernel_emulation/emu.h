@@ -129,8 +129,36 @@ struct PendingCopy {
   const void* src;
   bool valid;
 };
-inline thread_local std::vector<PendingCopy> t_open_group;
-inline thread_local std::vector<std::vector<PendingCopy>> t_committed_groups;  // oldest first
+// A thread's asynchronous operations in commit groups, as cp.async and wgmma both track them: the open group
+// (issued since the last commit), then the committed groups, oldest first.
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;
+  std::vector<std::vector<Op>> committed;
+
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  // wait_group n: completes (complete(op)) every committed group but the newest n; the open group is untouched.
+  template <typename F>
+  void retire(int n, F&& complete) {
+    while (static_cast<int>(committed.size()) > n) {
+      for (const Op& op : committed.front()) complete(op);
+      committed.erase(committed.begin());
+    }
+  }
+  bool outstanding() const {
+    bool any = !open.empty();
+    for (const auto& group : committed) any |= !group.empty();
+    return any;
+  }
+  void clear() {
+    open.clear();
+    committed.clear();
+  }
+};
+inline thread_local AsyncGroups<PendingCopy> t_copies;
 // This thread landed cp.async copies (the generic proxy) not yet fenced to the async proxy (fence.proxy.async),
 // which wgmma reads shared memory through.
 inline thread_local bool t_unfenced_copies = false;
@@ -218,22 +246,14 @@ inline void emu_cp_async(void* dst, const void* src, bool valid) {
   if (g_cp_async_immediate) {
     land(c);
   } else {
-    t_open_group.push_back(c);
+    t_copies.open.push_back(c);
   }
 }
 
-inline void emu_commit() {
-  t_committed_groups.push_back(std::move(t_open_group));
-  t_open_group.clear();
-}
+inline void emu_commit() { t_copies.commit(); }
 
 // cp.async.wait_group n: every committed group but the newest n has landed (the open group is untouched).
-inline void emu_wait(int n) {
-  while (static_cast<int>(t_committed_groups.size()) > n) {
-    for (const PendingCopy& c : t_committed_groups.front()) land(c);
-    t_committed_groups.erase(t_committed_groups.begin());
-  }
-}
+inline void emu_wait(int n) { t_copies.retire(n, land); }
 
 // ---- ldmatrix -----------------------------------------------------------------------------------------
 
@@ -361,8 +381,7 @@ struct PendingWgmma {
   bool bf16;
   uint64_t desc_a, desc_b;
 };
-inline thread_local std::vector<PendingWgmma> t_wgmma_open;                     // since the last commit_group
-inline thread_local std::vector<std::vector<PendingWgmma>> t_wgmma_committed;  // oldest first
+inline thread_local AsyncGroups<PendingWgmma> t_wgmmas;
 inline thread_local bool t_wgmma_fenced = false;  // a wgmma.fence since the accumulators were last touched
 
 inline void emu_fence_proxy_async() { t_unfenced_copies = false; }
@@ -430,22 +449,16 @@ inline void emu_wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
   if (g_wgmma_immediate) {
     run_wgmma(op);
   } else {
-    t_wgmma_open.push_back(op);
+    t_wgmmas.open.push_back(op);
   }
 }
 
-inline void emu_wgmma_commit() {
-  t_wgmma_committed.push_back(std::move(t_wgmma_open));
-  t_wgmma_open.clear();
-}
+inline void emu_wgmma_commit() { t_wgmmas.commit(); }
 
 // wgmma.wait_group n: every committed group but the newest n has completed; the accumulators may then be read
 // (and touched: a wgmma.fence is due before the next wgmma).
 inline void emu_wgmma_wait(int n) {
-  while (static_cast<int>(t_wgmma_committed.size()) > n) {
-    for (const PendingWgmma& op : t_wgmma_committed.front()) run_wgmma(op);
-    t_wgmma_committed.erase(t_wgmma_committed.begin());
-  }
+  t_wgmmas.retire(n, run_wgmma);
   t_wgmma_fenced = false;
 }
 
@@ -485,20 +498,15 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
             blockIdx = uint3{x, y, z};
             t_block = &block;
             emu_smem = block.smem;
-            t_open_group.clear();
-            t_committed_groups.clear();
+            t_copies.clear();
             t_unfenced_copies = false;
-            t_wgmma_open.clear();
-            t_wgmma_committed.clear();
+            t_wgmmas.clear();
             t_wgmma_fenced = false;
             kernel(args...);
-            bool outstanding = !t_open_group.empty();
-            for (const auto& group : t_committed_groups) outstanding |= !group.empty();
-            EMU_CHECK(!outstanding, "thread %d of block (%u, %u, %u) exits with cp.async copies not waited for", t,
+            EMU_CHECK(!t_copies.outstanding(), "thread %d of block (%u, %u, %u) exits with cp.async copies not waited for",
+                      t, x, y, z);
+            EMU_CHECK(!t_wgmmas.outstanding(), "thread %d of block (%u, %u, %u) exits with wgmma groups not waited for", t,
                       x, y, z);
-            bool mmas = !t_wgmma_open.empty();
-            for (const auto& group : t_wgmma_committed) mmas |= !group.empty();
-            EMU_CHECK(!mmas, "thread %d of block (%u, %u, %u) exits with wgmma groups not waited for", t, x, y, z);
           });
         for (std::thread& w : workers) w.join();
         std::free(block.smem);

@@ -388,8 +388,9 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
               to_element<T>(k < Kg ? w[((g * Kg + k) * c.R * c.S + rs) * Cg + ch] : 0.f);
   for (size_t i = 0; i < dxd.size(); ++i) dxd[i] = to_element<T>(NAN);
 
-  if constexpr (sizeof(T) == 2) {
-    if (implicit_gemm_is_wgmma_tile(c.tile)) {  // Hopper's wgmma tiles (fp16/bf16; fp32 runs the twin, below)
+  if (implicit_gemm_is_wgmma_tile(c.tile) && sizeof(T) == 2) {
+    // Hopper's wgmma tiles (fp16/bf16; fp32 runs their mma.sync twin, as below)
+    if constexpr (sizeof(T) == 2) {
       dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
         constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
@@ -399,8 +400,7 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
         return cudaSuccess;
       });
     }
-  }
-  if (sizeof(T) == 4 || !implicit_gemm_is_wgmma_tile(c.tile)) {
+  } else {
     dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
       using Cfg = decltype(cfg);
       constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();

@@ -4,7 +4,7 @@
 //   A = dy gathered K-major (ActivationKMajorLoader<DGRAD>): input pixel (n, h, w) reads, through tap
 //       (r, s), the output pixel p = (h + pad - r*dil) / stride when that division is exact and in range,
 //       zero otherwise. B = the filter transposed per group to [Cg][R][S][Kg] (by the host wrapper, a
-//       small copy), so it is K-major like fprop's. Grid: (M tiles, N tiles, groups).
+//       small copy), so it is K-major like fprop's. Grid: (tiles, N fastest; groups): implicit_gemm_block_tile.
 //
 // Strided convolutions would waste work here (for stride 2, three taps in four zero-filled and still sent
 // through the tensor cores), so the wrapper runs those as one stride-1 fprop per stride phase instead
@@ -30,13 +30,17 @@ conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, co
   const int64_t g = blockIdx.z;
   const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
   const int64_t M = pb.N * pb.H * pb.W, Kred = pb.R * pb.S * Kg;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  int64_t m0, n0;
+  implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
   ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, true> a_loader(dy, pb, M, Kred, Kg, g * Kg, m0, 0);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(wt + g * Cg * Kred, Kred, Cg, Kred, n0);
   float acc[Cfg::MI][Cfg::NI][4];
   const int64_t k_tiles = (Kred + ImplicitGemmElement<T>::BK - 1) / ImplicitGemmElement<T>::BK;
   implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(k_tiles));
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, g * Cg, dx, nullptr, nullptr, nullptr, false);
+  // the block's tile and group's first channel, recomputed rather than kept live through the main loop
+  // (reread_block_index_x)
+  implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
+  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, reread_block_index_z() * Cg, dx, nullptr, nullptr, nullptr, false);
 #else
   __trap();  // never launched below sm_80 (implicit_gemm_device_supported)
 #endif

@@ -4,7 +4,7 @@
 //   GEMM per group g: M = N*P*Q output pixels, N = Kg filters, K = R*S*Cg (taps x channels).
 //   A = x gathered K-major (ActivationKMajorLoader: each row's (n, p, q) decoded once per block, the
 //       (r, s, c) of the thread's 16-byte chunk advanced per reduction tile), B = the KRSC filter rows of
-//       the group (DenseKMajorLoader). Grid: (M tiles, N tiles, groups x splits).
+//       the group (DenseKMajorLoader). Grid: (tiles, N fastest: implicit_gemm_block_tile; groups x splits).
 //
 // Split-K, for grids too small to give every SM a block (small batches, the 7x7 layers): the reduction is
 // cut into `splits` ranges of whole BK tiles, each block writes its fp32 partial tile to its slice of a
@@ -41,7 +41,8 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, int splits, const T* __restr
   const int64_t g = SPLIT ? blockIdx.z / splits : blockIdx.z;
   const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
   const int64_t M = pb.N * pb.P * pb.Q, Kred = pb.R * pb.S * Cg;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  int64_t m0, n0;
+  implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
   constexpr int BK = ImplicitGemmElement<T>::BK;
   const int64_t k_tiles = (Kred + BK - 1) / BK;
   int64_t kt_begin = 0, kt_end = k_tiles;
@@ -53,8 +54,11 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, int splits, const T* __restr
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred + k_begin, Kred, Kg, Kred - k_begin, n0);
   float acc[Cfg::MI][Cfg::NI][4];
   implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(kt_end - kt_begin));
+  // the block's tile and group's first channel, recomputed rather than kept live through the main loop
+  // (reread_block_index_x)
+  implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
   if constexpr (!SPLIT) {
-    conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, g * Kg, y, scale, shift, residual, relu);
+    conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index_z() * Kg, y, scale, shift, residual, relu);
   } else {
     // this split's partial tile: row m, channel g * Kg + n of the M x K slice `split` of the workspace
     float* out = partial + (blockIdx.z % splits) * M * pb.K + g * Kg;

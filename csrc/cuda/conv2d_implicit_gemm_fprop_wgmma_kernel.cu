@@ -30,13 +30,17 @@ conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ 
   const int64_t g = blockIdx.z;
   const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
   const int64_t M = pb.N * pb.P * pb.Q, Kred = pb.R * pb.S * Cg;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  int64_t m0, n0;
+  implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
   constexpr int BK = ImplicitGemmElement<T>::BK;
   ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, M, Kred, Cg, g * Cg, m0, 0);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred, Kred, Kg, Kred, n0);
   float acc[1][Cfg::NI][4];
   wgmma_mainloop<T, Cfg>(acc, smem, a_loader, b_loader, static_cast<int>((Kred + BK - 1) / BK));
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, g * Kg, y, scale, shift, residual, relu);
+  // the block's tile and group's first channel, recomputed rather than kept live through the main loop
+  // (reread_block_index_x)
+  implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
+  conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index_z() * Kg, y, scale, shift, residual, relu);
 #else
   __trap();  // launched only where implicit_gemm_wgmma_supported()
 #endif

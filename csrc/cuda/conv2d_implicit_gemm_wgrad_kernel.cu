@@ -25,7 +25,8 @@ conv2d_implicit_gemm_wgrad_kernel(Conv2dProblem pb, int splits, const T* __restr
   const int64_t g = blockIdx.z / splits, split = blockIdx.z % splits;
   const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
   const int64_t Ncols = pb.R * pb.S * Cg, Kred = pb.N * pb.P * pb.Q;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Cfg::BM, n0 = static_cast<int64_t>(blockIdx.y) * Cfg::BN;
+  int64_t m0, n0;
+  implicit_gemm_block_tile<Cfg, false>(Kg, Ncols, m0, n0);
   constexpr int BK = ImplicitGemmElement<T>::BK;
   int64_t kt_begin = 0, kt_end = 0;
   split_tile_range((Kred + BK - 1) / BK, splits, split, kt_begin, kt_end);

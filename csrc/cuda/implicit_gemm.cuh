@@ -207,6 +207,25 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
+// blockIdx.x and blockIdx.z read by an instruction the compiler may neither move nor merge with another read: for
+// values the epilogue recomputes after the main loop rather than keeping them live through it (the block's tile,
+// the group's first channel g * Kg: at 128 registers, tile 3's fprop and tile 0's dgrad spilled them, and at 80
+// the wgmma tile 7).
+__device__ __forceinline__ unsigned reread_block_index_x() {
+  unsigned x = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
+#endif
+  return x;
+}
+__device__ __forceinline__ unsigned reread_block_index_z() {
+  unsigned z = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(z));
+#endif
+  return z;
+}
+
 // ---- operand loaders ----------------------------------------------------------------------------------
 //
 // Each loader issues one stage's cp.async copies for its operand tile: `load(stage, k0)` for the reduction
@@ -639,6 +658,29 @@ __device__ __forceinline__ void for_each_accumulator_pair(const float (&acc)[Cfg
     }
 }
 
+// ---- the block's tile -----------------------------------------------------------------------------------
+//
+// The grid's x walks the tiles of C in one dimension (y is unused; z counts groups and splits). fprop and dgrad
+// walk N fastest: the blocks of one M tile (the same gathered activation rows, the large operand) run side by side,
+// so those rows come from DRAM once and from L2 for the other N tiles, while the filters (B, a few MB at most)
+// stay in L2 whatever the order. With M fastest (blockIdx.x along M, as before version 7), a layer of 256 filters
+// in 128-wide tiles read its activations twice: once per N tile, a whole output's writes apart, by when L2 had
+// evicted them. wgrad, whose operands are both activations, keeps M fastest.
+// Each call reads blockIdx.x anew (reread_block_index_x): the kernels call it again for the epilogue.
+template <typename Cfg, bool N_FASTEST>
+__device__ __forceinline__ void implicit_gemm_block_tile(int64_t M, int64_t N, int64_t& m0, int64_t& n0) {
+  const unsigned x = reread_block_index_x();  // < tiles_m * tiles_n < 2^31 (implicit_gemm_grid)
+  if constexpr (N_FASTEST) {
+    const unsigned tiles_n = static_cast<unsigned>((N + Cfg::BN - 1) / Cfg::BN);
+    m0 = static_cast<int64_t>(x / tiles_n) * Cfg::BM;
+    n0 = static_cast<int64_t>(x % tiles_n) * Cfg::BN;
+  } else {
+    const unsigned tiles_m = static_cast<unsigned>((M + Cfg::BM - 1) / Cfg::BM);
+    m0 = static_cast<int64_t>(x % tiles_m) * Cfg::BM;
+    n0 = static_cast<int64_t>(x / tiles_m) * Cfg::BN;
+  }
+}
+
 // ---- epilogue ----------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
@@ -659,44 +701,79 @@ __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
 //     out = relu?(acc * scale[ch] + shift[ch] + residual[m, ch])     (ch = col0 + n)
 // each term optional (null pointer): bias or a folded BatchNorm's shift, its scale, a ResNet shortcut added
 // before the ReLU. Column pairs go out as one 4- or 8-byte store when the row offsets keep them aligned.
+//
+// Work is hoisted to where it changes: a thread's accumulators cover MI x 2 rows and NI column pairs (the
+// fragment layout of for_each_accumulator_pair), so each row's offset (and whether it exists) is computed once,
+// and each column pair's scale and shift are loaded once, not once per accumulator pair. (Version 7: visiting
+// every pair on its own cost about 35 instructions a pair, with 4 scalar loads of scale and shift, more than
+// the main loop itself on a 1x1 layer of 64 channels.)
 template <typename T, typename Cfg>
 __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::NI][4], int64_t m0, int64_t n0, int64_t M,
                                               int64_t Ncols, int64_t ldc, int64_t col0, T* out, const T* scale,
                                               const T* shift, const T* residual, bool relu) {
+  constexpr int ROWS = Cfg::MI * 2;  // the thread's rows: m_first + 8r for r < ROWS (fragment row r / 2, half r % 2)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
+  const int g = lane / 4, t = lane % 4;
   const bool paired = (ldc % 2 == 0) && (col0 % 2 == 0);  // n0 and the fragment columns are even
-  for_each_accumulator_pair<Cfg>(acc, [&](int i, int j, float v0, float v1) {
-    const int64_t m = m0 + i, n = n0 + j;
-    if (m >= M || n >= Ncols) return;
-    const int64_t ch = col0 + n, at = m * ldc + ch;
+  const int64_t m_first = m0 + wm0 + g;
+  // rows r < rows_in exist (m < M)
+  const int64_t rows_left = m_first >= M ? 0 : (M - m_first + 7) / 8;
+  const int rows_in = rows_left < ROWS ? static_cast<int>(rows_left) : ROWS;
+  const int64_t first_at = m_first * ldc;
+#pragma unroll
+  for (int ni = 0; ni < Cfg::NI; ++ni) {
+    const int64_t n = n0 + wn0 + ni * 8 + 2 * t;
+    if (n >= Ncols) continue;
+    const int64_t ch = col0 + n;
     const bool two = n + 1 < Ncols;
+    float scale0 = 1.f, scale1 = 1.f, shift0 = 0.f, shift1 = 0.f;
     if (scale != nullptr) {
-      v0 *= to_float(scale[ch]);
-      if (two) v1 *= to_float(scale[ch + 1]);
+      scale0 = to_float(scale[ch]);
+      if (two) scale1 = to_float(scale[ch + 1]);
     }
     if (shift != nullptr) {
-      v0 += to_float(shift[ch]);
-      if (two) v1 += to_float(shift[ch + 1]);
+      shift0 = to_float(shift[ch]);
+      if (two) shift1 = to_float(shift[ch + 1]);
     }
-    if (residual != nullptr) {
-      if (two && paired) {
-        const float2 r = load2(residual + at);
-        v0 += r.x, v1 += r.y;
-      } else {
-        v0 += to_float(residual[at]);
-        if (two) v1 += to_float(residual[at + 1]);
+    // v = relu?(acc * scale + shift + residual), the terms applied only when present (adding a zero shift would
+    // turn -0 into +0)
+    const auto finish = [&](float& v0, float& v1, float res0, float res1) {
+      if (scale != nullptr) v0 *= scale0, v1 *= scale1;
+      if (shift != nullptr) v0 += shift0, v1 += shift1;
+      if (residual != nullptr) v0 += res0, v1 += res1;
+      if (relu) {  // NaN passes, as torch's relu
+        if (v0 < 0.f) v0 = 0.f;
+        if (v1 < 0.f) v1 = 0.f;
+      }
+    };
+    if (two && paired) {  // the common case: the pair is one aligned 4- or 8-byte access
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (r >= rows_in) break;
+        const int64_t at = first_at + r * 8 * ldc + ch;
+        float v0 = acc[r / 2][ni][(r % 2) * 2], v1 = acc[r / 2][ni][(r % 2) * 2 + 1];
+        const float2 res = residual != nullptr ? load2(residual + at) : make_float2(0.f, 0.f);
+        finish(v0, v1, res.x, res.y);
+        store2(out + at, v0, v1);
+      }
+    } else {  // an odd channel count or offset: element by element
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (r >= rows_in) break;
+        const int64_t at = first_at + r * 8 * ldc + ch;
+        float v0 = acc[r / 2][ni][(r % 2) * 2], v1 = acc[r / 2][ni][(r % 2) * 2 + 1];
+        float res0 = 0.f, res1 = 0.f;
+        if (residual != nullptr) {
+          res0 = to_float(residual[at]);
+          if (two) res1 = to_float(residual[at + 1]);
+        }
+        finish(v0, v1, res0, res1);
+        out[at] = from_float<T>(v0);
+        if (two) out[at + 1] = from_float<T>(v1);
       }
     }
-    if (relu) {  // NaN passes, as torch's relu
-      if (v0 < 0.f) v0 = 0.f;
-      if (v1 < 0.f) v1 = 0.f;
-    }
-    if (two && paired) {
-      store2(out + at, v0, v1);
-    } else {
-      out[at] = from_float<T>(v0);
-      if (two) out[at + 1] = from_float<T>(v1);
-    }
-  });
+  }
 }
 
 #if !defined(__CUDACC_RTC__)  // host side: tile choice and launch helpers
@@ -769,22 +846,26 @@ cudaError_t allow_shared_memory(Kernel kernel, int bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-// Grid extents the launchers use, checked against CUDA's limits (y and z at most 65535).
-inline bool implicit_gemm_grid_fits(int64_t x, int64_t y, int64_t z) {
-  return x >= 1 && x <= 0x7fffffff && y >= 1 && y <= 65535 && z >= 1 && z <= 65535;
+// The grid over a tiles_m x tiles_n tile grid, `batches` times: x counts the tiles (implicit_gemm_block_tile
+// orders them), z the batches (groups, splits). False where that exceeds CUDA's limits (x below 2^31, z at most
+// 65535).
+inline bool implicit_gemm_grid(int64_t tiles_m, int64_t tiles_n, int64_t batches, dim3* grid) {
+  if (tiles_m < 1 || tiles_n < 1 || batches < 1 || batches > 65535 || tiles_m > 0x7fffffff / tiles_n) return false;
+  *grid = dim3(static_cast<unsigned>(tiles_m * tiles_n), 1, static_cast<unsigned>(batches));
+  return true;
 }
 
 #if defined(__CUDACC__)  // the <<<>>> launch is nvcc's (the kernel emulation compiles this header with g++)
-// Launches `kernel` (Cfg's threads per block, `smem` bytes of dynamic shared memory) over a grid of
-// tiles_m x tiles_n x batches blocks, after checking the grid and opting into the shared memory.
+// Launches `kernel` (Cfg's threads per block, `smem` bytes of dynamic shared memory) over the grid of a
+// tiles_m x tiles_n x batches tile grid (implicit_gemm_grid), after checking it and opting into the shared memory.
 template <typename Cfg, typename... Params, typename... Args>
 cudaError_t launch_implicit_gemm(void (*kernel)(Params...), int smem, int64_t tiles_m, int64_t tiles_n,
                                  int64_t batches, cudaStream_t stream, Args... args) {
-  if (!implicit_gemm_grid_fits(tiles_m, tiles_n, batches)) return cudaErrorInvalidConfiguration;
+  dim3 grid;
+  if (!implicit_gemm_grid(tiles_m, tiles_n, batches, &grid)) return cudaErrorInvalidConfiguration;
   const cudaError_t err = allow_shared_memory(kernel, smem);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(static_cast<unsigned>(tiles_m), static_cast<unsigned>(tiles_n), static_cast<unsigned>(batches)),
-           Cfg::THREADS, smem, stream>>>(args...);
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(args...);
   return cudaGetLastError();
 }
 #endif  // defined(__CUDACC__)

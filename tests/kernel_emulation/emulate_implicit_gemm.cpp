@@ -137,6 +137,13 @@ struct Config {
   std::exit(2);
 }
 
+// The grid the launchers give a tiles_m x tiles_n x batches tile grid (implicit_gemm_grid).
+dim3 tile_grid(int64_t tiles_m, int64_t tiles_n, int64_t batches) {
+  dim3 grid;
+  if (!implicit_gemm_grid(tiles_m, tiles_n, batches, &grid)) usage("the tile grid exceeds CUDA's grid limits");
+  return grid;
+}
+
 int64_t parse_int(const std::string& key, const std::string& v) {
   size_t used = 0;
   int64_t r = 0;
@@ -308,7 +315,7 @@ long run_fprop(const Config& c, std::mt19937& rng) {
       dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
         constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
-        emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G), Cfg::THREADS, smem,
+        emu_launch(tile_grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G), Cfg::THREADS, smem,
                    conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(xd.data()),
                    static_cast<const T*>(wd.data()), scale_arg, shift_arg, residual_arg, c.relu, yd.data());
         return cudaSuccess;
@@ -319,7 +326,7 @@ long run_fprop(const Config& c, std::mt19937& rng) {
   dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
-    const dim3 grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G * splits);
+    const dim3 grid = tile_grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G * splits);
     if (splits > 1) {
       emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, true>, padded, splits,
                  static_cast<const T*>(xd.data()), static_cast<const T*>(wd.data()), scale_arg, shift_arg,
@@ -394,7 +401,7 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
       dispatch_implicit_gemm_wgmma_tile(c.tile, [&](auto cfg) {
         using Cfg = decltype(cfg);
         constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
-        emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
+        emu_launch(tile_grid(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
                    conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
                    static_cast<const T*>(wtd.data()), dxd.data());
         return cudaSuccess;
@@ -404,7 +411,7 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
     dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
       using Cfg = decltype(cfg);
       constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
-      emu_launch(dim3(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
+      emu_launch(tile_grid(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
                  conv2d_implicit_gemm_dgrad_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
                  static_cast<const T*>(wtd.data()), dxd.data());
       return cudaSuccess;
@@ -474,7 +481,7 @@ long run_wgrad(const Config& c, std::mt19937& rng) {
   dispatch_implicit_gemm_tile(implicit_gemm_mma_sync_twin(c.tile), [&](auto cfg) {
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, false, false>();
-    emu_launch(dim3(ceil_div(Kgp, Cfg::BM), ceil_div(Ncols, Cfg::BN), G * splits), Cfg::THREADS, smem,
+    emu_launch(tile_grid(ceil_div(Kgp, Cfg::BM), ceil_div(Ncols, Cfg::BN), G * splits), Cfg::THREADS, smem,
                conv2d_implicit_gemm_wgrad_kernel<T, Cfg>, padded, splits, static_cast<const T*>(dyd.data()),
                static_cast<const T*>(xd.data()), partial.data());
     return cudaSuccess;

@@ -58,8 +58,8 @@ struct Conv2dProblem {
   int64_t dil_h, dil_w;
   int64_t groups;
 
-  FASTCONV_HD int64_t C_per_group() const { return C / groups; }
-  FASTCONV_HD int64_t K_per_group() const { return K / groups; }
+  FASTCONV_HD int64_t C_per_group() const { return groups == 1 ? C : C / groups; }  // (a kernel skips a division)
+  FASTCONV_HD int64_t K_per_group() const { return groups == 1 ? K : K / groups; }
 
   // Input row / column read by output row p (column q) through tap r (s); may lie in the padding.
   FASTCONV_HD int64_t input_row(int64_t p, int64_t r) const { return p * stride_h - pad_h + r * dil_h; }

@@ -116,6 +116,9 @@ PLANTED_BUGS = {
     "k_major_swizzle_dropped": ("const int chunk = (kk / E::VEC) ^ ((i >> 1) & 3);", "const int chunk = kk / E::VEC;"),
     # K-major rows padded to 80 bytes (version 3's layout): the two rows a quarter warp's copies fill overlap
     "k_major_rows_padded": ("static constexpr int LD = K_MAJOR ? E::BK : ROWS", "static constexpr int LD = K_MAJOR ? E::BK + E::VEC : ROWS"),
+    # the gather's setup by multiplies (GatherDivisors, the path every shape here takes) with row and column
+    # exchanged: the rows gather the transposed image
+    "gather_divmod_row_column_swapped": ("gd.width.divmod(rest, y, x);", "gd.width.divmod(rest, x, y);"),
 }
 WGMMA_PLANTED_BUGS = {
     # 1024 bytes between groups of 8 rows (a 128-byte-row layout's): the MMAs read the wrong rows
@@ -291,6 +294,9 @@ CASES = [
     case("fprop", "bf16", 7, "deferred", "deep_reduction", epilogue="residual", wgmma="immediate"),
     case("fprop", "fp16", 7, "deferred", "pointwise_stride2", epilogue="residual", wgmma="deferred"),
     case("fprop", "fp32", 6, "immediate", "c40", epilogue="shift"),
+    # the gather's setup by division (GatherDivisors' fallback where an index may reach 2^31)
+    case("fprop", "bf16", 3, "deferred", "asymmetric", epilogue=FULL_EPILOGUE, divisors="divide"),
+    case("fprop", "fp16", 7, "immediate", "groups2_dilation2", wgmma="deferred", divisors="divide"),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
@@ -304,6 +310,7 @@ CASES = [
     case("dgrad", "bf16", 7, "deferred", "asymmetric", wgmma="immediate"),
     case("dgrad", "bf16", 6, "immediate", "groups4_of_3", wgmma="deferred"),
     case("dgrad", "fp32", 7, "deferred", "c40"),
+    case("dgrad", "fp16", 1, "immediate", "stride3_groups2", divisors="divide"),
     case("wgrad", "fp16", 0, "deferred", "c40", splits=1),
     case("wgrad", "bf16", 1, "immediate", "rgb_stem", splits=3),
     case("wgrad", "fp32", 2, "deferred", "groups2_dilation2", splits=7),

@@ -22,17 +22,17 @@ namespace {
 // and fp32 tile 0 spilled at 128.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 && Cfg::THREADS == 256 ? 2 : 1)
-conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, const T* __restrict__ wt,
+conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ dy, const T* __restrict__ wt,
                                   T* __restrict__ dx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int64_t g = blockIdx.z;
-  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group();
   const int64_t M = pb.N * pb.H * pb.W, Kred = pb.R * pb.S * Kg;
   int64_t m0, n0;
   implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
-  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, true> a_loader(dy, pb, M, Kred, Kg, g * Kg, m0, 0);
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, true> a_loader(dy, pb, gd, M, Kred, Kg, g * Kg, m0, 0);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(wt + g * Cg * Kred, Kred, Cg, Kred, n0);
   float acc[Cfg::MI][Cfg::NI][4];
   const int64_t k_tiles = (Kred + ImplicitGemmElement<T>::BK - 1) / ImplicitGemmElement<T>::BK;
@@ -63,7 +63,8 @@ cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dty
       using Cfg = decltype(cfg);
       return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_dgrad_kernel<T, Cfg>,
                                        implicit_gemm_smem_bytes<T, Cfg, true, true>(), ceil_div(M, Cfg::BM),
-                                       ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(dy),
+                                       ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, make_gather_divisors(pb, true),
+                                       static_cast<const T*>(dy),
                                        static_cast<const T*>(wt), static_cast<T*>(dx));
     });
   });

@@ -15,18 +15,18 @@ namespace {
 // tile 7's 3 blocks (80 registers) spilled; with 2 it takes no spill.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS < 2 ? Cfg::MIN_BLOCKS : 2)
-conv2d_implicit_gemm_dgrad_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ dy, const T* __restrict__ wt,
+conv2d_implicit_gemm_dgrad_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ dy, const T* __restrict__ wt,
                                         T* __restrict__ dx) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = wgmma_stages<T>(smem_bytes);
   const int64_t g = blockIdx.z;
-  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group();
   const int64_t M = pb.N * pb.H * pb.W, Kred = pb.R * pb.S * Kg;
   int64_t m0, n0;
   implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
   constexpr int BK = ImplicitGemmElement<T>::BK;
-  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, true> a_loader(dy, pb, M, Kred, Kg, g * Kg, m0, 0);
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, true> a_loader(dy, pb, gd, M, Kred, Kg, g * Kg, m0, 0);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(wt + g * Cg * Kred, Kred, Cg, Kred, n0);
   float acc[1][Cfg::NI][4];
   wgmma_mainloop<T, Cfg>(acc, smem, a_loader, b_loader, static_cast<int>((Kred + BK - 1) / BK));
@@ -52,7 +52,8 @@ cudaError_t launch_conv2d_implicit_gemm_dgrad_wgmma(const Conv2dProblem& pb, DTy
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
     return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
-                                     ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(dy),
+                                     ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, make_gather_divisors(pb, true),
+                                     static_cast<const T*>(dy),
                                      static_cast<const T*>(wt), static_cast<T*>(dx));
   });
 }

@@ -31,7 +31,7 @@ namespace {
 // main loop, made tile 0 spill within its 128 registers; without SPLIT the kernel is the plain one.
 template <typename T, typename Cfg, bool SPLIT>
 __global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 ? Cfg::MIN_BLOCKS : 1)
-conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, int splits, const T* __restrict__ x, const T* __restrict__ w,
+conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, GatherDivisors gd, int splits, const T* __restrict__ x, const T* __restrict__ w,
                                   const T* __restrict__ scale, const T* __restrict__ shift,
                                   const T* __restrict__ residual, bool relu, T* __restrict__ y,
                                   float* __restrict__ partial) {
@@ -39,7 +39,7 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, int splits, const T* __restr
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int64_t g = SPLIT ? blockIdx.z / splits : blockIdx.z;
-  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group();
   const int64_t M = pb.N * pb.P * pb.Q, Kred = pb.R * pb.S * Cg;
   int64_t m0, n0;
   implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
@@ -50,7 +50,7 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, int splits, const T* __restr
   // The loaders see the split's range as a reduction of its own, from 0 (so that no offset stays live through
   // the main loop): the filter rows start at k_begin, the gather's taps and channels too.
   const int64_t k_begin = kt_begin * BK;
-  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, M, Kred - k_begin, Cg, g * Cg, m0, k_begin);
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, gd, M, Kred - k_begin, Cg, g * Cg, m0, k_begin);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred + k_begin, Kred, Kg, Kred - k_begin, n0);
   float acc[Cfg::MI][Cfg::NI][4];
   implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(kt_end - kt_begin));
@@ -136,7 +136,8 @@ cudaError_t launch_conv2d_implicit_gemm_fprop(const Conv2dProblem& pb, DType dty
       using Cfg = decltype(cfg);
       return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_kernel<T, Cfg, decltype(split)::value>,
                                        implicit_gemm_smem_bytes<T, Cfg, true, true>(), ceil_div(M, Cfg::BM),
-                                       ceil_div(Kg, Cfg::BN), pb.groups * splits, stream, pb, splits,
+                                       ceil_div(Kg, Cfg::BN), pb.groups * splits, stream, pb,
+                                       make_gather_divisors(pb, false), splits,
                                        static_cast<const T*>(x), static_cast<const T*>(w),
                                        static_cast<const T*>(scale), static_cast<const T*>(shift),
                                        static_cast<const T*>(residual), relu, static_cast<T*>(y), partial);

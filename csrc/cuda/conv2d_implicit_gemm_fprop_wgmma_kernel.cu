@@ -21,19 +21,19 @@ namespace {
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
-conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, const T* __restrict__ x, const T* __restrict__ w,
+conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ x, const T* __restrict__ w,
                                         const T* __restrict__ scale, const T* __restrict__ shift,
                                         const T* __restrict__ residual, bool relu, T* __restrict__ y) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = wgmma_stages<T>(smem_bytes);
   const int64_t g = blockIdx.z;
-  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group();
   const int64_t M = pb.N * pb.P * pb.Q, Kred = pb.R * pb.S * Cg;
   int64_t m0, n0;
   implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
   constexpr int BK = ImplicitGemmElement<T>::BK;
-  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, M, Kred, Cg, g * Cg, m0, 0);
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, gd, M, Kred, Cg, g * Cg, m0, 0);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred, Kred, Kg, Kred, n0);
   float acc[1][Cfg::NI][4];
   wgmma_mainloop<T, Cfg>(acc, smem, a_loader, b_loader, static_cast<int>((Kred + BK - 1) / BK));
@@ -80,7 +80,8 @@ cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DTy
     using Cfg = decltype(cfg);
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
     return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
-                                     ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, static_cast<const T*>(x),
+                                     ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, make_gather_divisors(pb, false),
+                                     static_cast<const T*>(x),
                                      static_cast<const T*>(w), static_cast<const T*>(scale),
                                      static_cast<const T*>(shift), static_cast<const T*>(residual), relu,
                                      static_cast<T*>(y));

@@ -23,7 +23,7 @@ conv2d_implicit_gemm_wgrad_kernel(Conv2dProblem pb, int splits, const T* __restr
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int64_t g = blockIdx.z / splits, split = blockIdx.z % splits;
-  const int64_t Cg = pb.C / pb.groups, Kg = pb.K / pb.groups;
+  const int64_t Cg = pb.C_per_group(), Kg = pb.K_per_group();
   const int64_t Ncols = pb.R * pb.S * Cg, Kred = pb.N * pb.P * pb.Q;
   int64_t m0, n0;
   implicit_gemm_block_tile<Cfg, false>(Kg, Ncols, m0, n0);

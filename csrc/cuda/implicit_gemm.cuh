@@ -303,6 +303,35 @@ struct DenseMNMajorLoader {
   }
 };
 
+// The divisions that set up a K-major activation gather (ActivationKMajorLoader's constructor), by divisors fixed
+// per launch. The host builds them, because FastDivmod's constructor itself divides, and passes them to the kernel.
+// A block's prologue then splits its rows' pixel indices and its first reduction index by multiplies. Otherwise
+// they are 64-bit divisions, about 25 instructions each even on their 32-bit path: 2 per row and 2 for the tap,
+// 6 to 10 per thread before its first copy. `fast` is false where a row index may reach 2^31 (FastDivmod's range);
+// the loader then divides.
+struct GatherDivisors {
+  FastDivmod plane, width;     // the rows' pixel grid: height * width and width (fprop: P*Q, Q; dgrad: H*W, W)
+  FastDivmod channels, taps_s;  // the reduction index (r, s, c): the channels per tap, and S
+  bool fast;
+};
+FASTCONV_HD GatherDivisors make_gather_divisors(const Conv2dProblem& pb, bool dgrad) {
+  const int64_t height = dgrad ? pb.H : pb.P, width = dgrad ? pb.W : pb.Q;
+  const int64_t channels = dgrad ? pb.K_per_group() : pb.C_per_group();
+  constexpr int64_t kRange = int64_t{1} << 31;
+  // rows reach M + a tile (the last block's rows past the end); the reduction is below 2^31 (the host checks)
+  const bool fast = pb.N * height * width < kRange - 1024 && height * width <= kRange && channels <= kRange &&
+                    pb.S <= kRange;
+  GatherDivisors d;
+  d.fast = fast;
+  if (fast && height * width > 0 && channels > 0 && pb.S > 0) {  // (an empty grid loads nothing)
+    d.plane = FastDivmod(static_cast<uint32_t>(height * width));
+    d.width = FastDivmod(static_cast<uint32_t>(width));
+    d.channels = FastDivmod(static_cast<uint32_t>(channels));
+    d.taps_s = FastDivmod(static_cast<uint32_t>(pb.S));
+  }
+  return d;
+}
+
 // fprop's and dgrad's A operand, K-major: row i is the pixel m0 + i (output pixel (n, p, q) for fprop,
 // input pixel (n, h, w) for dgrad), the reduction index k = (r, s, c) walks filter taps and the
 // `channels` channels of the group (from `channel0`) of the gathered activation.
@@ -342,8 +371,9 @@ struct ActivationKMajorLoader {
   int dy, dx;             // that tap's offset from (y0, x0): forward for fprop, backward for dgrad
   int64_t delta;          // gather_direct: the element offset of (dy, dx, c) from a row's reference pixel
 
-  __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb, int64_t M, int64_t K_,
-                                                    int64_t channels_, int64_t channel0, int64_t m0, int64_t k0)
+  __device__ __forceinline__ ActivationKMajorLoader(const T* src_, const Conv2dProblem& pb, const GatherDivisors& gd,
+                                                    int64_t M, int64_t K_, int64_t channels_, int64_t channel0,
+                                                    int64_t m0, int64_t k0)
       : src(src_), K(static_cast<int>(K_)), channels(static_cast<int>(channels_)) {
     row0 = threadIdx.x / CHUNKS;
     chunk_k = (threadIdx.x % CHUNKS) * E::VEC;
@@ -360,7 +390,15 @@ struct ActivationKMajorLoader {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int64_t m = m0 + row0 + it * ROW_STEP;
-      const Pixel px = split_pixel(m, height, width);
+      Pixel px;
+      if (gd.fast) {  // m < 2^31: by multiplies
+        uint32_t n, rest, y, x;
+        gd.plane.divmod(static_cast<uint32_t>(m), n, rest);
+        gd.width.divmod(rest, y, x);
+        px = Pixel{n, y, x};
+      } else {
+        px = split_pixel(m, height, width);
+      }
       int yy, xx;
       if (DGRAD) {
         yy = static_cast<int>(px.y + pb.pad_h), xx = static_cast<int>(px.x + pb.pad_w);
@@ -376,8 +414,17 @@ struct ActivationKMajorLoader {
       x0[it] = xx;
     }
     // (no channels: no reduction tile is ever loaded, and nothing to divide by)
-    const TapChannel t = channels > 0 ? split_tap_channel(k0 + chunk_k, channels, pb.S) : TapChannel{0, 0, 0};
-    r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
+    if (channels <= 0) {
+      r = s = c = 0;
+    } else if (gd.fast) {  // k < K < 2^31
+      uint32_t rs, cc, rr, ss;
+      gd.channels.divmod(static_cast<uint32_t>(k0 + chunk_k), rs, cc);
+      gd.taps_s.divmod(rs, rr, ss);
+      r = static_cast<int>(rr), s = static_cast<int>(ss), c = static_cast<int>(cc);
+    } else {
+      const TapChannel t = split_tap_channel(k0 + chunk_k, channels, pb.S);
+      r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
+    }
     set_tap();
   }
 

@@ -12,6 +12,8 @@
 //       [epilogue=scale+shift+residual+relu]   (fprop; any subset, or none)
 //       [splits=]                              (fprop, wgrad: the requested split count)
 //       [wgmma=deferred|immediate]             (tiles 6, 7: when the MMAs read shared memory; default deferred)
+//       [divisors=fast|divide]                 (fprop, dgrad: the gather's setup by multiplies, the default, or
+//                                               by its fallback's divisions)
 //
 // Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no write outside an output buffer. 1: a check
 // failed (the output says which). An emulation check (a misaligned or out-of-bounds address, copies not
@@ -124,6 +126,7 @@ struct Config {
   std::string pass, dtype;
   int tile = 0;
   bool immediate = false, wgmma_immediate = false;
+  bool divide = false;  // divisors=divide: the gather's setup divides (GatherDivisors::fast false)
   int64_t N = 0, C = 0, H = 0, W = 0, K = 0, R = 0, S = 0;
   int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1, groups = 1;
   bool scale = false, shift = false, residual = false, relu = false;
@@ -135,6 +138,15 @@ struct Config {
   std::fprintf(stderr, "emulate_implicit_gemm: %s (see the usage at the top of emulate_implicit_gemm.cpp)\n",
                why.c_str());
   std::exit(2);
+}
+
+// The launchers' GatherDivisors, or (divisors=divide) their 64-bit fallback, which the small shapes here would not
+// reach.
+bool g_divide = false;
+GatherDivisors gather_divisors(const Conv2dProblem& pb, bool dgrad) {
+  GatherDivisors d = make_gather_divisors(pb, dgrad);
+  if (g_divide) d.fast = false;
+  return d;
 }
 
 // The grid the launchers give a tiles_m x tiles_n x batches tile grid (implicit_gemm_grid).
@@ -192,6 +204,9 @@ Config parse(int argc, char** argv) {
   const std::string wgmma = take("wgmma", false);
   if (!wgmma.empty() && wgmma != "deferred" && wgmma != "immediate") usage("wgmma= is deferred or immediate");
   c.wgmma_immediate = wgmma == "immediate";
+  const std::string divisors = take("divisors", false);
+  if (!divisors.empty() && divisors != "fast" && divisors != "divide") usage("divisors= is fast or divide");
+  c.divide = divisors == "divide";
   int64_t* dims[] = {&c.N, &c.C, &c.H, &c.W, &c.K, &c.R, &c.S};
   const char* names[] = {"N", "C", "H", "W", "K", "R", "S"};
   for (int i = 0; i < 7; ++i) *dims[i] = parse_int(names[i], take(names[i], true));
@@ -316,7 +331,8 @@ long run_fprop(const Config& c, std::mt19937& rng) {
         using Cfg = decltype(cfg);
         constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
         emu_launch(tile_grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G), Cfg::THREADS, smem,
-                   conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(xd.data()),
+                   conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, padded, gather_divisors(padded, false),
+                   static_cast<const T*>(xd.data()),
                    static_cast<const T*>(wd.data()), scale_arg, shift_arg, residual_arg, c.relu, yd.data());
         return cudaSuccess;
       });
@@ -328,11 +344,13 @@ long run_fprop(const Config& c, std::mt19937& rng) {
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
     const dim3 grid = tile_grid(ceil_div(M, Cfg::BM), ceil_div(Kg, Cfg::BN), G * splits);
     if (splits > 1) {
-      emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, true>, padded, splits,
+      emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, true>, padded,
+                 gather_divisors(padded, false), splits,
                  static_cast<const T*>(xd.data()), static_cast<const T*>(wd.data()), scale_arg, shift_arg,
                  residual_arg, c.relu, yd.data(), partial.data());
     } else {
-      emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, false>, padded, 1,
+      emu_launch(grid, Cfg::THREADS, smem, conv2d_implicit_gemm_fprop_kernel<T, Cfg, false>, padded,
+                 gather_divisors(padded, false), 1,
                  static_cast<const T*>(xd.data()), static_cast<const T*>(wd.data()), scale_arg, shift_arg,
                  residual_arg, c.relu, yd.data(), static_cast<float*>(nullptr));
     }
@@ -402,7 +420,8 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
         using Cfg = decltype(cfg);
         constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;  // as the launcher
         emu_launch(tile_grid(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
-                   conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
+                   conv2d_implicit_gemm_dgrad_wgmma_kernel<T, Cfg>, padded, gather_divisors(padded, true),
+                   static_cast<const T*>(dyd.data()),
                    static_cast<const T*>(wtd.data()), dxd.data());
         return cudaSuccess;
       });
@@ -412,7 +431,8 @@ long run_dgrad(const Config& c, std::mt19937& rng) {
       using Cfg = decltype(cfg);
       constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>();
       emu_launch(tile_grid(ceil_div(M, Cfg::BM), ceil_div(Cg, Cfg::BN), G), Cfg::THREADS, smem,
-                 conv2d_implicit_gemm_dgrad_kernel<T, Cfg>, padded, static_cast<const T*>(dyd.data()),
+                 conv2d_implicit_gemm_dgrad_kernel<T, Cfg>, padded, gather_divisors(padded, true),
+                 static_cast<const T*>(dyd.data()),
                  static_cast<const T*>(wtd.data()), dxd.data());
       return cudaSuccess;
     });
@@ -553,6 +573,7 @@ int main(int argc, char** argv) {
   const Config c = parse(argc, argv);
   g_cp_async_immediate = c.immediate;
   g_wgmma_immediate = c.wgmma_immediate;
+  g_divide = c.divide;
   std::mt19937 rng(20240601);
   const long failures = run(c, rng);
   const long conflicted = g_ldmatrix_conflicted_phases.load(), phases = g_ldmatrix_phases.load();

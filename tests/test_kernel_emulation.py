@@ -251,6 +251,8 @@ SHAPES = {
     "groups4_of_3": dict(N=1, C=12, H=6, W=6, K=12, R=3, S=3, pad=1, groups=4),
     # several block tiles along M and N (128-wide tiles too), images straddling tiles
     "multi_tile": dict(N=2, C=16, H=9, W=9, K=136, R=3, S=3, pad=1),
+    # the same for dgrad, whose GEMM's N is the input channels
+    "multi_tile_dgrad": dict(N=2, C=136, H=9, W=9, K=16, R=3, S=3, pad=1),
     "pointwise_stride2": dict(N=2, C=64, H=8, W=8, K=72, R=1, S=1, stride=2),
     "asymmetric": dict(N=3, C=8, H=7, W=9, K=8, R=3, S=3, stride="2,1", pad="0,2", dil="1,2"),
     "stride3_groups2": dict(N=1, C=16, H=10, W=10, K=20, R=3, S=3, stride=3, pad=1, groups=2),
@@ -283,6 +285,7 @@ CASES = [
     # split-K (the reduction in ranges, then the split-sum kernel applies the epilogue)
     case("fprop", "fp16", 3, "deferred", "c40", epilogue=FULL_EPILOGUE, splits=3),
     case("fprop", "bf16", 2, "immediate", "groups2_dilation2", epilogue="shift+residual", splits=2),
+    case("fprop", "bf16", 2, "deferred", "multi_tile", epilogue=FULL_EPILOGUE, splits=2),
     case("fprop", "fp32", 0, "deferred", "rgb_stem", epilogue="scale+shift+relu", splits=4),
     # Hopper's wgmma tiles (fp16/bf16 fprop), in every order of copies landing and MMAs reading; fp32 runs the twin
     case("fprop", "bf16", 6, "immediate", "multi_tile", epilogue=FULL_EPILOGUE, wgmma="deferred"),
@@ -311,6 +314,10 @@ CASES = [
     case("dgrad", "bf16", 6, "immediate", "groups4_of_3", wgmma="deferred"),
     case("dgrad", "fp32", 7, "deferred", "c40"),
     case("dgrad", "fp16", 1, "immediate", "stride3_groups2", divisors="divide"),
+    # several N tiles: dgrad's tile order (N fastest) and its recomputed tile
+    case("dgrad", "bf16", 0, "deferred", "multi_tile_dgrad"),
+    case("dgrad", "fp16", 2, "immediate", "multi_tile_dgrad"),
+    case("dgrad", "bf16", 7, "immediate", "multi_tile_dgrad", wgmma="deferred"),
     case("wgrad", "fp16", 0, "deferred", "c40", splits=1),
     case("wgrad", "bf16", 1, "immediate", "rgb_stem", splits=3),
     case("wgrad", "fp32", 2, "deferred", "groups2_dilation2", splits=7),

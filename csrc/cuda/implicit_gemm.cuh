@@ -207,8 +207,8 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
-// blockIdx.x and blockIdx.z read by an instruction the compiler may neither move nor merge with another read: for
-// values the epilogue recomputes after the main loop rather than keeping them live through it (the block's tile,
+// blockIdx.x and blockIdx.z read by volatile inline PTX, which the compiler neither merges with an earlier read nor
+// hoists as a common subexpression: for values the epilogue recomputes after the main loop rather than keeping them live through it (the block's tile,
 // the group's first channel g * Kg: at 128 registers, tile 3's fprop and tile 0's dgrad spilled them, and at 80
 // the wgmma tile 7).
 __device__ __forceinline__ unsigned reread_block_index_x() {
@@ -307,7 +307,7 @@ struct DenseMNMajorLoader {
 // per launch. The host builds them, because FastDivmod's constructor itself divides, and passes them to the kernel.
 // A block's prologue then splits its rows' pixel indices and its first reduction index by multiplies. Otherwise
 // they are 64-bit divisions, about 25 instructions each even on their 32-bit path: 2 per row and 2 for the tap,
-// 6 to 10 per thread before its first copy. `fast` is false where a row index may reach 2^31 (FastDivmod's range);
+// 6 to 18 per thread (2 to 8 rows) before its first copy. `fast` is false where a row index may reach 2^31 (FastDivmod's range);
 // the loader then divides.
 struct GatherDivisors {
   FastDivmod plane, width;     // the rows' pixel grid: height * width and width (fprop: P*Q, Q; dgrad: H*W, W)
@@ -416,7 +416,7 @@ struct ActivationKMajorLoader {
     // (no channels: no reduction tile is ever loaded, and nothing to divide by)
     if (channels <= 0) {
       r = s = c = 0;
-    } else if (gd.fast) {  // k < K < 2^31
+    } else if (gd.fast) {  // k below the whole reduction + BK <= 2^31 - 32 (check_reduction_fits' headroom)
       uint32_t rs, cc, rr, ss;
       gd.channels.divmod(static_cast<uint32_t>(k0 + chunk_k), rs, cc);
       gd.taps_s.divmod(rs, rr, ss);
@@ -713,7 +713,7 @@ __device__ __forceinline__ void for_each_accumulator_pair(const float (&acc)[Cfg
 // stay in L2 whatever the order. With M fastest (blockIdx.x along M, as before version 7), a layer of 256 filters
 // in 128-wide tiles read its activations twice: once per N tile, a whole output's writes apart, by when L2 had
 // evicted them. wgrad, whose operands are both activations, keeps M fastest.
-// Each call reads blockIdx.x anew (reread_block_index_x): the kernels call it again for the epilogue.
+// Each call reads blockIdx.x anew (reread_block_index_x): fprop and dgrad call it again for the epilogue.
 template <typename Cfg, bool N_FASTEST>
 __device__ __forceinline__ void implicit_gemm_block_tile(int64_t M, int64_t N, int64_t& m0, int64_t& n0) {
   const unsigned x = reread_block_index_x();  // < tiles_m * tiles_n < 2^31 (implicit_gemm_grid)

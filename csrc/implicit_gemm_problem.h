@@ -19,6 +19,7 @@
 #pragma once
 
 #include "conv2d_problem.h"
+#include "fast_divmod.h"
 
 namespace fastconv {
 
@@ -49,6 +50,50 @@ FASTCONV_HD Pixel split_pixel(int64_t m, int64_t height, int64_t width) {
   const int64_t plane = height * width;
   const int64_t n = m / plane, rest = m - n * plane;
   return {n, rest / width, rest % width};
+}
+
+// The divisions that set up a K-major activation gather (csrc/cuda/implicit_gemm.cuh's ActivationKMajorLoader), by divisors fixed
+// per launch. The host builds them, because FastDivmod's constructor itself divides, and passes them to the kernel.
+// A block's prologue then splits its rows' pixel indices and its first reduction index by multiplies. Otherwise
+// they are 64-bit divisions, about 25 instructions each even on their 32-bit path: 2 per row and 2 for the tap,
+// 6 to 18 per thread (2 to 8 rows) before its first copy. `fast` is false where a row index may reach 2^31 (FastDivmod's range);
+// the loader then divides.
+struct GatherDivisors {
+  FastDivmod plane, width;     // the rows' pixel grid: height * width and width (fprop: P*Q, Q; dgrad: H*W, W)
+  FastDivmod channels, taps_s;  // the reduction index (r, s, c): the channels per tap, and S
+  bool fast;
+};
+FASTCONV_HD GatherDivisors make_gather_divisors(const Conv2dProblem& pb, bool dgrad) {
+  const int64_t height = dgrad ? pb.H : pb.P, width = dgrad ? pb.W : pb.Q;
+  const int64_t channels = dgrad ? pb.K_per_group() : pb.C_per_group();
+  constexpr int64_t kRange = int64_t{1} << 31;
+  // rows reach M + a tile (the last block's rows past the end); the reduction is below 2^31 (the host checks)
+  const bool fast = pb.N * height * width < kRange - 1024 && height * width <= kRange && channels <= kRange &&
+                    pb.S <= kRange;
+  GatherDivisors d;
+  d.fast = fast;
+  if (fast && height * width > 0 && channels > 0 && pb.S > 0) {  // (an empty grid loads nothing)
+    d.plane = FastDivmod(static_cast<uint32_t>(height * width));
+    d.width = FastDivmod(static_cast<uint32_t>(width));
+    d.channels = FastDivmod(static_cast<uint32_t>(channels));
+    d.taps_s = FastDivmod(static_cast<uint32_t>(pb.S));
+  }
+  return d;
+}
+
+// split_pixel and split_tap_channel by a gather's divisors, for indices below 2^31 (GatherDivisors::fast): the
+// kernels' setup, and tests/cpp/index_math_test.cpp checks them against the dividing versions.
+FASTCONV_HD Pixel split_pixel(uint32_t m, const GatherDivisors& d) {
+  uint32_t n, rest, y, x;
+  d.plane.divmod(m, n, rest);
+  d.width.divmod(rest, y, x);
+  return {n, y, x};
+}
+FASTCONV_HD TapChannel split_tap_channel(uint32_t k, const GatherDivisors& d) {
+  uint32_t rs, c, r, s;
+  d.channels.divmod(k, rs, c);
+  d.taps_s.divmod(rs, r, s);
+  return {r, s, c};
 }
 
 // fprop's and wgrad's gather: the NHWC offset of x[n, h, w, channel] that output pixel (n, p, q) reads

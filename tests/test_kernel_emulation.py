@@ -116,9 +116,10 @@ PLANTED_BUGS = {
     "k_major_swizzle_dropped": ("const int chunk = (kk / E::VEC) ^ ((i >> 1) & 3);", "const int chunk = kk / E::VEC;"),
     # K-major rows padded to 80 bytes (version 3's layout): the two rows a quarter warp's copies fill overlap
     "k_major_rows_padded": ("static constexpr int LD = K_MAJOR ? E::BK : ROWS", "static constexpr int LD = K_MAJOR ? E::BK + E::VEC : ROWS"),
-    # the gather's setup by multiplies (GatherDivisors, the path every shape here takes) with row and column
-    # exchanged: the rows gather the transposed image
-    "gather_divmod_row_column_swapped": ("gd.width.divmod(rest, y, x);", "gd.width.divmod(rest, x, y);"),
+    # the gather's setup by multiplies (GatherDivisors, the path every shape here takes) splitting the row's first
+    # reduction index without the thread's chunk: each row's four chunks read the same channels
+    "gather_divisors_chunk_dropped": ("split_tap_channel(static_cast<uint32_t>(k0 + chunk_k), gd)",
+                                      "split_tap_channel(static_cast<uint32_t>(k0), gd)"),
 }
 WGMMA_PLANTED_BUGS = {
     # 1024 bytes between groups of 8 rows (a 128-byte-row layout's): the MMAs read the wrong rows

@@ -303,35 +303,6 @@ struct DenseMNMajorLoader {
   }
 };
 
-// The divisions that set up a K-major activation gather (ActivationKMajorLoader's constructor), by divisors fixed
-// per launch. The host builds them, because FastDivmod's constructor itself divides, and passes them to the kernel.
-// A block's prologue then splits its rows' pixel indices and its first reduction index by multiplies. Otherwise
-// they are 64-bit divisions, about 25 instructions each even on their 32-bit path: 2 per row and 2 for the tap,
-// 6 to 18 per thread (2 to 8 rows) before its first copy. `fast` is false where a row index may reach 2^31 (FastDivmod's range);
-// the loader then divides.
-struct GatherDivisors {
-  FastDivmod plane, width;     // the rows' pixel grid: height * width and width (fprop: P*Q, Q; dgrad: H*W, W)
-  FastDivmod channels, taps_s;  // the reduction index (r, s, c): the channels per tap, and S
-  bool fast;
-};
-FASTCONV_HD GatherDivisors make_gather_divisors(const Conv2dProblem& pb, bool dgrad) {
-  const int64_t height = dgrad ? pb.H : pb.P, width = dgrad ? pb.W : pb.Q;
-  const int64_t channels = dgrad ? pb.K_per_group() : pb.C_per_group();
-  constexpr int64_t kRange = int64_t{1} << 31;
-  // rows reach M + a tile (the last block's rows past the end); the reduction is below 2^31 (the host checks)
-  const bool fast = pb.N * height * width < kRange - 1024 && height * width <= kRange && channels <= kRange &&
-                    pb.S <= kRange;
-  GatherDivisors d;
-  d.fast = fast;
-  if (fast && height * width > 0 && channels > 0 && pb.S > 0) {  // (an empty grid loads nothing)
-    d.plane = FastDivmod(static_cast<uint32_t>(height * width));
-    d.width = FastDivmod(static_cast<uint32_t>(width));
-    d.channels = FastDivmod(static_cast<uint32_t>(channels));
-    d.taps_s = FastDivmod(static_cast<uint32_t>(pb.S));
-  }
-  return d;
-}
-
 // fprop's and dgrad's A operand, K-major: row i is the pixel m0 + i (output pixel (n, p, q) for fprop,
 // input pixel (n, h, w) for dgrad), the reduction index k = (r, s, c) walks filter taps and the
 // `channels` channels of the group (from `channel0`) of the gathered activation.
@@ -392,10 +363,7 @@ struct ActivationKMajorLoader {
       const int64_t m = m0 + row0 + it * ROW_STEP;
       Pixel px;
       if (gd.fast) {  // m < 2^31: by multiplies
-        uint32_t n, rest, y, x;
-        gd.plane.divmod(static_cast<uint32_t>(m), n, rest);
-        gd.width.divmod(rest, y, x);
-        px = Pixel{n, y, x};
+        px = split_pixel(static_cast<uint32_t>(m), gd);
       } else {
         px = split_pixel(m, height, width);
       }
@@ -417,10 +385,8 @@ struct ActivationKMajorLoader {
     if (channels <= 0) {
       r = s = c = 0;
     } else if (gd.fast) {  // k below the whole reduction + BK <= 2^31 - 32 (check_reduction_fits' headroom)
-      uint32_t rs, cc, rr, ss;
-      gd.channels.divmod(static_cast<uint32_t>(k0 + chunk_k), rs, cc);
-      gd.taps_s.divmod(rs, rr, ss);
-      r = static_cast<int>(rr), s = static_cast<int>(ss), c = static_cast<int>(cc);
+      const TapChannel t = split_tap_channel(static_cast<uint32_t>(k0 + chunk_k), gd);
+      r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
     } else {
       const TapChannel t = split_tap_channel(k0 + chunk_k, channels, pb.S);
       r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);

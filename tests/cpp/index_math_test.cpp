@@ -6,6 +6,7 @@
 
 #include "conv2d_problem.h"
 #include "fast_divmod.h"
+#include "implicit_gemm_problem.h"
 
 using fastconv::Conv2dProblem;
 using fastconv::Strides4;
@@ -94,6 +95,57 @@ int main() {
       if (b < 31) check_divisor(p2 + 1);
     }
     for (int i = 0; i < 2000; ++i) check_divisor(next() % 0x7fffffffu + 1);
+  }
+
+  // GatherDivisors (the implicit-GEMM gather's setup by multiplies) against the dividing splits, for fprop and dgrad
+  // views of problems whose row count sits just below the limit of its fast path, and `fast` off just past it.
+  {
+    const auto make = [](int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t r, int64_t s, int64_t stride,
+                         int64_t groups) {
+      Conv2dProblem q{};
+      q.N = n, q.C = c, q.H = h, q.W = w, q.K = k, q.R = r, q.S = s, q.groups = groups;
+      q.pad_h = q.pad_w = r / 2, q.stride_h = q.stride_w = stride, q.dil_h = q.dil_w = 1;
+      q.P = fastconv::conv_output_extent(h, q.pad_h, 1, r, stride);
+      q.Q = fastconv::conv_output_extent(w, q.pad_w, 1, s, stride);
+      return q;
+    };
+    const int64_t kLimit = (int64_t{1} << 31) - 1024;  // rows below this (and a tile past them) take the fast path
+    const Conv2dProblem cases[] = {
+        make(3, 24, 7, 9, 40, 3, 5, 1, 2),             // odd extents, groups
+        make(1, 3, 46340, 46339, 64, 7, 7, 2, 1),      // dgrad rows 46340 x 46339, just under the limit
+        make(kLimit / (1013 * 1019) - 1, 520, 1013, 1019, 72, 3, 3, 1, 8),  // both passes close to it
+    };
+    for (const Conv2dProblem& q : cases) {
+      for (int dgrad = 0; dgrad < 2; ++dgrad) {
+        const fastconv::GatherDivisors d = fastconv::make_gather_divisors(q, dgrad != 0);
+        const int64_t height = dgrad ? q.H : q.P, width = dgrad ? q.W : q.Q;
+        const int64_t rows = q.N * height * width, channels = dgrad ? q.K_per_group() : q.C_per_group();
+        const int64_t reduction = q.R * q.S * channels;
+        CHECK_EQ(d.fast, rows < kLimit);
+        if (!d.fast) continue;
+        const int64_t ms[] = {0, 1, width - 1, width, height * width - 1, height * width, rows - 1, rows + 255,
+                              rows / 2 + 7};
+        for (int64_t m : ms) {
+          const fastconv::Pixel a = fastconv::split_pixel(static_cast<uint32_t>(m), d);
+          const fastconv::Pixel b = fastconv::split_pixel(m, height, width);
+          CHECK_EQ(a.n, b.n);
+          CHECK_EQ(a.y, b.y);
+          CHECK_EQ(a.x, b.x);
+        }
+        const int64_t ks[] = {0, 7, channels - 1, channels, q.S * channels, reduction - 1, reduction + 31};
+        for (int64_t k : ks) {
+          const fastconv::TapChannel a = fastconv::split_tap_channel(static_cast<uint32_t>(k), d);
+          const fastconv::TapChannel b = fastconv::split_tap_channel(k, channels, q.S);
+          CHECK_EQ(a.r, b.r);
+          CHECK_EQ(a.s, b.s);
+          CHECK_EQ(a.c, b.c);
+        }
+      }
+    }
+    // one row past the limit: the kernels divide
+    const Conv2dProblem past = make(1, 8, 1, kLimit, 8, 1, 1, 1, 1);
+    CHECK_EQ(fastconv::make_gather_divisors(past, false).fast, false);
+    CHECK_EQ(fastconv::make_gather_divisors(make(1, 8, 1, kLimit - 1, 8, 1, 1, 1, 1), false).fast, true);
   }
 
   if (failures == 0) printf("ok\n");

@@ -52,12 +52,12 @@ FASTCONV_HD Pixel split_pixel(int64_t m, int64_t height, int64_t width) {
   return {n, rest / width, rest % width};
 }
 
-// The divisions that set up a K-major activation gather (csrc/cuda/implicit_gemm.cuh's ActivationKMajorLoader), by divisors fixed
-// per launch. The host builds them, because FastDivmod's constructor itself divides, and passes them to the kernel.
-// A block's prologue then splits its rows' pixel indices and its first reduction index by multiplies. Otherwise
-// they are 64-bit divisions, about 25 instructions each even on their 32-bit path: 2 per row and 2 for the tap,
-// 6 to 18 per thread (2 to 8 rows) before its first copy. `fast` is false where a row index may reach 2^31 (FastDivmod's range);
-// the loader then divides.
+// The divisions that set up a K-major activation gather (csrc/cuda/implicit_gemm.cuh's ActivationKMajorLoader), by
+// divisors fixed per launch. The host builds them, because FastDivmod's constructor itself divides, and passes them
+// to the kernel. A block's prologue then splits its rows' pixel indices and its first reduction index by multiplies.
+// Otherwise they are 64-bit divisions, about 25 instructions each even on their 32-bit path: 2 per row and 2 for the
+// tap, 6 to 18 per thread (2 to 8 rows) before its first copy. `fast` is false where a row index may reach 2^31
+// (FastDivmod's range); the loader then divides.
 struct GatherDivisors {
   FastDivmod plane, width;     // the rows' pixel grid: height * width and width (fprop: P*Q, Q; dgrad: H*W, W)
   FastDivmod channels, taps_s;  // the reduction index (r, s, c): the channels per tap, and S

@@ -22,8 +22,8 @@ namespace {
 // and fp32 tile 0 spilled at 128.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 && Cfg::THREADS == 256 ? 2 : 1)
-conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ dy, const T* __restrict__ wt,
-                                  T* __restrict__ dx) {
+conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ dy,
+                                  const T* __restrict__ wt, T* __restrict__ dx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);

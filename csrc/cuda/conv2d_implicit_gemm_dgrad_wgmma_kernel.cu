@@ -15,8 +15,8 @@ namespace {
 // tile 7's 3 blocks (80 registers) spilled; with 2 it takes no spill.
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS < 2 ? Cfg::MIN_BLOCKS : 2)
-conv2d_implicit_gemm_dgrad_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ dy, const T* __restrict__ wt,
-                                        T* __restrict__ dx) {
+conv2d_implicit_gemm_dgrad_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ dy,
+                                        const T* __restrict__ wt, T* __restrict__ dx) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = wgmma_stages<T>(smem_bytes);

@@ -31,8 +31,8 @@ namespace {
 // main loop, made tile 0 spill within its 128 registers; without SPLIT the kernel is the plain one.
 template <typename T, typename Cfg, bool SPLIT>
 __global__ void __launch_bounds__(Cfg::THREADS, sizeof(T) == 2 ? Cfg::MIN_BLOCKS : 1)
-conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, GatherDivisors gd, int splits, const T* __restrict__ x, const T* __restrict__ w,
-                                  const T* __restrict__ scale, const T* __restrict__ shift,
+conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, GatherDivisors gd, int splits, const T* __restrict__ x,
+                                  const T* __restrict__ w, const T* __restrict__ scale, const T* __restrict__ shift,
                                   const T* __restrict__ residual, bool relu, T* __restrict__ y,
                                   float* __restrict__ partial) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -50,7 +50,8 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, GatherDivisors gd, int split
   // The loaders see the split's range as a reduction of its own, from 0 (so that no offset stays live through
   // the main loop): the filter rows start at k_begin, the gather's taps and channels too.
   const int64_t k_begin = kt_begin * BK;
-  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, gd, M, Kred - k_begin, Cg, g * Cg, m0, k_begin);
+  ActivationKMajorLoader<T, Cfg::BM, Cfg::THREADS, false> a_loader(x, pb, gd, M, Kred - k_begin, Cg, g * Cg, m0,
+                                                                   k_begin);
   DenseKMajorLoader<T, Cfg::BN, Cfg::THREADS> b_loader(w + g * Kg * Kred + k_begin, Kred, Kg, Kred - k_begin, n0);
   float acc[Cfg::MI][Cfg::NI][4];
   implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(kt_end - kt_begin));

@@ -21,9 +21,10 @@ namespace {
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
-conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ x, const T* __restrict__ w,
-                                        const T* __restrict__ scale, const T* __restrict__ shift,
-                                        const T* __restrict__ residual, bool relu, T* __restrict__ y) {
+conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, const T* __restrict__ x,
+                                        const T* __restrict__ w, const T* __restrict__ scale,
+                                        const T* __restrict__ shift, const T* __restrict__ residual, bool relu,
+                                        T* __restrict__ y) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = wgmma_stages<T>(smem_bytes);

@@ -207,10 +207,10 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
-// blockIdx.x and blockIdx.z read by volatile inline PTX, which the compiler neither merges with an earlier read nor
-// hoists as a common subexpression: for values the epilogue recomputes after the main loop rather than keeping them live through it (the block's tile,
-// the group's first channel g * Kg: at 128 registers, tile 3's fprop and tile 0's dgrad spilled them, and at 80
-// the wgmma tile 7).
+// blockIdx.x and blockIdx.z read by volatile inline PTX, which the compiler neither merges with an earlier read
+// nor hoists as a common subexpression: for values the epilogue recomputes after the main loop rather than keeping
+// them live through it (the block's tile, the group's first channel g * Kg: at 128 registers, tile 3's fprop and
+// tile 0's dgrad spilled them, and at 80 the wgmma tile 7).
 __device__ __forceinline__ unsigned reread_block_index_x() {
   unsigned x = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -718,8 +718,8 @@ __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
 // Work is hoisted to where it changes: a thread's accumulators cover MI x 2 rows and NI column pairs (the
 // fragment layout of for_each_accumulator_pair), so each row's offset (and whether it exists) is computed once,
 // and each column pair's scale and shift are loaded once, not once per accumulator pair. (Version 7: visiting
-// every pair on its own cost about 35 instructions a pair, with 4 scalar loads of scale and shift, more than
-// the main loop itself on a 1x1 layer of 64 channels.)
+// every pair on its own, with 64-bit index math and 4 scalar loads of scale and shift each, took more
+// instructions than the main loop itself on a 1x1 layer of 64 channels.)
 template <typename T, typename Cfg>
 __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::NI][4], int64_t m0, int64_t n0, int64_t M,
                                               int64_t Ncols, int64_t ldc, int64_t col0, T* out, const T* scale,

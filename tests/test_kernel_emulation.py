@@ -66,8 +66,8 @@ PTX_WRAPPERS = [
      ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"], "emu_mma<T>(d, a, b);"),
     ("uint32_t to_tf32(float v)", ["cvt.rna.tf32.f32"], "r = emu_tf32(v);"),
-    ("unsigned reread_block_index_x()", ["mov.u32 %0, %%ctaid.x;"], "x = blockIdx.x;"),
-    ("unsigned reread_block_index_z()", ["mov.u32 %0, %%ctaid.z;"], "z = blockIdx.z;"),
+    ("unsigned reread_block_index()", ["mov.u32 %0, %%ctaid.z;", "mov.u32 %0, %%ctaid.x;"],
+     "v = Z ? blockIdx.z : blockIdx.x;"),
 ]
 
 # The PTX wrappers of wgmma.cuh (guarded by SM90A_GUARD). wgmma_64xNx16's block names its instructions through

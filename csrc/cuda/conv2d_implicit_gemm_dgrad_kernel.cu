@@ -38,9 +38,9 @@ conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, GatherDivisors gd, const T* 
   const int64_t k_tiles = (Kred + ImplicitGemmElement<T>::BK - 1) / ImplicitGemmElement<T>::BK;
   implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(k_tiles));
   // the block's tile and group's first channel, recomputed rather than kept live through the main loop
-  // (reread_block_index_x)
+  // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, reread_block_index_z() * Cg, dx, nullptr, nullptr, nullptr, false);
+  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, reread_block_index<true>() * Cg, dx, nullptr, nullptr, nullptr, false);
 #else
   __trap();  // never launched below sm_80 (implicit_gemm_device_supported)
 #endif
@@ -64,8 +64,7 @@ cudaError_t launch_conv2d_implicit_gemm_dgrad(const Conv2dProblem& pb, DType dty
       return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_dgrad_kernel<T, Cfg>,
                                        implicit_gemm_smem_bytes<T, Cfg, true, true>(), ceil_div(M, Cfg::BM),
                                        ceil_div(Cg, Cfg::BN), pb.groups, stream, pb, make_gather_divisors(pb, true),
-                                       static_cast<const T*>(dy),
-                                       static_cast<const T*>(wt), static_cast<T*>(dx));
+                                       static_cast<const T*>(dy), static_cast<const T*>(wt), static_cast<T*>(dx));
     });
   });
 }

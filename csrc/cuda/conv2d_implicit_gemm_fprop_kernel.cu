@@ -56,10 +56,10 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, GatherDivisors gd, int split
   float acc[Cfg::MI][Cfg::NI][4];
   implicit_gemm_mainloop<T, Cfg, true, true>(acc, smem, a_loader, b_loader, 0, static_cast<int>(kt_end - kt_begin));
   // the block's tile and group's first channel, recomputed rather than kept live through the main loop
-  // (reread_block_index_x)
+  // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
   if constexpr (!SPLIT) {
-    conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index_z() * Kg, y, scale, shift, residual, relu);
+    conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index<true>() * Kg, y, scale, shift, residual, relu);
   } else {
     // this split's partial tile: row m, channel g * Kg + n of the M x K slice `split` of the workspace
     float* out = partial + (blockIdx.z % splits) * M * pb.K + g * Kg;

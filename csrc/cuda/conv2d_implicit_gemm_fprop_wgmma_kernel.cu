@@ -39,9 +39,9 @@ conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, con
   float acc[1][Cfg::NI][4];
   wgmma_mainloop<T, Cfg>(acc, smem, a_loader, b_loader, static_cast<int>((Kred + BK - 1) / BK));
   // the block's tile and group's first channel, recomputed rather than kept live through the main loop
-  // (reread_block_index_x)
+  // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index_z() * Kg, y, scale, shift, residual, relu);
+  conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index<true>() * Kg, y, scale, shift, residual, relu);
 #else
   __trap();  // launched only where implicit_gemm_wgmma_supported()
 #endif
@@ -82,8 +82,7 @@ cudaError_t launch_conv2d_implicit_gemm_fprop_wgmma(const Conv2dProblem& pb, DTy
     constexpr int smem = implicit_gemm_smem_bytes<T, Cfg, true, true>() + kWgmmaAlignmentSlack;
     return launch_implicit_gemm<Cfg>(conv2d_implicit_gemm_fprop_wgmma_kernel<T, Cfg>, smem, ceil_div(M, Cfg::BM),
                                      ceil_div(Kg, Cfg::BN), pb.groups, stream, pb, make_gather_divisors(pb, false),
-                                     static_cast<const T*>(x),
-                                     static_cast<const T*>(w), static_cast<const T*>(scale),
+                                     static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(scale),
                                      static_cast<const T*>(shift), static_cast<const T*>(residual), relu,
                                      static_cast<T*>(y));
   });

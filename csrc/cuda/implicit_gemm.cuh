@@ -207,23 +207,21 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   return r;
 }
 
-// blockIdx.x and blockIdx.z read by volatile inline PTX, which the compiler neither merges with an earlier read
-// nor hoists as a common subexpression: for values the epilogue recomputes after the main loop rather than keeping
-// them live through it (the block's tile, the group's first channel g * Kg: at 128 registers, tile 3's fprop and
-// tile 0's dgrad spilled them, and at 80 the wgmma tile 7).
-__device__ __forceinline__ unsigned reread_block_index_x() {
-  unsigned x = 0;
+// blockIdx.x (Z false) or blockIdx.z (Z true) read by volatile inline PTX, which the compiler neither merges with
+// an earlier read nor hoists as a common subexpression: for values the epilogue recomputes after the main loop
+// rather than keeping them live through it (the block's tile, the group's first channel g * Kg: at 128 registers,
+// tile 3's fprop and tile 0's dgrad spilled them, and at 80 the wgmma tile 7).
+template <bool Z>
+__device__ __forceinline__ unsigned reread_block_index() {
+  unsigned v = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(x));
+  if constexpr (Z) {
+    asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(v));
+  } else {
+    asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(v));
+  }
 #endif
-  return x;
-}
-__device__ __forceinline__ unsigned reread_block_index_z() {
-  unsigned z = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("mov.u32 %0, %%ctaid.z;\n" : "=r"(z));
-#endif
-  return z;
+  return v;
 }
 
 // ---- operand loaders ----------------------------------------------------------------------------------
@@ -361,12 +359,8 @@ struct ActivationKMajorLoader {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int64_t m = m0 + row0 + it * ROW_STEP;
-      Pixel px;
-      if (gd.fast) {  // m < 2^31: by multiplies
-        px = split_pixel(static_cast<uint32_t>(m), gd);
-      } else {
-        px = split_pixel(m, height, width);
-      }
+      // (gd.fast: m < 2^31, split by multiplies)
+      const Pixel px = gd.fast ? split_pixel(static_cast<uint32_t>(m), gd) : split_pixel(m, height, width);
       int yy, xx;
       if (DGRAD) {
         yy = static_cast<int>(px.y + pb.pad_h), xx = static_cast<int>(px.x + pb.pad_w);
@@ -382,15 +376,11 @@ struct ActivationKMajorLoader {
       x0[it] = xx;
     }
     // (no channels: no reduction tile is ever loaded, and nothing to divide by)
-    if (channels <= 0) {
-      r = s = c = 0;
-    } else if (gd.fast) {  // k below the whole reduction + BK <= 2^31 - 32 (check_reduction_fits' headroom)
-      const TapChannel t = split_tap_channel(static_cast<uint32_t>(k0 + chunk_k), gd);
-      r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
-    } else {
-      const TapChannel t = split_tap_channel(k0 + chunk_k, channels, pb.S);
-      r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
-    }
+    // (gd.fast: k is below the whole reduction + BK <= 2^31 - 32, check_reduction_fits' headroom)
+    const TapChannel t = channels <= 0 ? TapChannel{0, 0, 0}
+                         : gd.fast    ? split_tap_channel(static_cast<uint32_t>(k0 + chunk_k), gd)
+                                      : split_tap_channel(k0 + chunk_k, channels, pb.S);
+    r = static_cast<int>(t.r), s = static_cast<int>(t.s), c = static_cast<int>(t.c);
     set_tap();
   }
 
@@ -653,19 +643,27 @@ __device__ __forceinline__ void implicit_gemm_mainloop(float (&acc)[Cfg::MI][Cfg
   cp_async_wait<0>();
 }
 
+// This thread's first accumulator in the block's tile, in the mma.sync C fragment layout: lane (g, t) of a warp
+// holds rows g and g + 8, columns 2t and 2t + 1 of each of its 16 x 8 tiles; the warp's tiles start at (wm0, wn0).
+struct AccumulatorOrigin {
+  int row, col;
+};
+template <typename Cfg>
+__device__ __forceinline__ AccumulatorOrigin accumulator_origin() {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  return {(warp / Cfg::WARPS_N) * Cfg::WM + lane / 4, (warp % Cfg::WARPS_N) * Cfg::WN + 2 * (lane % 4)};
+}
+
 // Visits the accumulators with their tile coordinates: f(i, j, v0, v1) for the pair of columns (j, j + 1)
-// of row i (i, j relative to the block's tile), the mma.sync C fragment layout (rows g and g + 8, columns
-// 2t and 2t + 1 of each 16 x 8 tile).
+// of row i (i, j relative to the block's tile; accumulator_origin's layout).
 template <typename Cfg, typename F>
 __device__ __forceinline__ void for_each_accumulator_pair(const float (&acc)[Cfg::MI][Cfg::NI][4], F&& f) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
-  const int g = lane / 4, t = lane % 4;
+  const AccumulatorOrigin o = accumulator_origin<Cfg>();
 #pragma unroll
   for (int mi = 0; mi < Cfg::MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < Cfg::NI; ++ni) {
-      const int i = wm0 + mi * 16 + g, j = wn0 + ni * 8 + 2 * t;
+      const int i = o.row + mi * 16, j = o.col + ni * 8;
       f(i, j, acc[mi][ni][0], acc[mi][ni][1]);
       f(i + 8, j, acc[mi][ni][2], acc[mi][ni][3]);
     }
@@ -679,10 +677,10 @@ __device__ __forceinline__ void for_each_accumulator_pair(const float (&acc)[Cfg
 // stay in L2 whatever the order. With M fastest (blockIdx.x along M, as before version 7), a layer of 256 filters
 // in 128-wide tiles read its activations twice: once per N tile, a whole output's writes apart, by when L2 had
 // evicted them. wgrad, whose operands are both activations, keeps M fastest.
-// Each call reads blockIdx.x anew (reread_block_index_x): fprop and dgrad call it again for the epilogue.
+// Each call reads blockIdx.x anew (reread_block_index): fprop and dgrad call it again for the epilogue.
 template <typename Cfg, bool N_FASTEST>
 __device__ __forceinline__ void implicit_gemm_block_tile(int64_t M, int64_t N, int64_t& m0, int64_t& n0) {
-  const unsigned x = reread_block_index_x();  // < tiles_m * tiles_n < 2^31 (implicit_gemm_grid)
+  const unsigned x = reread_block_index<false>();  // < tiles_m * tiles_n < 2^31 (implicit_gemm_grid)
   if constexpr (N_FASTEST) {
     const unsigned tiles_n = static_cast<unsigned>((N + Cfg::BN - 1) / Cfg::BN);
     m0 = static_cast<int64_t>(x / tiles_n) * Cfg::BM;
@@ -725,18 +723,16 @@ __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::N
                                               int64_t Ncols, int64_t ldc, int64_t col0, T* out, const T* scale,
                                               const T* shift, const T* residual, bool relu) {
   constexpr int ROWS = Cfg::MI * 2;  // the thread's rows: m_first + 8r for r < ROWS (fragment row r / 2, half r % 2)
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
-  const int g = lane / 4, t = lane % 4;
+  const AccumulatorOrigin o = accumulator_origin<Cfg>();
   const bool paired = (ldc % 2 == 0) && (col0 % 2 == 0);  // n0 and the fragment columns are even
-  const int64_t m_first = m0 + wm0 + g;
+  const int64_t m_first = m0 + o.row;
   // rows r < rows_in exist (m < M)
   const int64_t rows_left = m_first >= M ? 0 : (M - m_first + 7) / 8;
   const int rows_in = rows_left < ROWS ? static_cast<int>(rows_left) : ROWS;
   const int64_t first_at = m_first * ldc;
 #pragma unroll
   for (int ni = 0; ni < Cfg::NI; ++ni) {
-    const int64_t n = n0 + wn0 + ni * 8 + 2 * t;
+    const int64_t n = n0 + o.col + ni * 8;
     if (n >= Ncols) continue;
     const int64_t ch = col0 + n;
     const bool two = n + 1 < Ncols;

@@ -7,6 +7,8 @@ typedef long long int64_t;
 typedef unsigned long long uint64_t;
 typedef int int32_t;
 typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+typedef unsigned long long uintptr_t;
 #else
 #include <stdint.h>
 #endif

@@ -78,13 +78,14 @@ if step build 240 bash -c 'source scripts/setup_env.sh'; then
   # the benchmarks took 85 s at batch 32 on the H100; they run batch 64 since, about twice that
   step bench 260 env FASTCONV_BENCH_OUT="$OUT" "$PY" -m pytest bench -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench_pytest_benchmark.json"
-  # Nsight Compute profiles (the full set: warp stall reasons too) of the implicit-GEMM fprop of ResNet-50's layer1
-  # 3x3 (64 filters), bf16 channels_last: the size heuristic's mma.sync tile (implicit_gemm: tile 3; version 5's
-  # swizzle predicted zero LDGSTS bank conflicts), then FASTCONV_PROFILE_ALGO=implicit_gemm/<tile> (default the
-  # wgmma tile for 64 filters, 7, unless its tests failed)
+  # Nsight Compute profiles (the full set: warp stall reasons too), bf16 channels_last fprop: first the size
+  # heuristic's mma.sync tile on ResNet-50's layer1 1x1 expansion (64 -> 256 channels, tile 0), the layer versions 7
+  # and 8 (leaner prologue, staged epilogue) were written for: its output is most of its traffic (version 5's swizzle
+  # also predicted zero LDGSTS bank conflicts); then FASTCONV_PROFILE_ALGO=implicit_gemm/<tile> on layer1's 3x3
+  # (64 filters; default the wgmma tile 7, unless its tests failed). Earlier runs profiled the 3x3 with mma.sync.
   step ncu 60 bash scripts/profile.sh --kernel implicit_gemm --set full --count 1 \
-    --out "$OUT/ncu/fprop-resnet50_l1_3x3-implicit_gemm" \
-    -- --op fprop --layer resnet50_l1_3x3 --algo implicit_gemm --dtype bfloat16 --layout channels_last
+    --out "$OUT/ncu/fprop-resnet50_l1_1x1-implicit_gemm" \
+    -- --op fprop --layer resnet50_l1_1x1 --algo implicit_gemm --dtype bfloat16 --layout channels_last
   default_algo=implicit_gemm/7
   [ -n "${FASTCONV_SKIP_WGMMA:-}" ] && default_algo=implicit_gemm/2
   algo=${FASTCONV_PROFILE_ALGO:-$default_algo}

@@ -68,6 +68,11 @@ PTX_WRAPPERS = [
     ("uint32_t to_tf32(float v)", ["cvt.rna.tf32.f32"], "r = emu_tf32(v);"),
     ("unsigned reread_block_index()", ["mov.u32 %0, %%ctaid.z;", "mov.u32 %0, %%ctaid.x;"],
      "v = Z ? blockIdx.z : blockIdx.x;"),
+    # the staged epilogue's shared-memory accesses (plain C++ on the GPU; wrapped for the bank checks)
+    ("void stage_store2(float* p, float a, float b)", ["*reinterpret_cast<float2*>(p) = make_float2(a, b);"],
+     "emu_stage_store2(p, a, b);"),
+    ("void stage_load4(float (&v)[4], const float* p)", ["const float4 f = *reinterpret_cast<const float4*>(p);"],
+     "emu_stage_load4(v, p);"),
 ]
 
 # The PTX wrappers of wgmma.cuh (guarded by SM90A_GUARD). wgmma_64xNx16's block names its instructions through
@@ -120,6 +125,17 @@ PLANTED_BUGS = {
     # reduction index without the thread's chunk: each row's four chunks read the same channels
     "gather_divisors_chunk_dropped": ("split_tap_channel(static_cast<uint32_t>(k0 + chunk_k), gd)",
                                       "split_tap_channel(static_cast<uint32_t>(k0), gd)"),
+    # the epilogue's staged rows unpadded: a half warp's 8-byte stores land 4 to a slot
+    "epilogue_rows_unpadded": ("constexpr int LD = Cfg::WN + 8;", "constexpr int LD = Cfg::WN;"),
+    # the staged slice unswizzled (both sides): the two rows of a read phase hit the same 4 of the 8 bank groups
+    "epilogue_swizzle_dropped": (
+        "int staged_column(int row, int col) { return col ^ (((row ^ (col >> 5)) & 1) << 2); }",
+        "int staged_column(int row, int col) { return col; }"),
+    # the read-back ignoring the swizzle the writes applied: every other row's two halves exchanged
+    "epilogue_read_unswizzled": ("read_at[q] = row_in * LD + staged_column(row_in, chunk * VEC + 4 * q);",
+                                 "read_at[q] = row_in * LD + chunk * VEC + 4 * q;"),
+    # 16-byte accesses without the pointers' alignment test: a residual view at an odd offset faults on a GPU
+    "epilogue_alignment_unchecked": ("const bool whole = aligned && cols == VEC;", "const bool whole = cols == VEC;"),
 }
 WGMMA_PLANTED_BUGS = {
     # 1024 bytes between groups of 8 rows (a 128-byte-row layout's): the MMAs read the wrong rows
@@ -148,10 +164,15 @@ WGMMA_PLANTED_BUG_ORDER = {"wgmma_copies_waited_one_short": ("deferred", "immedi
 PLANTED_BUGS.update(WGMMA_PLANTED_BUGS)
 # The pass each planted bug is run in (the others: fprop).
 PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
+# Arguments a planted bug's run adds (a misaligned residual view for the epilogue's alignment test).
+PLANTED_BUG_ARGS = {"epilogue_alignment_unchecked": {"residual_offset": 1}}
 # What the emulation reports for each planted bug (the others: a wrong output).
 PLANTED_BUG_REPORT = {
     "k_major_swizzle_dropped": "ldmatrix phases have shared-memory bank conflicts",
     "k_major_rows_padded": "cp.async phases have shared-memory bank conflicts",
+    "epilogue_rows_unpadded": "epilogue staging phases have shared-memory bank conflicts",
+    "epilogue_swizzle_dropped": "epilogue staging phases have shared-memory bank conflicts",
+    "epilogue_alignment_unchecked": "not 16-byte aligned",  # (emu.h's check of the 16-byte load: abort)
     "proxy_fence_dropped": "fence.proxy.async",  # an emulation check (abort)
     "proxy_fence_after_barrier": "fence.proxy.async",
     "wgmma_stride_offset_doubled": "wgmma operand outside the block's shared memory",  # (the last B stage's rows)
@@ -221,7 +242,8 @@ def patched_sources(out_dir: Path, planted_bug: str = None) -> Path:
 def build(out_dir: Path, planted_bug: str = None, defines=()) -> Path:
     sources = patched_sources(out_dir, planted_bug)
     binary = out_dir / "emulate_implicit_gemm"
-    command = [CXX, "-std=c++20", "-O2", "-pthread", *[f"-D{d}" for d in defines],
+    # (-fno-strict-aliasing: the epilogue reads a 32-bit word as a __half2, as CUDA's own headers do)
+    command = [CXX, "-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", *[f"-D{d}" for d in defines],
                "-I", str(sources), "-I", str(CUDA_SOURCES), "-isystem", str(CUDA_INCLUDE),
                str(EMULATION / "emulate_implicit_gemm.cpp"), "-o", str(binary)]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -301,6 +323,10 @@ CASES = [
     # the gather's setup by division (GatherDivisors' fallback where an index may reach 2^31)
     case("fprop", "bf16", 3, "deferred", "asymmetric", epilogue=FULL_EPILOGUE, divisors="divide"),
     case("fprop", "fp16", 7, "immediate", "groups2_dilation2", wgmma="deferred", divisors="divide"),
+    # a residual view at an odd element offset: the epilogue's element-by-element path on aligned channels
+    case("fprop", "fp16", 0, "deferred", "multi_tile", epilogue=FULL_EPILOGUE, residual_offset=1),
+    case("fprop", "fp32", 5, "immediate", "multi_tile", epilogue="residual+relu", residual_offset=2),
+    case("fprop", "bf16", 6, "deferred", "multi_tile", epilogue=FULL_EPILOGUE, wgmma="immediate", residual_offset=3),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),
@@ -355,6 +381,7 @@ def test_planted_bug_is_caught(tmp_path, bug):
         args.update(tile=6, cp_async=cp_async, wgmma=wgmma, **SHAPES["deep_reduction"])
     if pass_ == "fprop":
         args["epilogue"] = FULL_EPILOGUE
+    args.update(PLANTED_BUG_ARGS.get(bug, {}))
     result = emulate(binary, args)
     report = PLANTED_BUG_REPORT.get(bug, "mismatch at")
     # a wrong output or a bank conflict fails the run (exit status 1); a broken emulation check aborts

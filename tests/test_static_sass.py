@@ -208,3 +208,23 @@ def test_wgmma_main_loop_keeps_one_group_of_warpgroup_mmas_in_flight():
         stubs = [b for b in re.split(r"\n\s*Function : ", dump("-sass", "-arch", "sm_80"))
                  if re.match(r"\S*\d+conv2d_implicit_gemm_(fprop|dgrad)_wgmma_kernelI", b)]
         assert stubs and all("HGMMA" not in b and "LDGSTS" not in b for b in stubs)
+
+
+def test_conv_epilogue_stages_through_shared_memory_and_stores_16_bytes():
+    """The staged epilogue (csrc/cuda/implicit_gemm.cuh, version 8) in every fprop and dgrad kernel that applies it
+    (all but fprop's split-K variant, whose blocks write fp32 partials): accumulator pairs to shared memory (STS.64),
+    read back as 16-byte quarters (LDS.128), out as 16-byte global stores (STG.E.128; nvcc had split a plain uint4
+    assignment into four 32-bit stores)."""
+    blocks = re.split(r"\n\s*Function : ", dump("-sass"))
+    kernels = [b for b in blocks if re.match(r"\S*\d+conv2d_implicit_gemm_(fprop|dgrad)(_wgmma)?_kernelI", b)]
+    staged = []
+    for b in kernels:
+        name = b.split("\n", 1)[0]
+        if re.search(r"ELb1EEEv", name) or ("_wgmma_kernel" in name and "HGMMA" not in b):
+            continue  # fprop's split-K variant (template argument SPLIT true); a wgmma kernel's stub (not sm_90a)
+        staged.append(b)
+        assert re.search(r"\bSTS\.64\b", b), f"{name}: accumulator pairs not staged in shared memory (STS.64)"
+        assert re.search(r"\bLDS\.128\b", b), f"{name}: the staged slice not read back as 16-byte loads (LDS.128)"
+        assert re.search(r"\bSTG\.E\.128\b", b), f"{name}: no 16-byte global store (STG.E.128)"
+    # fprop and dgrad x 3 dtypes x every mma.sync tile, per arch
+    assert len(staged) >= 2 * 3 * IMPLICIT_GEMM_MMA_SYNC_TILES, len(staged)

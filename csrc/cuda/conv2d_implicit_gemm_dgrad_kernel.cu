@@ -40,7 +40,8 @@ conv2d_implicit_gemm_dgrad_kernel(Conv2dProblem pb, GatherDivisors gd, const T* 
   // the block's tile and group's first channel, recomputed rather than kept live through the main loop
   // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, reread_block_index<true>() * Cg, dx, nullptr, nullptr, nullptr, false);
+  conv_epilogue<T, Cfg>(acc, reinterpret_cast<float*>(smem), m0, n0, M, Cg, pb.C, reread_block_index<true>() * Cg, dx,
+                        nullptr, nullptr, nullptr, false);
 #else
   __trap();  // never launched below sm_80 (implicit_gemm_device_supported)
 #endif

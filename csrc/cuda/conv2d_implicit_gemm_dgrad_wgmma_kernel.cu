@@ -33,7 +33,8 @@ conv2d_implicit_gemm_dgrad_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, con
   // the block's tile and group's first channel, recomputed rather than kept live through the main loop
   // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Cg, m0, n0);
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Cg, pb.C, reread_block_index<true>() * Cg, dx, nullptr, nullptr, nullptr, false);
+  conv_epilogue<T, Cfg>(acc, reinterpret_cast<float*>(smem), m0, n0, M, Cg, pb.C, reread_block_index<true>() * Cg, dx,
+                        nullptr, nullptr, nullptr, false);
 #else
   __trap();  // launched only where implicit_gemm_wgmma_supported()
 #endif

@@ -59,7 +59,8 @@ conv2d_implicit_gemm_fprop_kernel(Conv2dProblem pb, GatherDivisors gd, int split
   // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
   if constexpr (!SPLIT) {
-    conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index<true>() * Kg, y, scale, shift, residual, relu);
+    conv_epilogue<T, Cfg>(acc, reinterpret_cast<float*>(smem), m0, n0, M, Kg, pb.K, reread_block_index<true>() * Kg, y,
+                          scale, shift, residual, relu);
   } else {
     // this split's partial tile: row m, channel g * Kg + n of the M x K slice `split` of the workspace
     float* out = partial + (blockIdx.z % splits) * M * pb.K + g * Kg;

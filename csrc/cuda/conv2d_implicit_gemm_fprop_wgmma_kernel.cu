@@ -41,7 +41,8 @@ conv2d_implicit_gemm_fprop_wgmma_kernel(Conv2dProblem pb, GatherDivisors gd, con
   // the block's tile and group's first channel, recomputed rather than kept live through the main loop
   // (reread_block_index)
   implicit_gemm_block_tile<Cfg, true>(M, Kg, m0, n0);
-  conv_epilogue<T, Cfg>(acc, m0, n0, M, Kg, pb.K, reread_block_index<true>() * Kg, y, scale, shift, residual, relu);
+  conv_epilogue<T, Cfg>(acc, reinterpret_cast<float*>(smem), m0, n0, M, Kg, pb.K, reread_block_index<true>() * Kg, y,
+                        scale, shift, residual, relu);
 #else
   __trap();  // launched only where implicit_gemm_wgmma_supported()
 #endif

@@ -693,93 +693,216 @@ __device__ __forceinline__ void implicit_gemm_block_tile(int64_t M, int64_t N, i
 }
 
 // ---- epilogue ----------------------------------------------------------------------------------------
+//
+// The accumulators leave through shared memory (version 8). In the mma.sync C layout (and wgmma's D layout) a
+// lane holds 2 adjacent columns of a row, so a store straight from the registers writes 4 or 8 bytes per lane,
+// and a warp's store instruction covers 8 rows x 16 bytes: eight half-used 32-byte sectors, 32 instructions per
+// thread for tile 0, and the same pattern for the residual's loads. A 1x1 layer of 64 channels expanding to 256
+// (ResNet-50's l1_1x1) moves 103 of its 128 MB through that epilogue. Instead each warp writes a 16-row slice of
+// its tile to shared memory in fp32 and reads it back as whole 16-byte chunks: consecutive lanes own consecutive
+// chunks of a row, so each store (and residual load) is 16 bytes per lane over whole sectors, 4x fewer
+// instructions for fp16/bf16, and scale and shift are loaded once per thread as 16-byte vectors.
+//
+// The slice is 16 rows of WN floats padded to WN + 8 (WN a multiple of 32: the row stride is 8 banks mod 32), and
+// swizzled: float column c of row r is stored at c ^ 4 when bit 0 of r and bit 5 of c differ (staged_column), which
+// exchanges the two 16-byte quarters of an 8-column chunk in every other row.
+//  - Writes are 8-byte pairs, served per half warp: lane (g, t) of a half warp hits slot 4g + (t or t ^ 2) of the
+//    16 8-byte slots of a 128-byte line (+ 4 ni): all distinct.
+//  - Reads are 16-byte quarters, served per 8 lanes, and a phase is 8 consecutive chunks: 2 rows of 4 (WN 32,
+//    fp16/bf16), or 8 of one row. Quarter h of chunk c of row r lies in 16-byte group (2r + 2c + (h ^ flip)) mod 8
+//    for fp16/bf16 (whose 16-byte output chunk is two quarters of floats), flip = (r ^ c / 4) & 1: the phase's two
+//    rows, or its two halves of a row, read opposite parities, so all 8 groups; for fp32 (a chunk is one quarter)
+//    the group is (2r + (c ^ flip)) mod 8, distinct within a row. Without the swizzle fp16/bf16 reads were 2-way
+//    conflicted; with it both sides need no instruction in the loop (the swizzled offsets are per-lane constants).
+// (tests/test_kernel_emulation.py checks both for conflicts.)
+// The same fp32 arithmetic in the same order as before (acc * scale + shift + residual, ReLU, one rounding), so
+// results are unchanged bit for bit.
 
-__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
-__device__ __forceinline__ void store2(__half* p, float a, float b) {
-  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+// The staged epilogue's shared memory: per warp, 16 rows of WN + 8 floats.
+template <typename Cfg>
+__host__ __device__ constexpr int conv_epilogue_smem_bytes() {
+  return Cfg::WARPS_M * Cfg::WARPS_N * 16 * (Cfg::WN + 8) * static_cast<int>(sizeof(float));
 }
-__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+
+// Where float column `col` of row `row` of a staged slice is stored (see the top of this section).
+__device__ __forceinline__ int staged_column(int row, int col) { return col ^ (((row ^ (col >> 5)) & 1) << 2); }
+
+// Shared-memory accesses of the staged epilogue: an 8-byte store of an accumulator pair and a 16-byte load of
+// four floats. Wrapped so that the kernel emulation can check their banks (tests/kernel_emulation, emu.h).
+__device__ __forceinline__ void stage_store2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+#endif
 }
-__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
-__device__ __forceinline__ float2 load2(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
-__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+__device__ __forceinline__ void stage_load4(float (&v)[4], const float* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const float4 f = *reinterpret_cast<const float4*>(p);
+  v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+#endif
+}
+
+// 16 bytes of T (VEC elements): the staged epilogue's unit of global access, one uint4 loaded with __ldg or stored
+// with __stwb, and unpacked to (packed from) VEC floats.
+template <typename T>
+struct Chunk16 {
+  static constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+};
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+__device__ __forceinline__ void unpack_word(uint32_t w, float* v, float) { v[0] = __uint_as_float(w); }
+__device__ __forceinline__ void unpack_word(uint32_t w, float* v, __half) {
+  const float2 f = __half22float2(reinterpret_cast<const __half2&>(w));
+  v[0] = f.x, v[1] = f.y;
+}
+__device__ __forceinline__ void unpack_word(uint32_t w, float* v, __nv_bfloat16) {
+  const float2 f = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162&>(w));
+  v[0] = f.x, v[1] = f.y;
+}
+__device__ __forceinline__ uint32_t pack_word(const float* v, float) { return __float_as_uint(v[0]); }
+__device__ __forceinline__ uint32_t pack_word(const float* v, __half) {
+  const __half2 h = __floats2half2_rn(v[0], v[1]);
+  return reinterpret_cast<const uint32_t&>(h);
+}
+__device__ __forceinline__ uint32_t pack_word(const float* v, __nv_bfloat16) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(v[0], v[1]);
+  return reinterpret_cast<const uint32_t&>(h);
+}
+// The 16 bytes of p[0 .. VEC), or of p[e] for e < count and `fill` after; one 16-byte load when `whole` (count is VEC
+// and p is aligned). Kept as raw words until used: half the registers of floats for fp16/bf16.
+template <typename T>
+__device__ __forceinline__ uint4 load_chunk_bits(const T* p, bool whole, int count, float fill) {
+  if (whole) return __ldg(reinterpret_cast<const uint4*>(p));
+  uint32_t w[4];
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) w[e] = __float_as_uint(e < count ? p[e] : fill);
+  } else {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(p);
+    const T fill_t = from_float<T>(fill);
+    const uint16_t fill_bits = reinterpret_cast<const uint16_t&>(fill_t);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = 2 * i < count ? bits[2 * i] : fill_bits, hi = 2 * i + 1 < count ? bits[2 * i + 1] : fill_bits;
+      w[i] = lo | hi << 16;
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <typename T>
+__device__ __forceinline__ void unpack_chunk(uint4 u, float (&v)[Chunk16<T>::VEC]) {
+  constexpr int PER_WORD = 4 / static_cast<int>(sizeof(T));
+  unpack_word(u.x, v, T()), unpack_word(u.y, v + PER_WORD, T());
+  unpack_word(u.z, v + 2 * PER_WORD, T()), unpack_word(u.w, v + 3 * PER_WORD, T());
+}
+// p[e] = v[e] rounded to T, as one 16-byte store (p aligned). Through __stwb (st.global.wb, the default policy): a
+// plain uint4 assignment came out of nvcc as four 32-bit stores, merged with the element-wise path's.
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* p, const float (&v)[Chunk16<T>::VEC]) {
+  constexpr int PER_WORD = 4 / static_cast<int>(sizeof(T));
+  __stwb(reinterpret_cast<uint4*>(p), make_uint4(pack_word(v, T()), pack_word(v + PER_WORD, T()),
+                                                 pack_word(v + 2 * PER_WORD, T()), pack_word(v + 3 * PER_WORD, T())));
 }
 
 // The convolution epilogue of fprop and dgrad: for the block's tile at (m0, n0) of an M x Ncols GEMM whose
 // C is the NHWC tensor out (row m at m * ldc, column n at channel col0 + n),
 //     out = relu?(acc * scale[ch] + shift[ch] + residual[m, ch])     (ch = col0 + n)
 // each term optional (null pointer): bias or a folded BatchNorm's shift, its scale, a ResNet shortcut added
-// before the ReLU. Column pairs go out as one 4- or 8-byte store when the row offsets keep them aligned.
-//
-// Work is hoisted to where it changes: a thread's accumulators cover MI x 2 rows and NI column pairs (the
-// fragment layout of for_each_accumulator_pair), so each row's offset (and whether it exists) is computed once,
-// and each column pair's scale and shift are loaded once, not once per accumulator pair. (Version 7: visiting
-// every pair on its own, with 64-bit index math and 4 scalar loads of scale and shift each, took more
-// instructions than the main loop itself on a 1x1 layer of 64 channels.)
+// before the ReLU. Staged through `stage` (conv_epilogue_smem_bytes of the block's shared memory, which the main
+// loop's stages may reuse: the barrier at the start waits for every warp to finish reading them). Chunks go out
+// as one 16-byte store when the channel offsets and every pointer keep them aligned, element by element
+// otherwise (odd channel counts, a residual view at an odd offset).
 template <typename T, typename Cfg>
-__device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::NI][4], int64_t m0, int64_t n0, int64_t M,
-                                              int64_t Ncols, int64_t ldc, int64_t col0, T* out, const T* scale,
-                                              const T* shift, const T* residual, bool relu) {
-  constexpr int ROWS = Cfg::MI * 2;  // the thread's rows: m_first + 8r for r < ROWS (fragment row r / 2, half r % 2)
-  const AccumulatorOrigin o = accumulator_origin<Cfg>();
-  const bool paired = (ldc % 2 == 0) && (col0 % 2 == 0);  // n0 and the fragment columns are even
-  const int64_t m_first = m0 + o.row;
-  // rows r < rows_in exist (m < M)
-  const int64_t rows_left = m_first >= M ? 0 : (M - m_first + 7) / 8;
-  const int rows_in = rows_left < ROWS ? static_cast<int>(rows_left) : ROWS;
-  const int64_t first_at = m_first * ldc;
+__device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::NI][4], float* stage, int64_t m0,
+                                              int64_t n0, int64_t M, int64_t Ncols, int64_t ldc, int64_t col0, T* out,
+                                              const T* scale, const T* shift, const T* residual, bool relu) {
+  constexpr int VEC = Chunk16<T>::VEC;
+  constexpr int LD = Cfg::WN + 8;                   // floats per staged row
+  constexpr int CHUNKS = Cfg::WN / VEC;             // 16-byte output chunks per row of the warp's tile
+  static_assert(Cfg::WN % 32 == 0 && 32 % CHUNKS == 0, "a lane keeps its chunk column in every row it reads");
+  constexpr int ROWS_PER_STEP = 32 / CHUNKS;        // rows the warp reads back per step
+  static_assert(ROWS_PER_STEP % 2 == 0, "a lane keeps its rows' parity, hence its swizzled offsets");
+  constexpr int STEPS = 16 / ROWS_PER_STEP;         // steps per 16-row slice
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
+  float* slice = stage + warp * 16 * LD;
+  // where this lane's accumulator pairs go (the C fragment layout: rows g and g + 8, columns 2t + 8 ni and + 1):
+  // pair_at[h] + 8 ni for the ni whose columns have bit 5 equal to h, (ni / 4) % 2
+  const int g = lane / 4, t = lane % 4;
+  const int pair_at[2] = {g * LD + staged_column(g, 2 * t), g * LD + staged_column(g, 2 * t + 32) - 32};
+  // the chunk this lane reads back: columns chunk * VEC .. + VEC - 1 of rows row_in + ROWS_PER_STEP * step, whose
+  // parity is row_in's; read_at[q]: its quarter q (4 floats)
+  const int chunk = lane % CHUNKS, row_in = lane / CHUNKS;
+  int read_at[VEC / 4];
 #pragma unroll
-  for (int ni = 0; ni < Cfg::NI; ++ni) {
-    const int64_t n = n0 + o.col + ni * 8;
-    if (n >= Ncols) continue;
-    const int64_t ch = col0 + n;
-    const bool two = n + 1 < Ncols;
-    float scale0 = 1.f, scale1 = 1.f, shift0 = 0.f, shift1 = 0.f;
-    if (scale != nullptr) {
-      scale0 = to_float(scale[ch]);
-      if (two) scale1 = to_float(scale[ch + 1]);
-    }
-    if (shift != nullptr) {
-      shift0 = to_float(shift[ch]);
-      if (two) shift1 = to_float(shift[ch + 1]);
-    }
-    // v = relu?(acc * scale + shift + residual), the terms applied only when present (adding a zero shift would
-    // turn -0 into +0)
-    const auto finish = [&](float& v0, float& v1, float res0, float res1) {
-      if (scale != nullptr) v0 *= scale0, v1 *= scale1;
-      if (shift != nullptr) v0 += shift0, v1 += shift1;
-      if (residual != nullptr) v0 += res0, v1 += res1;
-      if (relu) {  // NaN passes, as torch's relu
-        if (v0 < 0.f) v0 = 0.f;
-        if (v1 < 0.f) v1 = 0.f;
-      }
+  for (int q = 0; q < VEC / 4; ++q) read_at[q] = row_in * LD + staged_column(row_in, chunk * VEC + 4 * q);
+
+  const int64_t n = n0 + wn0 + chunk * VEC;         // the chunk's first column
+  const int64_t ch = col0 + n;
+  const int cols = n >= Ncols ? 0 : (Ncols - n < VEC ? static_cast<int>(Ncols - n) : VEC);
+  const bool aligned = ldc % VEC == 0 && col0 % VEC == 0 && aligned16(out) &&
+                       (scale == nullptr || aligned16(scale)) && (shift == nullptr || aligned16(shift)) &&
+                       (residual == nullptr || aligned16(residual));
+  const bool whole = aligned && cols == VEC;        // the chunk is one aligned 16-byte access
+  // scale and shift of the chunk's channels, the same in every row (1 and 0 past the last channel)
+  float scale_v[VEC], shift_v[VEC];
+  unpack_chunk<T>(scale != nullptr ? load_chunk_bits(scale + ch, whole, cols, 1.f) : uint4{}, scale_v);
+  unpack_chunk<T>(shift != nullptr ? load_chunk_bits(shift + ch, whole, cols, 0.f) : uint4{}, shift_v);
+
+  __syncthreads();  // every warp has finished reading the main loop's stages, which the slices may overlap
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MI; ++mi) {
+    const int64_t slice_m = m0 + wm0 + mi * 16;     // the slice's first row
+    // the residual of the lane's chunk in read-back step s (raw words: half the registers of floats for fp16/bf16;
+    // 0 where there is none to read). The next step's is loaded before this one is finished, and step 0's before
+    // the slice is staged, so that the loads' latency overlaps other work.
+    const auto residual_bits = [&](int step) {
+      const int64_t m = slice_m + row_in + step * ROWS_PER_STEP;
+      return residual != nullptr && m < M && cols > 0 ? load_chunk_bits(residual + m * ldc + ch, whole, cols, 0.f)
+                                                       : uint4{};
     };
-    if (two && paired) {  // the common case: the pair is one aligned 4- or 8-byte access
+    uint4 residual_next = residual_bits(0);
+    if (mi > 0) __syncwarp();  // the previous slice has been read back
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        if (r >= rows_in) break;
-        const int64_t at = first_at + r * 8 * ldc + ch;
-        float v0 = acc[r / 2][ni][(r % 2) * 2], v1 = acc[r / 2][ni][(r % 2) * 2 + 1];
-        const float2 res = residual != nullptr ? load2(residual + at) : make_float2(0.f, 0.f);
-        finish(v0, v1, res.x, res.y);
-        store2(out + at, v0, v1);
+    for (int ni = 0; ni < Cfg::NI; ++ni) {
+      float* pair = slice + pair_at[(ni / 4) % 2] + ni * 8;
+      stage_store2(pair, acc[mi][ni][0], acc[mi][ni][1]);
+      stage_store2(pair + 8 * LD, acc[mi][ni][2], acc[mi][ni][3]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int step = 0; step < STEPS; ++step) {
+      const uint4 residual_now = residual_next;
+      if (step + 1 < STEPS) residual_next = residual_bits(step + 1);
+      float v[VEC];
+#pragma unroll
+      for (int q = 0; q < VEC / 4; ++q) {
+        float four[4];
+        stage_load4(four, slice + read_at[q] + step * ROWS_PER_STEP * LD);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[4 * q + e] = four[e];
       }
-    } else {  // an odd channel count or offset: element by element
+      const int64_t m = slice_m + row_in + step * ROWS_PER_STEP;
+      if (m >= M || cols == 0) continue;
+      // v = relu?(acc * scale + shift + residual), the terms applied only when present (adding a zero shift would
+      // turn -0 into +0)
+      float residual_v[VEC];
+      unpack_chunk<T>(residual_now, residual_v);
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        if (r >= rows_in) break;
-        const int64_t at = first_at + r * 8 * ldc + ch;
-        float v0 = acc[r / 2][ni][(r % 2) * 2], v1 = acc[r / 2][ni][(r % 2) * 2 + 1];
-        float res0 = 0.f, res1 = 0.f;
-        if (residual != nullptr) {
-          res0 = to_float(residual[at]);
-          if (two) res1 = to_float(residual[at + 1]);
-        }
-        finish(v0, v1, res0, res1);
-        out[at] = from_float<T>(v0);
-        if (two) out[at + 1] = from_float<T>(v1);
+      for (int e = 0; e < VEC; ++e) {
+        if (scale != nullptr) v[e] *= scale_v[e];
+        if (shift != nullptr) v[e] += shift_v[e];
+        if (residual != nullptr) v[e] += residual_v[e];
+        if (relu && v[e] < 0.f) v[e] = 0.f;  // NaN passes, as torch's relu
+      }
+      T* dst = out + m * ldc + ch;
+      if (whole) {
+        store_chunk(dst, v);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          if (e < cols) dst[e] = from_float<T>(v[e]);
       }
     }
   }
@@ -787,11 +910,14 @@ __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::N
 
 #if !defined(__CUDACC_RTC__)  // host side: tile choice and launch helpers
 
-// Dynamic shared memory of one block: STAGES stages of both operand tiles.
+// Dynamic shared memory of one block: STAGES stages of both operand tiles (or the staged epilogue, if larger).
 template <typename T, typename Cfg, bool A_K_MAJOR, bool B_K_MAJOR>
 constexpr int implicit_gemm_smem_bytes() {
-  return Cfg::STAGES * (OperandTile<T, A_K_MAJOR, Cfg::BM>::ELEMS + OperandTile<T, B_K_MAJOR, Cfg::BN>::ELEMS) *
-         static_cast<int>(sizeof(T));
+  const int stages = Cfg::STAGES *
+                     (OperandTile<T, A_K_MAJOR, Cfg::BM>::ELEMS + OperandTile<T, B_K_MAJOR, Cfg::BN>::ELEMS) *
+                     static_cast<int>(sizeof(T));
+  // (fprop and dgrad stage their epilogue in the same memory; it is smaller than the stages of every tile)
+  return stages > conv_epilogue_smem_bytes<Cfg>() ? stages : conv_epilogue_smem_bytes<Cfg>();
 }
 
 // Calls f(Cfg{}) with the mma.sync tile configuration of index `tile` (0 .. kImplicitGemmMmaSyncTiles - 1).

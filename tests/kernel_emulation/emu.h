@@ -65,6 +65,20 @@ inline float __int_as_float(int v) {
   std::memcpy(&f, &v, 4);
   return f;
 }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float v) {
+  unsigned u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+// The staged epilogue's 16-byte global accesses (st.global.wb.v4.u32, ld.global.nc.v4.u32): aligned, and inside a
+// buffer the driver registered (defined below, with the other global-memory checks).
+inline void __stwb(uint4* p, uint4 v);
+inline uint4 __ldg(const uint4* p);
 using std::isnan;
 
 // ---- emulated machine state --------------------------------------------------------------------------
@@ -87,11 +101,15 @@ inline bool g_wgmma_immediate = false;
 // and those with a bank conflict.
 inline std::atomic<long> g_ldmatrix_phases{0}, g_ldmatrix_conflicted_phases{0};
 inline std::atomic<long> g_cp_async_phases{0}, g_cp_async_conflicted_phases{0};
+// The staged epilogue's shared-memory accesses (stage_store2: phases of 16 lanes' 8-byte stores; stage_load4: of 8
+// lanes' 16-byte loads), and those with a bank conflict.
+inline std::atomic<long> g_epilogue_phases{0}, g_epilogue_conflicted_phases{0};
 
 // What the lanes of a warp exchange at a warp-collective instruction.
 struct WarpExchange {
   const void* row[32];  // ldmatrix: the row address each lane supplies
   long copy_dst[32];    // cp.async: each lane's shared-memory destination offset
+  long stage_at[32];    // the staged epilogue: each lane's shared-memory offset
   uint32_t a[32][4];    // mma: each lane's A and B fragment registers
   uint32_t b[32][2];
 };
@@ -214,6 +232,21 @@ inline void land(const PendingCopy& c) {
   }
 }
 
+inline void __stwb(uint4* p, uint4 v) {
+  EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "16-byte store to %p, not 16-byte aligned",
+            static_cast<void*>(p));
+  EMU_CHECK(inside_global_buffer(reinterpret_cast<const unsigned char*>(p), 16), "16-byte store to %p outside every "
+            "global buffer", static_cast<void*>(p));
+  *p = v;
+}
+inline uint4 __ldg(const uint4* p) {
+  EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "16-byte load from %p, not 16-byte aligned",
+            static_cast<const void*>(p));
+  EMU_CHECK(inside_global_buffer(reinterpret_cast<const unsigned char*>(p), 16), "16-byte load from %p outside every "
+            "global buffer", static_cast<const void*>(p));
+  return *p;
+}
+
 inline void emu_cp_async(void* dst, const void* src, bool valid) {
   const auto d = static_cast<unsigned char*>(dst);
   const auto s = static_cast<const unsigned char*>(src);
@@ -254,6 +287,50 @@ inline void emu_commit() { t_copies.commit(); }
 
 // cp.async.wait_group n: every committed group but the newest n has landed (the open group is untouched).
 inline void emu_wait(int n) { t_copies.retire(n, land); }
+
+// ---- the staged epilogue's shared-memory accesses ---------------------------------------------------------
+
+inline void __syncwarp(unsigned = 0xffffffffu) { t_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+
+// A warp-wide shared-memory access of `bytes` (8 or 16) per lane at p: checked for alignment and bounds, and its
+// phases (16 lanes of 8 bytes, 8 lanes of 16) for bank conflicts: a phase is conflict-free when its lanes' accesses
+// fall in distinct `bytes`-wide slots of a 128-byte line.
+inline void check_stage_access(const void* p, int bytes) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const long offset = static_cast<long>(static_cast<const unsigned char*>(p) - t_block->smem);
+  EMU_CHECK(offset >= 0 && offset + bytes <= static_cast<long>(t_block->smem_bytes),
+            "epilogue staging outside the block's shared memory (offset %ld of %zu)", offset, t_block->smem_bytes);
+  EMU_CHECK(offset % bytes == 0, "epilogue staging access of %d bytes misaligned (shared offset %ld)", bytes, offset);
+  EMU_CHECK(static_cast<int>(blockDim.x) - 32 * warp >= 32, "the staged epilogue in a partial warp");
+  WarpExchange& x = t_block->warps[warp];
+  x.stage_at[lane] = offset;
+  t_block->warp_barriers[warp]->arrive_and_wait();
+  if (lane == 0) {
+    const int lanes_per_phase = 128 / bytes;
+    for (int q = 0; q < 32; q += lanes_per_phase) {
+      unsigned seen = 0;
+      bool conflict = false;
+      for (int i = 0; i < lanes_per_phase; ++i) {
+        const unsigned slot = 1u << ((x.stage_at[q + i] % 128) / bytes);
+        conflict |= (seen & slot) != 0;
+        seen |= slot;
+      }
+      ++g_epilogue_phases;
+      if (conflict) ++g_epilogue_conflicted_phases;
+    }
+  }
+  t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read stage_at before any lane reuses it
+}
+
+inline void emu_stage_store2(float* p, float a, float b) {
+  check_stage_access(p, 8);
+  p[0] = a, p[1] = b;
+}
+
+inline void emu_stage_load4(float (&v)[4], const float* p) {
+  check_stage_access(p, 16);
+  for (int i = 0; i < 4; ++i) v[i] = p[i];
+}
 
 // ---- ldmatrix -----------------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@
 //       [wgmma=deferred|immediate]             (tiles 6, 7: when the MMAs read shared memory; default deferred)
 //       [divisors=fast|divide]                 (fprop, dgrad: the gather's setup by multiplies, the default, or
 //                                               by its fallback's divisions)
+//       [residual_offset=]                     (fprop: the residual starts this many elements into its buffer, as
+//                                               a view at an offset does: the epilogue's unaligned path)
 //
 // Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no write outside an output buffer. 1: a check
 // failed (the output says which). An emulation check (a misaligned or out-of-bounds address, copies not
@@ -131,6 +133,7 @@ struct Config {
   int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1, groups = 1;
   bool scale = false, shift = false, residual = false, relu = false;
   int splits = 1;
+  int64_t residual_offset = 0;
   std::string text;  // the arguments, for messages
 };
 
@@ -216,6 +219,7 @@ Config parse(int argc, char** argv) {
   if (!(v = take("dil", false)).empty()) parse_pair("dil", v, &c.dil_h, &c.dil_w);
   if (!(v = take("groups", false)).empty()) c.groups = parse_int("groups", v);
   if (!(v = take("splits", false)).empty()) c.splits = static_cast<int>(parse_int("splits", v));
+  if (!(v = take("residual_offset", false)).empty()) c.residual_offset = parse_int("residual_offset", v);
   v = take("epilogue", false);
   for (size_t at = 0; at < v.size();) {
     const size_t plus = std::min(v.find('+', at), v.size());
@@ -231,6 +235,7 @@ Config parse(int argc, char** argv) {
   if (c.tile < 0 || c.tile >= kImplicitGemmTiles) usage("tile= is 0 .. " + std::to_string(kImplicitGemmTiles - 1));
   if (c.groups < 1 || c.C % c.groups != 0 || c.K % c.groups != 0) usage("groups must divide C and K");
   if (c.splits < 1) usage("splits= is at least 1");
+  if (c.residual_offset < 0) usage("residual_offset= is at least 0");
   return c;
 }
 
@@ -303,7 +308,7 @@ long run_fprop(const Config& c, std::mt19937& rng) {
   Conv2dProblem padded = pb;
   padded.C = G * Cgp;
   DeviceBuffer<T> xd("x", c.N * c.H * c.W * padded.C), wd("w", c.K * c.R * c.S * Cgp), scaled("scale", c.K),
-      shiftd("shift", c.K), residuald("residual", residual.size()), yd("y", M * c.K);
+      shiftd("shift", c.K), residuald("residual", c.residual_offset + residual.size()), yd("y", M * c.K);
   for (int64_t pixel = 0; pixel < c.N * c.H * c.W; ++pixel)
     for (int64_t g = 0; g < G; ++g)
       for (int64_t ch = 0; ch < Cgp; ++ch)
@@ -311,7 +316,7 @@ long run_fprop(const Config& c, std::mt19937& rng) {
   for (int64_t krs = 0; krs < c.K * c.R * c.S; ++krs)
     for (int64_t ch = 0; ch < Cgp; ++ch) wd[krs * Cgp + ch] = to_element<T>(ch < Cg ? w[krs * Cg + ch] : 0.f);
   for (int64_t k = 0; k < c.K; ++k) scaled[k] = to_element<T>(scale[k]), shiftd[k] = to_element<T>(shift[k]);
-  for (size_t i = 0; i < residual.size(); ++i) residuald[i] = to_element<T>(residual[i]);
+  for (size_t i = 0; i < residual.size(); ++i) residuald[c.residual_offset + i] = to_element<T>(residual[i]);
   for (size_t i = 0; i < yd.size(); ++i) yd[i] = to_element<T>(NAN);
   // conv2d_implicit_gemm_fprop_splits' rule for the split count: no empty split
   constexpr int BK = ImplicitGemmElement<T>::BK;
@@ -321,7 +326,7 @@ long run_fprop(const Config& c, std::mt19937& rng) {
   for (size_t i = 0; i < partial.size(); ++i) partial[i] = NAN;
   const T* scale_arg = c.scale ? scaled.data() : nullptr;
   const T* shift_arg = c.shift ? shiftd.data() : nullptr;
-  const T* residual_arg = c.residual ? residuald.data() : nullptr;
+  const T* residual_arg = c.residual ? residuald.data() + c.residual_offset : nullptr;
 
   if (implicit_gemm_is_wgmma_tile(c.tile) && sizeof(T) == 2) {
     // Hopper's wgmma tiles (fp16/bf16 fprop; elsewhere the host runs their mma.sync twin, as below)
@@ -581,8 +586,12 @@ int main(int argc, char** argv) {
   if (conflicted != 0) std::printf("  %ld of %ld ldmatrix phases have shared-memory bank conflicts\n", conflicted, phases);
   if (copy_conflicted != 0)
     std::printf("  %ld of %ld cp.async phases have shared-memory bank conflicts\n", copy_conflicted, copy_phases);
-  const bool ok = failures == 0 && conflicted == 0 && copy_conflicted == 0;
-  std::printf("%s: %s (%ld ldmatrix phases, %ld cp.async phases)\n", c.text.c_str(), ok ? "bit-exact" : "FAILED",
-              phases, copy_phases);
+  const long epilogue_conflicted = g_epilogue_conflicted_phases.load(), epilogue_phases = g_epilogue_phases.load();
+  if (epilogue_conflicted != 0)
+    std::printf("  %ld of %ld epilogue staging phases have shared-memory bank conflicts\n", epilogue_conflicted,
+                epilogue_phases);
+  const bool ok = failures == 0 && conflicted == 0 && copy_conflicted == 0 && epilogue_conflicted == 0;
+  std::printf("%s: %s (%ld ldmatrix phases, %ld cp.async phases, %ld epilogue staging phases)\n", c.text.c_str(),
+              ok ? "bit-exact" : "FAILED", phases, copy_phases, epilogue_phases);
   return ok ? 0 : 1;
 }

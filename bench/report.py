@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,6 +27,20 @@ def pair_rows(rows):
     for row in rows:
         groups[(row["layer"], row["pass"], row["dtype"])][row["impl"]] = row
     return groups
+
+
+# The per-tile rows of the implicit GEMM (bench/test_conv2d_bench.py::test_implicit_gemm_tiles): fastconv-implicit_gemm/<n>
+TILE_ROW = re.compile(r"^fastconv-implicit_gemm/(\d+)$")
+
+
+def best_tiles(groups):
+    """{(layer, pass, dtype): (tile, row)}: the fastest implicit-GEMM tile of each shape whose tiles were timed."""
+    best = {}
+    for key, impls in groups.items():
+        tiles = [(int(m.group(1)), row) for name, row in impls.items() if (m := TILE_ROW.match(name))]
+        if tiles:
+            best[key] = min(tiles, key=lambda tile_row: tile_row[1]["ms"])
+    return best
 
 
 def geometric_mean(values) -> float:
@@ -54,6 +69,21 @@ def markdown(data, title: str) -> str:
                          f"{pct} | {theirs['ms']:.3f} | {ratio:.2f}x |" if theirs else
                          f"| {layer} | {pas} | {dtype} | {name} | {row['ms']:.3f} | {row['rate']:.1f} {row['unit']} | "
                          f"{pct} | - | - |")
+    best = best_tiles(groups)
+    if best:
+        # what the size heuristic (the fastconv-implicit_gemm row) would reach if it always picked the fastest tile
+        lines += ["", "Fastest implicit-GEMM tile per shape (the tile rows), against the size heuristic's choice "
+                      "(fastconv-implicit_gemm) and torch:", "",
+                  "| op / shape | pass | dtype | heuristic ms | fastest tile | its ms | torch time / its time |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for (layer, pas, dtype), (tile, row) in best.items():
+            impls = groups[(layer, pas, dtype)]
+            heuristic, theirs = impls.get("fastconv-implicit_gemm"), impls.get("torch")
+            ratio = theirs["ms"] / row["ms"] if theirs else None
+            if ratio:
+                ratios[("fastconv-implicit_gemm/fastest-tile", pas, dtype)].append(ratio)
+            lines.append(f"| {layer} | {pas} | {dtype} | " + (f"{heuristic['ms']:.3f}" if heuristic else "-") +
+                         f" | {tile} | {row['ms']:.3f} | " + (f"{ratio:.2f}x |" if ratio else "- |"))
     if ratios:
         # the figure the targets are stated in: per implementation, pass and dtype, over the shapes measured
         lines += ["", "Geometric mean of the speed ratios (torch time / fastconv time) per implementation, pass and "

@@ -54,6 +54,30 @@ def test_report_writes_markdown_and_chart(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_report_names_the_fastest_implicit_gemm_tile_per_shape(tmp_path):
+    """The tile rows (implicit_gemm/<n>) give, per shape, the fastest tile against the heuristic's, and the geometric
+    mean the heuristic would reach by always picking it."""
+    rows = []
+    for layer, times in (("l1", {"0": 2.0, "3": 1.0, "7": 0.5}), ("l2", {"0": 4.0, "3": 8.0})):
+        rows.append(dict(layer=layer, dtype="bfloat16", impl="torch", ms=1.0, rate=1.0, unit="GFLOP/s",
+                         peak_frac=None, **{"pass": "fprop"}))
+        rows.append(dict(layer=layer, dtype="bfloat16", impl="fastconv-implicit_gemm", ms=times["0"], rate=1.0,
+                         unit="GFLOP/s", peak_frac=None, **{"pass": "fprop"}))
+        for tile, ms in times.items():
+            rows.append(dict(layer=layer, dtype="bfloat16", impl=f"fastconv-implicit_gemm/{tile}", ms=ms, rate=1.0,
+                             unit="GFLOP/s", peak_frac=None, **{"pass": "fprop"}))
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps({"device": "NVIDIA H200", "rows": rows}))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(src), "--title", "t"], capture_output=True,
+                   text=True, check=True)
+    md = (tmp_path / "report.md").read_text()
+    assert "| l1 | fprop | bfloat16 | 2.000 | 7 | 0.500 | 2.00x |" in md
+    assert "| l2 | fprop | bfloat16 | 4.000 | 0 | 4.000 | 0.25x |" in md
+    # the fastest tiles' ratios 2 and 0.25: geometric mean 0.707; the heuristic's 0.5 and 0.25: 0.354
+    assert "| fastconv-implicit_gemm/fastest-tile | fprop | bfloat16 | 2 | 0.707x |" in md
+    assert "| fastconv-implicit_gemm | fprop | bfloat16 | 2 | 0.354x |" in md
+
+
 @pytest.mark.parametrize("args", [["--layer", "small_3x3", "--op", "bn_train", "--algo", "direct", "--dtype", "float32"],
                                   ["--layer", "small_1x1", "--op", "wgrad", "--layout", "nchw", "--dtype", "float32"],
                                   ["--layer", "small_k3s2", "--op", "max_pool2d", "--dtype", "float32"]])

@@ -42,6 +42,8 @@ at::Tensor pad_channel_groups(const at::Tensor& t, int64_t groups, int64_t padde
 
 at::Tensor dense_nhwc(const at::Tensor& t) { return aligned(t.permute({0, 2, 3, 1}).contiguous()); }
 
+at::Tensor dense_aligned(const at::Tensor& t) { return aligned(t.contiguous()); }
+
 ImplicitGemmFpropOperands implicit_gemm_fprop_operands(const Conv2dProblem& pb, const at::Tensor& input,
                                                         const at::Tensor& weight) {
   ImplicitGemmFpropOperands ops{pb, {}, {}};

@@ -19,6 +19,10 @@ constexpr int64_t kImplicitGemmChannelMultiple = 8;
 // (cp.async copies 16 bytes). Free when it is channels_last, dense and aligned already.
 at::Tensor dense_nhwc(const at::Tensor& t);
 
+// t contiguous, its data 16-byte aligned (a copy otherwise): the fused epilogue's per-channel scale and shift, which
+// it reads as 16-byte vectors.
+at::Tensor dense_aligned(const at::Tensor& t);
+
 // fprop: x (N, H, W, groups * Cg') and w (K, R, S, Cg') with Cg' the padded channels per group; pb.C = groups * Cg'.
 struct ImplicitGemmFpropOperands {
   Conv2dProblem pb;

@@ -73,6 +73,8 @@ PTX_WRAPPERS = [
      "emu_stage_store2(p, a, b);"),
     ("void stage_load4(float (&v)[4], const float* p)", ["const float4 f = *reinterpret_cast<const float4*>(p);"],
      "emu_stage_load4(v, p);"),
+    ("void st_global_16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d)",
+     ["st.global.v4.b32 [%0], {%1, %2, %3, %4};"], "emu_st_global_16(p, a, b, c, d);"),
 ]
 
 # The PTX wrappers of wgmma.cuh (guarded by SM90A_GUARD). wgmma_64xNx16's block names its instructions through
@@ -280,6 +282,8 @@ SHAPES = {
     "asymmetric": dict(N=3, C=8, H=7, W=9, K=8, R=3, S=3, stride="2,1", pad="0,2", dil="1,2"),
     "stride3_groups2": dict(N=1, C=16, H=10, W=10, K=20, R=3, S=3, stride=3, pad=1, groups=2),
     "depthwise": dict(N=1, C=8, H=7, W=7, K=8, R=3, S=3, pad=1, groups=8),
+    # 12 channels (dgrad) and 12 filters (fprop) per group of 2
+    "groups2_partial_chunks": dict(N=2, C=24, H=7, W=7, K=24, R=3, S=3, pad=1, groups=2),
     # 18 reduction tiles (fp16/bf16): every stage of the deepest pipeline is refilled, some more than once
     "deep_reduction": dict(N=1, C=64, H=6, W=6, K=136, R=3, S=3, pad=1),
 }
@@ -323,10 +327,14 @@ CASES = [
     # the gather's setup by division (GatherDivisors' fallback where an index may reach 2^31)
     case("fprop", "bf16", 3, "deferred", "asymmetric", epilogue=FULL_EPILOGUE, divisors="divide"),
     case("fprop", "fp16", 7, "immediate", "groups2_dilation2", wgmma="deferred", divisors="divide"),
-    # a residual view at an odd element offset: the epilogue's element-by-element path on aligned channels
+    # a residual view not 16-byte aligned: the epilogue's pair and element paths on aligned channels
     case("fprop", "fp16", 0, "deferred", "multi_tile", epilogue=FULL_EPILOGUE, residual_offset=1),
     case("fprop", "fp32", 5, "immediate", "multi_tile", epilogue="residual+relu", residual_offset=2),
     case("fprop", "bf16", 6, "deferred", "multi_tile", epilogue=FULL_EPILOGUE, wgmma="immediate", residual_offset=3),
+    # 12 filters per group: group 0's second chunk is partial (4 columns), group 1 starts 4 channels into a chunk
+    case("fprop", "fp16", 0, "immediate", "groups2_partial_chunks", epilogue=FULL_EPILOGUE),
+    case("fprop", "bf16", 6, "deferred", "groups2_partial_chunks", epilogue=FULL_EPILOGUE, wgmma="deferred"),
+    case("dgrad", "bf16", 4, "immediate", "groups2_partial_chunks"),
     case("dgrad", "fp16", 0, "deferred", "c40"),
     case("dgrad", "bf16", 1, "immediate", "rgb_stem"),
     case("dgrad", "fp32", 2, "deferred", "stride3_groups2"),

@@ -89,8 +89,9 @@ at::Tensor fused_cuda(const char* op, const at::Tensor& input, const at::Tensor&
   }
   const ImplicitGemmFpropOperands ops = implicit_gemm_fprop_operands(pb, input, weight);
   check_reduction_fits(op, ops.pb.R * ops.pb.S * ops.pb.C_per_group(), "R * S * C / groups (padded)");
-  const at::Tensor sc = scale ? scale->contiguous() : at::Tensor(), sh = shift ? shift->contiguous() : at::Tensor();
-  const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();  // read in aligned 16-byte chunks
+  // (read in aligned 16-byte chunks: an unaligned pointer sends the epilogue down its element-by-element path)
+  const at::Tensor sc = scale ? dense_aligned(*scale) : at::Tensor(), sh = shift ? dense_aligned(*shift) : at::Tensor();
+  const at::Tensor res = residual ? dense_nhwc(*residual) : at::Tensor();
   const DType dtype = cuda_dtype(op, input.scalar_type());
   const int splits = conv2d_implicit_gemm_fprop_splits(ops.pb, dtype, static_cast<int>(tile));
   const at::Tensor partial =

@@ -712,7 +712,7 @@ __device__ __forceinline__ void implicit_gemm_block_tile(int64_t M, int64_t N, i
 //    fp16/bf16), or 8 of one row. Quarter h of chunk c of row r lies in 16-byte group (2r + 2c + (h ^ flip)) mod 8
 //    for fp16/bf16 (whose 16-byte output chunk is two quarters of floats), flip = (r ^ c / 4) & 1: the phase's two
 //    rows, or its two halves of a row, read opposite parities, so all 8 groups; for fp32 (a chunk is one quarter)
-//    the group is (2r + (c ^ flip)) mod 8, distinct within a row. Without the swizzle fp16/bf16 reads were 2-way
+//    the group is (2r + (c ^ flip)) mod 8 with flip = (r ^ c / 8) & 1, constant within a phase: distinct. Without the swizzle fp16/bf16 reads were 2-way
 //    conflicted; with it both sides need no instruction in the loop (the swizzled offsets are per-lane constants).
 // (tests/test_kernel_emulation.py checks both for conflicts.)
 // The same fp32 arithmetic in the same order as before (acc * scale + shift + residual, ReLU, one rounding), so
@@ -742,7 +742,7 @@ __device__ __forceinline__ void stage_load4(float (&v)[4], const float* p) {
 }
 
 // 16 bytes of T (VEC elements): the staged epilogue's unit of global access, one uint4 loaded with __ldg or stored
-// with __stwb, and unpacked to (packed from) VEC floats.
+// with st_global_16, and unpacked to (packed from) VEC floats.
 template <typename T>
 struct Chunk16 {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));
@@ -796,23 +796,39 @@ __device__ __forceinline__ void unpack_chunk(uint4 u, float (&v)[Chunk16<T>::VEC
   unpack_word(u.x, v, T()), unpack_word(u.y, v + PER_WORD, T());
   unpack_word(u.z, v + 2 * PER_WORD, T()), unpack_word(u.w, v + 3 * PER_WORD, T());
 }
-// p[e] = v[e] rounded to T, as one 16-byte store (p aligned). Through __stwb (st.global.wb, the default policy): a
-// plain uint4 assignment came out of nvcc as four 32-bit stores, merged with the element-wise path's.
+// A plain 16-byte global store (p 16-byte aligned). PTX, because nvcc turned a uint4 assignment into four 32-bit
+// stores (merged with the element-wise path's), and __stwb into a strong store (STG.E.128.STRONG.SM) with a memory
+// clobber. No clobber here: nothing the kernel reads afterwards aliases its output.
+__device__ __forceinline__ void st_global_16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d));
+#endif
+}
+// p[e] = v[e] rounded to T, as one 16-byte store (p aligned).
 template <typename T>
 __device__ __forceinline__ void store_chunk(T* p, const float (&v)[Chunk16<T>::VEC]) {
   constexpr int PER_WORD = 4 / static_cast<int>(sizeof(T));
-  __stwb(reinterpret_cast<uint4*>(p), make_uint4(pack_word(v, T()), pack_word(v + PER_WORD, T()),
-                                                 pack_word(v + 2 * PER_WORD, T()), pack_word(v + 3 * PER_WORD, T())));
+  st_global_16(p, pack_word(v, T()), pack_word(v + PER_WORD, T()), pack_word(v + 2 * PER_WORD, T()),
+               pack_word(v + 3 * PER_WORD, T()));
+}
+// p[0] = a, p[1] = b rounded to T, as one 4-byte (fp16/bf16) or 8-byte (fp32) store (p aligned to that).
+__device__ __forceinline__ void store_pair(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void store_pair(__half* p, float a, float b) {
+  *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
 // The convolution epilogue of fprop and dgrad: for the block's tile at (m0, n0) of an M x Ncols GEMM whose
 // C is the NHWC tensor out (row m at m * ldc, column n at channel col0 + n),
 //     out = relu?(acc * scale[ch] + shift[ch] + residual[m, ch])     (ch = col0 + n)
 // each term optional (null pointer): bias or a folded BatchNorm's shift, its scale, a ResNet shortcut added
-// before the ReLU. Staged through `stage` (conv_epilogue_smem_bytes of the block's shared memory, which the main
-// loop's stages may reuse: the barrier at the start waits for every warp to finish reading them). Chunks go out
-// as one 16-byte store when the channel offsets and every pointer keep them aligned, element by element
-// otherwise (odd channel counts, a residual view at an odd offset).
+// before the ReLU. Staged through `stage` (conv_epilogue_smem_bytes of the block's shared memory: the memory of the
+// main loop's stages, reused once the barrier at the start has seen every warp finish reading them). Chunks go out
+// as one 16-byte store when the channel offsets and every pointer keep them aligned; otherwise (channels per group
+// not a multiple of 8, a pointer not 16-byte aligned) in column pairs where offsets are even, else element by
+// element.
 template <typename T, typename Cfg>
 __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::NI][4], float* stage, int64_t m0,
                                               int64_t n0, int64_t M, int64_t Ncols, int64_t ldc, int64_t col0, T* out,
@@ -845,6 +861,8 @@ __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::N
                        (scale == nullptr || aligned16(scale)) && (shift == nullptr || aligned16(shift)) &&
                        (residual == nullptr || aligned16(residual));
   const bool whole = aligned && cols == VEC;        // the chunk is one aligned 16-byte access
+  // else, pairs of columns as one 4- or 8-byte store (what the epilogue before version 8 did everywhere)
+  const bool paired = ldc % 2 == 0 && col0 % 2 == 0 && (reinterpret_cast<uintptr_t>(out) % (2 * sizeof(T))) == 0;
   // scale and shift of the chunk's channels, the same in every row (1 and 0 past the last channel)
   float scale_v[VEC], shift_v[VEC];
   unpack_chunk<T>(scale != nullptr ? load_chunk_bits(scale + ch, whole, cols, 1.f) : uint4{}, scale_v);
@@ -899,6 +917,15 @@ __device__ __forceinline__ void conv_epilogue(const float (&acc)[Cfg::MI][Cfg::N
       T* dst = out + m * ldc + ch;
       if (whole) {
         store_chunk(dst, v);
+      } else if (paired) {  // an even number of channels, or even offsets: pairs, then a last odd column
+#pragma unroll
+        for (int e = 0; e < VEC; e += 2) {
+          if (e + 1 < cols) {
+            store_pair(dst + e, v[e], v[e + 1]);
+          } else if (e < cols) {
+            dst[e] = from_float<T>(v[e]);
+          }
+        }
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e)

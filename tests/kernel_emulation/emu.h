@@ -12,6 +12,7 @@
 //   wgmma commit / wait_group  emu_wgmma_commit / emu_wgmma_wait: the MMAs read shared memory and update the
 //                            accumulators at wait_group (the latest moment) or at issue (g_wgmma_immediate)
 //   wgmma.fence, fence.proxy.async  emu_wgmma_fence / emu_fence_proxy_async: bookkeeping that a wgmma checks
+//   st.global.v4.b32         emu_st_global_16: the staged epilogue's 16-byte stores (aligned, in bounds)
 //
 // Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier, the warp-collective
 // instructions meet at a warp barrier. This is an emulation on the CPU, not a GPU run: it checks the
@@ -75,9 +76,8 @@ inline unsigned __float_as_uint(float v) {
   std::memcpy(&u, &v, 4);
   return u;
 }
-// The staged epilogue's 16-byte global accesses (st.global.wb.v4.u32, ld.global.nc.v4.u32): aligned, and inside a
-// buffer the driver registered (defined below, with the other global-memory checks).
-inline void __stwb(uint4* p, uint4 v);
+// The staged epilogue's 16-byte global loads (__ldg: ld.global.nc.v4.u32): aligned, and inside a buffer the driver
+// registered (defined below, with the other global-memory checks; its stores: emu_st_global_16).
 inline uint4 __ldg(const uint4* p);
 using std::isnan;
 
@@ -232,12 +232,13 @@ inline void land(const PendingCopy& c) {
   }
 }
 
-inline void __stwb(uint4* p, uint4 v) {
-  EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "16-byte store to %p, not 16-byte aligned",
-            static_cast<void*>(p));
-  EMU_CHECK(inside_global_buffer(reinterpret_cast<const unsigned char*>(p), 16), "16-byte store to %p outside every "
-            "global buffer", static_cast<void*>(p));
-  *p = v;
+// st.global.v4.b32: the staged epilogue's 16-byte stores, aligned and inside a registered buffer.
+inline void emu_st_global_16(void* p, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "16-byte store to %p, not 16-byte aligned", p);
+  EMU_CHECK(inside_global_buffer(static_cast<const unsigned char*>(p), 16), "16-byte store to %p outside every "
+            "global buffer", p);
+  const uint32_t words[4] = {a, b, c, d};
+  std::memcpy(p, words, 16);
 }
 inline uint4 __ldg(const uint4* p) {
   EMU_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "16-byte load from %p, not 16-byte aligned",

@@ -243,13 +243,25 @@ def _direct_fprop_tiling(pb: Conv2dProblem, kpt: int, channels_fastest: bool) ->
 
 def plan_conv2d_direct_fprop(pb: Conv2dProblem, dtype: str, x: int, xs: Strides4, w: int, ws: Strides4,
                              bias: int | None, relu: bool, y: int, ys: Strides4) -> Launch:
-    """launch_conv2d_direct_fprop (conv2d_direct_fprop_kernel.cu): eight output channels per thread when the
-    group has them, one for depthwise and thin groups."""
+    """launch_conv2d_direct_fprop (conv2d_direct_fprop_kernel.cu): depthwise convolutions (one input channel per
+    group) take their own kernel, a block per output row; the others eight output channels per thread when the
+    group has them, one for thin groups."""
     kg, rs = pb.K // pb.groups, pb.R * pb.S
+    t = CUDA_TYPES[dtype]
+    limit = 1 << 30  # depthwise_kernel_fits: the kernel's 32-bit indices hold
+    fits = (pb.Q * pb.K <= 0x7FFFFFFF - THREADS and pb.H + 2 * pb.pad_h + (pb.R - 1) * pb.dil_h < limit
+            and pb.W + 2 * pb.pad_w + (pb.S - 1) * pb.dil_w < limit and pb.P * pb.stride_h < limit
+            and pb.Q * pb.stride_w < limit)
+    if pb.C // pb.groups == 1 and fits:
+        kernel = f"fastconv::conv2d_depthwise_fprop_kernel<{t}>"
+        channels_fastest = ys.c == 1 and pb.K > 1
+        args = (pb, ptr(x), xs, ptr(w), ws, ptr(bias), boolean(relu), ptr(y), ys, boolean(channels_fastest))
+        params = (PROBLEM, f"const {t}*", STRIDES, f"const {t}*", STRIDES, f"const {t}*", "bool", f"{t}*", STRIDES,
+                  "bool")
+        return Launch("conv2d_direct_fprop_kernel.cu", kernel, grid_for(pb.N * pb.P), THREADS, 0, args, params)
     kpt = 8 if kg >= 8 and rs * 8 <= MAX_DIRECT_FILTER_TAPS else 1
     tl, stage_input = _direct_fprop_tiling(pb, kpt, xs.c == 1 and pb.C > 1)
     smem = tl.c_tile * rs * tl.k_lanes * kpt + (tl.c_tile * tl.patch_h * tl.patch_w if stage_input else 0)
-    t = CUDA_TYPES[dtype]
     kernel = f"fastconv::conv2d_direct_fprop_kernel<{t}, {kpt}, {'true' if stage_input else 'false'}>"
     args = (pb, tl, ptr(x), xs, ptr(w), ws, ptr(bias), boolean(relu), ptr(y), ys)
     params = (PROBLEM, "fastconv::FpropTiling", f"const {t}*", STRIDES, f"const {t}*", STRIDES, f"const {t}*", "bool",

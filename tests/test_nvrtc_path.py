@@ -40,7 +40,8 @@ BOOLS = ("true", "false")
 # Every instantiation the plans can name, per kernel file.
 INSTANTIATIONS = {
     "conv2d_direct_fprop_kernel.cu": [f"fastconv::conv2d_direct_fprop_kernel<{t}, {k}, {s}>" for t in EMULATED_TYPES
-                                      for k in (1, 8) for s in BOOLS],
+                                      for k in (1, 8) for s in BOOLS]
+    + [f"fastconv::conv2d_depthwise_fprop_kernel<{t}>" for t in EMULATED_TYPES],
     "max_pool2d_kernel.cu": [f"fastconv::max_pool2d_forward_kernel<{t}>" for t in EMULATED_TYPES],
     "residual_add_kernel.cu": [f"fastconv::residual_add_flat_kernel<{t}, {v}, {r}>" for t in EMULATED_TYPES
                                for v in (1, 4 if t == "float" else 8) for r in BOOLS]
@@ -139,6 +140,10 @@ CONV_CASES = [
     ("asymmetric", 2, 6, 10, 9, 12, 3, 2, dict(stride=(2, 1), padding=(0, 2), dilation=(1, 2))),
     ("groups", 1, 8, 7, 7, 12, 3, 3, dict(padding=1, groups=4)),
     ("depthwise", 2, 6, 8, 8, 6, 3, 3, dict(padding=1, groups=6)),
+    # depthwise with a channel multiplier of 2, stride, dilation and uneven padding; and a 5x5 filter with more
+    # outputs in a row (Q x K = 300) than a block has threads
+    ("depthwise_multiplier", 1, 4, 9, 11, 8, 3, 3, dict(stride=2, padding=(2, 1), dilation=(2, 1), groups=4)),
+    ("depthwise_5x5_long_rows", 1, 20, 6, 17, 20, 5, 5, dict(padding=2, groups=20)),
     ("pointwise_wide", 1, 16, 5, 5, 24, 1, 1, {}),
     ("same_odd_total", 1, 3, 6, 7, 4, 4, 2, dict(padding="same")),
     ("same_dilated", 1, 3, 9, 9, 4, 3, 3, dict(padding="same", dilation=2)),
@@ -170,6 +175,8 @@ def test_conv2d_matches_torch(rt, n, c, h, w, k, r, s, kwargs, layout, dtype):
     expected = fastconv.functional.conv2d(x, weight, bias, **kwargs)
     assert tensor(out).is_contiguous(memory_format=suggest_memory_format(expected))
     assert rt.launch.launches  # it ran kernels, not a fallback
+    if groups == c:  # depthwise convolutions take their own kernel
+        assert "conv2d_depthwise_fprop_kernel" in rt.launch.launches[-1].kernel
 
 
 def test_conv2d_unbatched_no_bias_relu_and_empty_batch(rt):

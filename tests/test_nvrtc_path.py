@@ -42,6 +42,9 @@ INSTANTIATIONS = {
     "conv2d_direct_fprop_kernel.cu": [f"fastconv::conv2d_direct_fprop_kernel<{t}, {k}, {s}>" for t in EMULATED_TYPES
                                       for k in (1, 8) for s in BOOLS]
     + [f"fastconv::conv2d_depthwise_fprop_kernel<{t}>" for t in EMULATED_TYPES],
+    # not on the build-free path (which has no dgrad): the extension's depthwise dgrad kernel, launched as
+    # launch_conv2d_direct_dgrad launches it (test_depthwise_dgrad_kernel_matches_torch)
+    "conv2d_direct_dgrad_kernel.cu": [f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>" for t in EMULATED_TYPES],
     "max_pool2d_kernel.cu": [f"fastconv::max_pool2d_forward_kernel<{t}>" for t in EMULATED_TYPES],
     "residual_add_kernel.cu": [f"fastconv::residual_add_flat_kernel<{t}, {v}, {r}>" for t in EMULATED_TYPES
                                for v in (1, 4 if t == "float" else 8) for r in BOOLS]
@@ -177,6 +180,48 @@ def test_conv2d_matches_torch(rt, n, c, h, w, k, r, s, kwargs, layout, dtype):
     assert rt.launch.launches  # it ran kernels, not a fallback
     if groups == c:  # depthwise convolutions take their own kernel
         assert "conv2d_depthwise_fprop_kernel" in rt.launch.launches[-1].kernel
+
+
+DEPTHWISE_DGRAD_CASES = [  # (id, N, C, H, W, channel multiplier, R, S, kwargs)
+    ("3x3", 2, 6, 8, 8, 1, 3, 3, dict(padding=1)),
+    ("stride2_multiplier2", 1, 4, 9, 11, 2, 3, 3, dict(stride=2, padding=(2, 1), dilation=(2, 1))),
+    ("stride3_5x5_long_rows", 1, 20, 7, 17, 1, 5, 5, dict(stride=(3, 2), padding=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,mult,r,s,kwargs", [pytest.param(*case[1:], id=case[0]) for case in
+                                                      DEPTHWISE_DGRAD_CASES])
+def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult, r, s, kwargs, layout, dtype):
+    """The direct algorithm's depthwise dgrad kernel (csrc/cuda/conv2d_direct_dgrad_kernel.cu), launched as
+    launch_conv2d_direct_dgrad does (a block per input row, 256 threads, dx's memory order), against torch's
+    input gradient."""
+    torch.manual_seed(0)
+    stride, padding, dilation = (_checks.pair(kwargs.get(name, default), name)
+                                 for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
+    k = c * mult
+    weight = randn(k, 1, r, s, dtype=dtype)
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    dy = randn(n, k, p, q, dtype=dtype, channels_last=layout == "channels_last")
+    dx = torch.full((n, c, h, w), float("nan"), dtype=dtype)
+    if layout == "channels_last":
+        dx = dx.contiguous(memory_format=torch.channels_last)
+    pb = _nvrtc.Conv2dProblem(n, c, h, w, k, r, s, p, q, padding[0], padding[1], stride[0], stride[1], dilation[0],
+                              dilation[1], c)
+    t = _nvrtc.CUDA_TYPES[str(dtype).replace("torch.", "")]
+    strides = [_nvrtc.Strides4(*a.stride()) for a in (dy, weight, dx)]
+    args = (pb, _nvrtc.ptr(dy.data_ptr()), strides[0], _nvrtc.ptr(weight.data_ptr()), strides[1],
+            _nvrtc.ptr(dx.data_ptr()), strides[2], ctypes.c_bool(layout == "channels_last" and c > 1))
+    params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"{t}*", _nvrtc.STRIDES,
+              "bool")
+    launch = _nvrtc.Launch("conv2d_direct_dgrad_kernel.cu", f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>",
+                           _nvrtc.grid_for(n * h), _nvrtc.THREADS, 0, args, params)
+    EmulatedLaunches(emulated_kernels)(launch)
+    ref = torch.nn.grad.conv2d_input((n, c, h, w), weight.double(), dy.double(), stride=stride, padding=padding,
+                                     dilation=dilation, groups=c)
+    torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
 
 
 def test_conv2d_unbatched_no_bias_relu_and_empty_batch(rt):

@@ -254,7 +254,7 @@ def plan_conv2d_direct_fprop(pb: Conv2dProblem, dtype: str, x: int, xs: Strides4
             and pb.Q * pb.stride_w < limit)
     if pb.C // pb.groups == 1 and fits:
         kernel = f"fastconv::conv2d_depthwise_fprop_kernel<{t}>"
-        channels_fastest = ys.c == 1 and pb.K > 1
+        channels_fastest = xs.c == 1 and pb.C > 1  # x's layout, as the C++ launcher
         args = (pb, ptr(x), xs, ptr(w), ws, ptr(bias), boolean(relu), ptr(y), ys, boolean(channels_fastest))
         params = (PROBLEM, f"const {t}*", STRIDES, f"const {t}*", STRIDES, f"const {t}*", "bool", f"{t}*", STRIDES,
                   "bool")

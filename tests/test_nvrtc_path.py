@@ -195,7 +195,7 @@ DEPTHWISE_DGRAD_CASES = [  # (id, N, C, H, W, channel multiplier, R, S, kwargs)
                                                       DEPTHWISE_DGRAD_CASES])
 def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult, r, s, kwargs, layout, dtype):
     """The direct algorithm's depthwise dgrad kernel (csrc/cuda/conv2d_direct_dgrad_kernel.cu), launched as
-    launch_conv2d_direct_dgrad does (a block per input row, 256 threads, dx's memory order), against torch's
+    launch_conv2d_direct_dgrad does (a block per input row, 256 threads, ordered by dy's layout), against torch's
     input gradient."""
     torch.manual_seed(0)
     stride, padding, dilation = (_checks.pair(kwargs.get(name, default), name)
@@ -213,7 +213,7 @@ def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult
     t = _nvrtc.CUDA_TYPES[str(dtype).replace("torch.", "")]
     strides = [_nvrtc.Strides4(*a.stride()) for a in (dy, weight, dx)]
     args = (pb, _nvrtc.ptr(dy.data_ptr()), strides[0], _nvrtc.ptr(weight.data_ptr()), strides[1],
-            _nvrtc.ptr(dx.data_ptr()), strides[2], ctypes.c_bool(layout == "channels_last" and c > 1))
+            _nvrtc.ptr(dx.data_ptr()), strides[2], ctypes.c_bool(layout == "channels_last" and k > 1))
     params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"{t}*", _nvrtc.STRIDES,
               "bool")
     launch = _nvrtc.Launch("conv2d_direct_dgrad_kernel.cu", f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>",
@@ -222,6 +222,43 @@ def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult
     ref = torch.nn.grad.conv2d_input((n, c, h, w), weight.double(), dy.double(), stride=stride, padding=padding,
                                      dilation=dilation, groups=c)
     torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 7])
+def test_depthwise_kernels_walk_every_row_with_fewer_blocks_than_rows(emulated_kernels, blocks):
+    """Both depthwise kernels step their blocks over the rows (n, p) or (n, h) by the grid's size, advancing image
+    and row by adds; the launchers give a block per row, so only a smaller grid takes the steps. 3 images of 5 rows:
+    strides of 1, 4 and 7 rows cross images at every step, within a step, or skip one."""
+    torch.manual_seed(0)
+    n, c, h, w, mult = 3, 4, 5, 6, 2
+    k = c * mult
+    for dtype in (torch.float32, torch.float16):
+        t = _nvrtc.CUDA_TYPES[str(dtype).replace("torch.", "")]
+        x, weight = randn(n, c, h, w, dtype=dtype, channels_last=True), randn(k, 1, 3, 3, dtype=dtype)
+        pb = _nvrtc.Conv2dProblem(n, c, h, w, k, 3, 3, h, w, 1, 1, 1, 1, 1, 1, c)
+        y = torch.full((n, k, h, w), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        args = (pb, _nvrtc.ptr(x.data_ptr()), _nvrtc.Strides4(*x.stride()), _nvrtc.ptr(weight.data_ptr()),
+                _nvrtc.Strides4(*weight.stride()), _nvrtc.ptr(None), ctypes.c_bool(False), _nvrtc.ptr(y.data_ptr()),
+                _nvrtc.Strides4(*y.stride()), ctypes.c_bool(True))
+        params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", "bool",
+                  f"{t}*", _nvrtc.STRIDES, "bool")
+        EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("conv2d_direct_fprop_kernel.cu",
+                                                         f"fastconv::conv2d_depthwise_fprop_kernel<{t}>", blocks,
+                                                         _nvrtc.THREADS, 0, args, params))
+        ref = F.conv2d(x.double(), weight.double(), padding=1, groups=c)
+        torch.testing.assert_close(y.double(), ref, **TOL[dtype])
+        dy = randn(n, k, h, w, dtype=dtype, channels_last=True)
+        dx = torch.full((n, c, h, w), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+        args = (pb, _nvrtc.ptr(dy.data_ptr()), _nvrtc.Strides4(*dy.stride()), _nvrtc.ptr(weight.data_ptr()),
+                _nvrtc.Strides4(*weight.stride()), _nvrtc.ptr(dx.data_ptr()), _nvrtc.Strides4(*dx.stride()),
+                ctypes.c_bool(True))
+        params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"{t}*", _nvrtc.STRIDES,
+                  "bool")
+        EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("conv2d_direct_dgrad_kernel.cu",
+                                                         f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>", blocks,
+                                                         _nvrtc.THREADS, 0, args, params))
+        ref = torch.nn.grad.conv2d_input((n, c, h, w), weight.double(), dy.double(), padding=1, groups=c)
+        torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
 
 
 def test_conv2d_unbatched_no_bias_relu_and_empty_batch(rt):

@@ -102,15 +102,15 @@ conv2d_direct_dgrad_kernel(Conv2dProblem pb, DgradTiling tl, const T* __restrict
 // The tiled kernel above gives a block one group's 16 x 16 tile and spreads its channel lanes over the group's
 // input channels: with one per group, each thread gathers 9 products, from dy elements K apart in a channels_last
 // dy (0.04x of torch on the H200, bf16, 128 channels of 56 x 56). As the depthwise fprop kernel
-// (conv2d_direct_fprop_kernel.cu): a thread per dx element, threads in dx's memory order (channel fastest when dx
-// is channels_last), so a warp's reads of each tap are contiguous; a block per input row (n, h), its threads over
-// the row's W x C elements. 32-bit positions within a row and taps (depthwise_dgrad_kernel_fits); tensor offsets
+// (conv2d_direct_fprop_kernel.cu): a thread per dx element, threads ordered by dy's layout (channel fastest when dy
+// is channels_last, column fastest otherwise), so a warp's reads of each tap are contiguous (NCHW: at stride 1); a
+// block per input row (n, h), its threads over the row's W x C elements. A tap's output row and column are found
+// once for the group's Kg filters. 32-bit positions within a row and taps (depthwise_dgrad_kernel_fits); tensor offsets
 // 64-bit. Deterministic: each element is one thread's sum in a fixed order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 conv2d_depthwise_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, Strides4 dys, const T* __restrict__ w,
                               Strides4 ws, T* __restrict__ dx, Strides4 dxs, bool channels_fastest) {
-  const int64_t rows = pb.N * pb.H;
   const int W = static_cast<int>(pb.W), C = static_cast<int>(pb.C), Kg = static_cast<int>(pb.K_per_group());
   const int R = static_cast<int>(pb.R), S = static_cast<int>(pb.S), P = static_cast<int>(pb.P);
   const int Q = static_cast<int>(pb.Q);
@@ -118,32 +118,36 @@ conv2d_depthwise_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, Stride
   const int dil_h = static_cast<int>(pb.dil_h), dil_w = static_cast<int>(pb.dil_w);
   const int pad_h = static_cast<int>(pb.pad_h), pad_w = static_cast<int>(pb.pad_w);
   const int row_inputs = W * C;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t n = row / pb.H;
-    const int h = static_cast<int>(row % pb.H);
+  // rows (n, h) = blockIdx.x, + gridDim.x, ...: the first and the stride split into (image, row) once, in 32 bits,
+  // then advanced by adds (a 64-bit division per row made ptxas spill around its call)
+  const int rows_per_image = static_cast<int>(pb.H), step_rows = static_cast<int>(gridDim.x % rows_per_image);
+  const int64_t step_images = gridDim.x / rows_per_image;
+  int64_t n = blockIdx.x / rows_per_image;
+  for (int h = static_cast<int>(blockIdx.x % rows_per_image); n < pb.N; n += step_images, h += step_rows) {
+    if (h >= rows_per_image) h -= rows_per_image, ++n;
+    if (n >= pb.N) break;
     for (int j = threadIdx.x; j < row_inputs; j += blockDim.x) {
       const int c = channels_fastest ? j % C : j / W, x = channels_fastest ? j / C : j % W;
+      const T* dyc = dy + n * dys.n + static_cast<int64_t>(c) * Kg * dys.c;  // the group's first filter
+      const T* wc = w + static_cast<int64_t>(c) * Kg * ws.n;
       float acc = 0.f;
-      for (int m = 0; m < Kg; ++m) {
-        const int64_t k = static_cast<int64_t>(c) * Kg + m;
-        const T* dyk = dy + n * dys.n + k * dys.c;
-        const T* wk = w + k * ws.n;
-        for (int r = 0; r < R; ++r) {
-          int p = h + pad_h - r * dil_h;  // p * stride_h, if tap r reads row h from an output row
-          if (stride_h != 1) {
-            if (p < 0 || p % stride_h != 0) continue;
-            p /= stride_h;
+      for (int r = 0; r < R; ++r) {
+        int p = h + pad_h - r * dil_h;  // p * stride_h, if tap r reads row h from an output row
+        if (stride_h != 1) {
+          if (p < 0 || p % stride_h != 0) continue;
+          p /= stride_h;
+        }
+        if (static_cast<unsigned>(p) >= static_cast<unsigned>(P)) continue;
+        for (int s = 0; s < S; ++s) {
+          int q = x + pad_w - s * dil_w;
+          if (stride_w != 1) {
+            if (q < 0 || q % stride_w != 0) continue;
+            q /= stride_w;
           }
-          if (static_cast<unsigned>(p) >= static_cast<unsigned>(P)) continue;
-          for (int s = 0; s < S; ++s) {
-            int q = x + pad_w - s * dil_w;
-            if (stride_w != 1) {
-              if (q < 0 || q % stride_w != 0) continue;
-              q /= stride_w;
-            }
-            if (static_cast<unsigned>(q) >= static_cast<unsigned>(Q)) continue;
-            acc += to_float(wk[r * ws.h + s * ws.w]) * to_float(dyk[p * dys.h + q * dys.w]);
-          }
+          if (static_cast<unsigned>(q) >= static_cast<unsigned>(Q)) continue;
+          const T* dyt = dyc + p * dys.h + q * dys.w;
+          const T* wt = wc + r * ws.h + s * ws.w;
+          for (int m = 0; m < Kg; ++m) acc += to_float(wt[m * ws.n]) * to_float(dyt[m * dys.c]);
         }
       }
       dx[dxs.offset(n, c, h, x)] = from_float<T>(acc);
@@ -153,11 +157,12 @@ conv2d_depthwise_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, Stride
 
 #if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
 // Whether conv2d_depthwise_dgrad_kernel's 32-bit indices hold: a row's W x C elements with room for the thread
-// loop's last step, every tap's h + pad_h - r * dil_h (and the columns'), and dy's extents.
+// loop's last step, every tap's h + pad_h - r * dil_h (and the columns'), dy's extents and the strides.
 bool depthwise_dgrad_kernel_fits(const Conv2dProblem& pb) {
   const int64_t limit = int64_t{1} << 30;
   return pb.W * pb.C <= 0x7fffffff - kThreads && pb.H + pb.pad_h + (pb.R - 1) * pb.dil_h < limit &&
-         pb.W + pb.pad_w + (pb.S - 1) * pb.dil_w < limit && pb.K_per_group() < limit && pb.P < limit && pb.Q < limit;
+         pb.W + pb.pad_w + (pb.S - 1) * pb.dil_w < limit && pb.K_per_group() < limit && pb.P < limit &&
+         pb.Q < limit && pb.stride_h < limit && pb.stride_w < limit;
 }
 
 template <int CPT>
@@ -211,7 +216,7 @@ cudaError_t launch_conv2d_direct_dgrad(const Conv2dProblem& pb, DType dtype, con
     const T* wt = static_cast<const T*>(w);
     T* dxt = static_cast<T*>(dx);
     if (depthwise) {
-      const bool channels_fastest = dxs.c == 1 && pb.C > 1;
+      const bool channels_fastest = dys.c == 1 && pb.K > 1;  // dy's layout: the R x S reads, not the one write
       conv2d_depthwise_dgrad_kernel<T><<<grid_for(pb.N * pb.H), kThreads, 0, stream>>>(pb, dyt, dys, wt, ws, dxt, dxs,
                                                                                        channels_fastest);
       return cudaGetLastError();

@@ -146,16 +146,15 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
 // filters: with one channel and one filter per group, that is 256 threads on one channel's 16 x 16 tile, whose
 // staging reads in a channels_last input are C elements apart (a 2-byte element per 32-byte sector). It measured
 // 0.05x of torch (H200, bf16 channels_last, 128 channels of 56 x 56). Here every thread computes whole outputs on
-// its own, and the threads walk the output in its memory order: channel fastest when y is channels_last (k = j % K),
-// column fastest otherwise, so a warp's reads of each tap are contiguous in either layout, and the R x S re-reads
-// of an input element come from L1 and L2. Block b takes output rows (n, p) = b, b + gridDim.x, ...; its threads
+// its own, and the threads are ordered by x's layout: channel fastest when x is channels_last (k = j % K), column
+// fastest otherwise, so a warp's reads of each tap are contiguous (NCHW: at stride 1; with y in x's layout, its
+// writes too), and the R x S re-reads of an input element come from L1 and L2. Block b takes output rows (n, p) = b, b + gridDim.x, ...; its threads
 // the row's Q x K outputs (Q * K below 2^31 - kThreads: the launcher checks).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 conv2d_depthwise_fprop_kernel(Conv2dProblem pb, const T* __restrict__ x, Strides4 xs, const T* __restrict__ w,
                               Strides4 ws, const T* __restrict__ bias, bool relu, T* __restrict__ y, Strides4 ys,
                               bool channels_fastest) {
-  const int64_t rows = pb.N * pb.P;
   const int Q = static_cast<int>(pb.Q), K = static_cast<int>(pb.K), Kg = static_cast<int>(pb.K_per_group());
   const int R = static_cast<int>(pb.R), S = static_cast<int>(pb.S), H = static_cast<int>(pb.H);
   const int W = static_cast<int>(pb.W);  // (every tap's row and column fits int: depthwise_kernel_fits)
@@ -163,8 +162,14 @@ conv2d_depthwise_fprop_kernel(Conv2dProblem pb, const T* __restrict__ x, Strides
   const int dil_h = static_cast<int>(pb.dil_h), dil_w = static_cast<int>(pb.dil_w);
   const int64_t tap_row = pb.dil_h * xs.h, tap_col = pb.dil_w * xs.w;  // element steps between taps
   const int row_outputs = Q * K;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t n = row / pb.P, p = row % pb.P;
+  // rows (n, p) = blockIdx.x, + gridDim.x, ...: the first and the stride split into (image, row) once, in 32 bits,
+  // then advanced by adds (a 64-bit division per row made ptxas spill around its call)
+  const int rows_per_image = static_cast<int>(pb.P), step_rows = static_cast<int>(gridDim.x % rows_per_image);
+  const int64_t step_images = gridDim.x / rows_per_image;
+  int64_t n = blockIdx.x / rows_per_image;
+  for (int p = static_cast<int>(blockIdx.x % rows_per_image); n < pb.N; n += step_images, p += step_rows) {
+    if (p >= rows_per_image) p -= rows_per_image, ++n;
+    if (n >= pb.N) break;
     const int h0 = static_cast<int>(pb.input_row(p, 0));
     for (int j = threadIdx.x; j < row_outputs; j += blockDim.x) {
       const int k = channels_fastest ? j % K : j / Q, q = channels_fastest ? j / K : j % Q;
@@ -276,7 +281,7 @@ cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, con
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     if (depthwise) {
-      const bool channels_fastest = ys.c == 1 && pb.K > 1;
+      const bool channels_fastest = xs.c == 1 && pb.C > 1;  // x's layout: the R x S reads, not the one write
       conv2d_depthwise_fprop_kernel<T><<<grid_for(pb.N * pb.P), kThreads, 0, stream>>>(
           pb, xt, xs, wt, ws, bt, relu, yt, ys, channels_fastest);
       return cudaGetLastError();

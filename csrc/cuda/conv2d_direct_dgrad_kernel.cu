@@ -118,14 +118,9 @@ conv2d_depthwise_dgrad_kernel(Conv2dProblem pb, const T* __restrict__ dy, Stride
   const int dil_h = static_cast<int>(pb.dil_h), dil_w = static_cast<int>(pb.dil_w);
   const int pad_h = static_cast<int>(pb.pad_h), pad_w = static_cast<int>(pb.pad_w);
   const int row_inputs = W * C;
-  // rows (n, h) = blockIdx.x, + gridDim.x, ...: the first and the stride split into (image, row) once, in 32 bits,
-  // then advanced by adds (a 64-bit division per row made ptxas spill around its call)
-  const int rows_per_image = static_cast<int>(pb.H), step_rows = static_cast<int>(gridDim.x % rows_per_image);
-  const int64_t step_images = gridDim.x / rows_per_image;
-  int64_t n = blockIdx.x / rows_per_image;
-  for (int h = static_cast<int>(blockIdx.x % rows_per_image); n < pb.N; n += step_images, h += step_rows) {
-    if (h >= rows_per_image) h -= rows_per_image, ++n;
-    if (n >= pb.N) break;
+  for (BlockRows it(static_cast<int>(pb.H)); it.n < pb.N; it.next()) {
+    const int64_t n = it.n;
+    const int h = it.row;
     for (int j = threadIdx.x; j < row_inputs; j += blockDim.x) {
       const int c = channels_fastest ? j % C : j / W, x = channels_fastest ? j / C : j % W;
       const T* dyc = dy + n * dys.n + static_cast<int64_t>(c) * Kg * dys.c;  // the group's first filter

@@ -148,8 +148,9 @@ conv2d_direct_fprop_kernel(Conv2dProblem pb, FpropTiling tl, const T* __restrict
 // 0.05x of torch (H200, bf16 channels_last, 128 channels of 56 x 56). Here every thread computes whole outputs on
 // its own, and the threads are ordered by x's layout: channel fastest when x is channels_last (k = j % K), column
 // fastest otherwise, so a warp's reads of each tap are contiguous (NCHW: at stride 1; with y in x's layout, its
-// writes too), and the R x S re-reads of an input element come from L1 and L2. Block b takes output rows (n, p) = b, b + gridDim.x, ...; its threads
-// the row's Q x K outputs (Q * K below 2^31 - kThreads: the launcher checks).
+// writes too), and the R x S re-reads of an input element come from L1 and L2. Block b takes output rows (n, p) = b,
+// b + gridDim.x, ... (BlockRows); its threads the row's Q x K outputs (Q * K below 2^31 - kThreads: the launcher
+// checks).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 conv2d_depthwise_fprop_kernel(Conv2dProblem pb, const T* __restrict__ x, Strides4 xs, const T* __restrict__ w,
@@ -162,14 +163,9 @@ conv2d_depthwise_fprop_kernel(Conv2dProblem pb, const T* __restrict__ x, Strides
   const int dil_h = static_cast<int>(pb.dil_h), dil_w = static_cast<int>(pb.dil_w);
   const int64_t tap_row = pb.dil_h * xs.h, tap_col = pb.dil_w * xs.w;  // element steps between taps
   const int row_outputs = Q * K;
-  // rows (n, p) = blockIdx.x, + gridDim.x, ...: the first and the stride split into (image, row) once, in 32 bits,
-  // then advanced by adds (a 64-bit division per row made ptxas spill around its call)
-  const int rows_per_image = static_cast<int>(pb.P), step_rows = static_cast<int>(gridDim.x % rows_per_image);
-  const int64_t step_images = gridDim.x / rows_per_image;
-  int64_t n = blockIdx.x / rows_per_image;
-  for (int p = static_cast<int>(blockIdx.x % rows_per_image); n < pb.N; n += step_images, p += step_rows) {
-    if (p >= rows_per_image) p -= rows_per_image, ++n;
-    if (n >= pb.N) break;
+  for (BlockRows it(static_cast<int>(pb.P)); it.n < pb.N; it.next()) {
+    const int64_t n = it.n;
+    const int p = it.row;
     const int h0 = static_cast<int>(pb.input_row(p, 0));
     for (int j = threadIdx.x; j < row_outputs; j += blockDim.x) {
       const int k = channels_fastest ? j % K : j / Q, q = channels_fastest ? j / K : j % Q;

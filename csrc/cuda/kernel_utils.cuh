@@ -81,6 +81,24 @@ __device__ __forceinline__ Split split_index(int64_t i, int64_t inner_extent, bo
   return {i / inner_extent, i % inner_extent};
 }
 
+// The rows (image n, row r) of images of `rows` rows each that this block takes in a grid-stride loop over rows
+// n * rows + r: blockIdx.x, + gridDim.x, ... The first and the stride are split into (image, row) once, in 32 bits,
+// and advanced by adds (a 64-bit division per row made ptxas spill around its call).
+//     for (BlockRows it(rows); it.n < N; it.next()) { ... it.n, it.row ... }
+struct BlockRows {
+  int64_t n, step_images;
+  int row, rows, step_rows;
+  __device__ __forceinline__ explicit BlockRows(int rows_) : rows(rows_) {
+    n = blockIdx.x / static_cast<unsigned>(rows), row = static_cast<int>(blockIdx.x % static_cast<unsigned>(rows));
+    step_images = gridDim.x / static_cast<unsigned>(rows);
+    step_rows = static_cast<int>(gridDim.x % static_cast<unsigned>(rows));
+  }
+  __device__ __forceinline__ void next() {
+    n += step_images, row += step_rows;
+    if (row >= rows) row -= rows, ++n;
+  }
+};
+
 // (a, b, c, d) of flat index i over extents (*, B, C, D), d fastest.
 struct Index4 {
   int64_t a, b, c, d;

@@ -12,6 +12,7 @@ The compiled extension is not used by the path itself; the tests use it (fastcon
 only as the reference for error messages and memory formats.
 """
 import ctypes
+import dataclasses
 import re
 import subprocess
 import sys
@@ -189,6 +190,19 @@ DEPTHWISE_DGRAD_CASES = [  # (id, N, C, H, W, channel multiplier, R, S, kwargs)
 ]
 
 
+def depthwise_dgrad_launch(pb, dy: torch.Tensor, weight: torch.Tensor, dx: torch.Tensor) -> _nvrtc.Launch:
+    """launch_conv2d_direct_dgrad's launch of the depthwise dgrad kernel (the build-free path has no dgrad plan):
+    a block per input row, 256 threads, ordered by dy's layout."""
+    t = _nvrtc.CUDA_TYPES[str(dy.dtype).replace("torch.", "")]
+    strides = [_nvrtc.Strides4(*a.stride()) for a in (dy, weight, dx)]
+    args = (pb, _nvrtc.ptr(dy.data_ptr()), strides[0], _nvrtc.ptr(weight.data_ptr()), strides[1],
+            _nvrtc.ptr(dx.data_ptr()), strides[2], ctypes.c_bool(strides[0].c == 1 and pb.K > 1))
+    params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"{t}*", _nvrtc.STRIDES,
+              "bool")
+    return _nvrtc.Launch("conv2d_direct_dgrad_kernel.cu", f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>",
+                         _nvrtc.grid_for(pb.N * pb.H), _nvrtc.THREADS, 0, args, params)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("n,c,h,w,mult,r,s,kwargs", [pytest.param(*case[1:], id=case[0]) for case in
@@ -210,15 +224,7 @@ def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult
         dx = dx.contiguous(memory_format=torch.channels_last)
     pb = _nvrtc.Conv2dProblem(n, c, h, w, k, r, s, p, q, padding[0], padding[1], stride[0], stride[1], dilation[0],
                               dilation[1], c)
-    t = _nvrtc.CUDA_TYPES[str(dtype).replace("torch.", "")]
-    strides = [_nvrtc.Strides4(*a.stride()) for a in (dy, weight, dx)]
-    args = (pb, _nvrtc.ptr(dy.data_ptr()), strides[0], _nvrtc.ptr(weight.data_ptr()), strides[1],
-            _nvrtc.ptr(dx.data_ptr()), strides[2], ctypes.c_bool(layout == "channels_last" and k > 1))
-    params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"{t}*", _nvrtc.STRIDES,
-              "bool")
-    launch = _nvrtc.Launch("conv2d_direct_dgrad_kernel.cu", f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>",
-                           _nvrtc.grid_for(n * h), _nvrtc.THREADS, 0, args, params)
-    EmulatedLaunches(emulated_kernels)(launch)
+    EmulatedLaunches(emulated_kernels)(depthwise_dgrad_launch(pb, dy, weight, dx))
     ref = torch.nn.grad.conv2d_input((n, c, h, w), weight.double(), dy.double(), stride=stride, padding=padding,
                                      dilation=dilation, groups=c)
     torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
@@ -233,30 +239,22 @@ def test_depthwise_kernels_walk_every_row_with_fewer_blocks_than_rows(emulated_k
     n, c, h, w, mult = 3, 4, 5, 6, 2
     k = c * mult
     for dtype in (torch.float32, torch.float16):
-        t = _nvrtc.CUDA_TYPES[str(dtype).replace("torch.", "")]
         x, weight = randn(n, c, h, w, dtype=dtype, channels_last=True), randn(k, 1, 3, 3, dtype=dtype)
         pb = _nvrtc.Conv2dProblem(n, c, h, w, k, 3, 3, h, w, 1, 1, 1, 1, 1, 1, c)
         y = torch.full((n, k, h, w), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
-        args = (pb, _nvrtc.ptr(x.data_ptr()), _nvrtc.Strides4(*x.stride()), _nvrtc.ptr(weight.data_ptr()),
-                _nvrtc.Strides4(*weight.stride()), _nvrtc.ptr(None), ctypes.c_bool(False), _nvrtc.ptr(y.data_ptr()),
-                _nvrtc.Strides4(*y.stride()), ctypes.c_bool(True))
-        params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", "bool",
-                  f"{t}*", _nvrtc.STRIDES, "bool")
-        EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("conv2d_direct_fprop_kernel.cu",
-                                                         f"fastconv::conv2d_depthwise_fprop_kernel<{t}>", blocks,
-                                                         _nvrtc.THREADS, 0, args, params))
+        # the build-free path's own plan (a block per row), on fewer blocks
+        plan = _nvrtc.plan_conv2d_direct_fprop(pb, str(dtype).replace("torch.", ""), x.data_ptr(),
+                                               _nvrtc.Strides4(*x.stride()), weight.data_ptr(),
+                                               _nvrtc.Strides4(*weight.stride()), None, False, y.data_ptr(),
+                                               _nvrtc.Strides4(*y.stride()))
+        assert "conv2d_depthwise_fprop_kernel" in plan.kernel and plan.grid == n * h
+        EmulatedLaunches(emulated_kernels)(dataclasses.replace(plan, grid=blocks))
         ref = F.conv2d(x.double(), weight.double(), padding=1, groups=c)
         torch.testing.assert_close(y.double(), ref, **TOL[dtype])
         dy = randn(n, k, h, w, dtype=dtype, channels_last=True)
         dx = torch.full((n, c, h, w), float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
-        args = (pb, _nvrtc.ptr(dy.data_ptr()), _nvrtc.Strides4(*dy.stride()), _nvrtc.ptr(weight.data_ptr()),
-                _nvrtc.Strides4(*weight.stride()), _nvrtc.ptr(dx.data_ptr()), _nvrtc.Strides4(*dx.stride()),
-                ctypes.c_bool(True))
-        params = (_nvrtc.PROBLEM, f"const {t}*", _nvrtc.STRIDES, f"const {t}*", _nvrtc.STRIDES, f"{t}*", _nvrtc.STRIDES,
-                  "bool")
-        EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("conv2d_direct_dgrad_kernel.cu",
-                                                         f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>", blocks,
-                                                         _nvrtc.THREADS, 0, args, params))
+        EmulatedLaunches(emulated_kernels)(dataclasses.replace(depthwise_dgrad_launch(pb, dy, weight, dx),
+                                                               grid=blocks))
         ref = torch.nn.grad.conv2d_input((n, c, h, w), weight.double(), dy.double(), padding=1, groups=c)
         torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
 

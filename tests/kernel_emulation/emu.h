@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -61,21 +62,9 @@ inline float __shfl_down_sync(unsigned, float, int) {
   EMU_CHECK(false, "__shfl_down_sync is not emulated");
   return 0.f;
 }
-inline float __int_as_float(int v) {
-  float f;
-  std::memcpy(&f, &v, 4);
-  return f;
-}
-inline float __uint_as_float(unsigned v) {
-  float f;
-  std::memcpy(&f, &v, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float v) {
-  unsigned u;
-  std::memcpy(&u, &v, 4);
-  return u;
-}
+inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
+inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
+inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
 // The staged epilogue's 16-byte global loads (__ldg: ld.global.nc.v4.u32): aligned, and inside a buffer the driver
 // registered (defined below, with the other global-memory checks; its stores: emu_st_global_16).
 inline uint4 __ldg(const uint4* p);
@@ -201,19 +190,21 @@ inline size_t __cvta_generic_to_shared(const void* p) {
   return static_cast<size_t>(static_cast<const unsigned char*>(p) - t_block->smem + kSharedWindowBase);
 }
 
-// Shared memory serves 16-byte accesses in phases of 8 lanes; a phase is conflict-free when its 8 chunks
-// fall in the 8 distinct 16-byte bank groups of a 128-byte line (32 banks of 4 bytes). `offsets`: the 8
-// shared-memory byte offsets of one phase.
-inline bool bank_groups_conflict(const long (&offsets)[8]) {
+// Shared memory serves a warp's accesses of `bytes` each in phases of 128 / bytes lanes (8 lanes of 16 bytes, 16 of
+// 8); a phase is conflict-free when its accesses fall in distinct `bytes`-wide slots of a 128-byte line (32 banks
+// of 4 bytes). `offsets`: the shared-memory byte offsets of one phase's `lanes` accesses.
+inline bool bank_slots_conflict(const long* offsets, int lanes, int bytes) {
   unsigned seen = 0;
   bool conflict = false;
-  for (const long o : offsets) {
-    const unsigned group = 1u << ((o % 128) / 16);
-    conflict |= (seen & group) != 0;
-    seen |= group;
+  for (int i = 0; i < lanes; ++i) {
+    const unsigned slot = 1u << ((offsets[i] % 128) / bytes);
+    conflict |= (seen & slot) != 0;
+    seen |= slot;
   }
   return conflict;
 }
+// The 16-byte case (an ldmatrix matrix, a quarter of a warp's cp.async): 8 chunks in the 8 bank groups.
+inline bool bank_groups_conflict(const long (&offsets)[8]) { return bank_slots_conflict(offsets, 8, 16); }
 
 // ---- cp.async -----------------------------------------------------------------------------------------
 
@@ -294,8 +285,7 @@ inline void emu_wait(int n) { t_copies.retire(n, land); }
 inline void __syncwarp(unsigned = 0xffffffffu) { t_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 // A warp-wide shared-memory access of `bytes` (8 or 16) per lane at p: checked for alignment and bounds, and its
-// phases (16 lanes of 8 bytes, 8 lanes of 16) for bank conflicts: a phase is conflict-free when its lanes' accesses
-// fall in distinct `bytes`-wide slots of a 128-byte line.
+// phases (16 lanes of 8 bytes, 8 lanes of 16) for bank conflicts (bank_slots_conflict).
 inline void check_stage_access(const void* p, int bytes) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const long offset = static_cast<long>(static_cast<const unsigned char*>(p) - t_block->smem);
@@ -309,15 +299,8 @@ inline void check_stage_access(const void* p, int bytes) {
   if (lane == 0) {
     const int lanes_per_phase = 128 / bytes;
     for (int q = 0; q < 32; q += lanes_per_phase) {
-      unsigned seen = 0;
-      bool conflict = false;
-      for (int i = 0; i < lanes_per_phase; ++i) {
-        const unsigned slot = 1u << ((x.stage_at[q + i] % 128) / bytes);
-        conflict |= (seen & slot) != 0;
-        seen |= slot;
-      }
       ++g_epilogue_phases;
-      if (conflict) ++g_epilogue_conflicted_phases;
+      if (bank_slots_conflict(x.stage_at + q, lanes_per_phase, bytes)) ++g_epilogue_conflicted_phases;
     }
   }
   t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read stage_at before any lane reuses it
@@ -385,24 +368,13 @@ inline float half_bits_to_float(uint16_t v) {
   raw.x = v;
   return __half2float(__half(raw));
 }
-inline float bfloat16_bits_to_float(uint16_t v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float bfloat16_bits_to_float(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
 // A TF32 operand register: the tensor core reads sign, exponent and the top 10 mantissa bits.
-inline float tf32_bits_to_float(uint32_t v) {
-  v &= ~0x1fffu;
-  float f;
-  std::memcpy(&f, &v, 4);
-  return f;
-}
+inline float tf32_bits_to_float(uint32_t v) { return std::bit_cast<float>(v & ~0x1fffu); }
 
 // cvt.rna.tf32.f32: round to 10 mantissa bits, to nearest with ties away from zero.
 inline uint32_t emu_tf32(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
+  const uint32_t u = std::bit_cast<uint32_t>(v);
   if ((u & 0x7f800000u) == 0x7f800000u) return u;  // Inf, NaN
   return (u + 0x1000u) & ~0x1fffu;
 }

@@ -747,10 +747,6 @@ template <typename T>
 struct Chunk16 {
   static constexpr int VEC = 16 / static_cast<int>(sizeof(T));
 };
-template <typename T>
-__device__ __forceinline__ bool aligned16(const T* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
 __device__ __forceinline__ void unpack_word(uint32_t w, float* v, float) { v[0] = __uint_as_float(w); }
 __device__ __forceinline__ void unpack_word(uint32_t w, float* v, __half) {
   const float2 f = __half22float2(reinterpret_cast<const __half2&>(w));

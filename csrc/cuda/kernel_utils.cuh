@@ -9,6 +9,9 @@
 
 namespace fastconv {
 
+// Whether p starts on a 16-byte boundary (the kernels' vector loads and stores; the host's vector-path choices).
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

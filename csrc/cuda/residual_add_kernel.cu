@@ -123,11 +123,6 @@ residual_add_backward_strided_kernel(ResidualAddShape sh, bool channels_fastest,
   }
 }
 
-#if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-#endif  // !defined(__CUDACC_RTC__)
-
 }  // namespace
 
 #if !defined(__CUDACC_RTC__)  // host code: launch configuration and launchers (NVRTC compiles the kernels alone)

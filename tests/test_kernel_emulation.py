@@ -138,6 +138,18 @@ PLANTED_BUGS = {
                                  "read_at[q] = row_in * LD + chunk * VEC + 4 * q;"),
     # 16-byte accesses without the pointers' alignment test: a residual view at an odd offset faults on a GPU
     "epilogue_alignment_unchecked": ("const bool whole = aligned && cols == VEC;", "const bool whole = cols == VEC;"),
+    # the staging starts while other warps may still read the main loop's last stage, which the slices overlap
+    "epilogue_block_barrier_dropped": (
+        "  __syncthreads();  // every warp has finished reading the main loop's stages, which the slices may overlap",
+        ""),
+    # a slice staged over the previous one before every lane has read that back
+    "epilogue_slice_barrier_dropped": ("    if (mi > 0) __syncwarp();  // the previous slice has been read back", ""),
+    # a slice read back before the other lanes' stores to it
+    "epilogue_staged_barrier_dropped": ("    __syncwarp();\n#pragma unroll\n    for (int step = 0;",
+                                        "#pragma unroll\n    for (int step = 0;"),
+    # the main loop's barrier gone: a warp reads a stage other threads' copies filled, and refills one another warp
+    # may still be reading
+    "mainloop_barrier_dropped": ("      __syncthreads();  // stage (t + 1) % STAGES is visible to all;", "      //"),
 }
 WGMMA_PLANTED_BUGS = {
     # 1024 bytes between groups of 8 rows (a 128-byte-row layout's): the MMAs read the wrong rows
@@ -155,6 +167,9 @@ WGMMA_PLANTED_BUGS = {
     # starts 48 bytes past one): the hardware's swizzle then disagrees with the loaders' layout
     "wgmma_stages_unaligned": ("return reinterpret_cast<T*>(smem_bytes + (512 - smem_address(smem_bytes) % 512) % 512);",
                                "return reinterpret_cast<T*>(smem_bytes);"),
+    # the MMAs issued without the barrier: they may read copies other threads landed, and the copies refill a stage
+    # another warpgroup's MMAs may still read
+    "wgmma_barrier_dropped": ("    fence_proxy_async_shared();\n    __syncthreads();", "    fence_proxy_async_shared();"),
     # the copies waited for one tile short: the MMAs may read a stage that has not landed
     "wgmma_copies_waited_one_short": ("    cp_async_wait<Cfg::STAGES - 3>();\n    fence_proxy_async_shared();",
                                       "    cp_async_wait<Cfg::STAGES - 2>();\n    fence_proxy_async_shared();"),
@@ -167,7 +182,10 @@ PLANTED_BUGS.update(WGMMA_PLANTED_BUGS)
 # The pass each planted bug is run in (the others: fprop).
 PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
 # Arguments a planted bug's run adds (a misaligned residual view for the epilogue's alignment test).
-PLANTED_BUG_ARGS = {"epilogue_alignment_unchecked": {"residual_offset": 1}}
+PLANTED_BUG_ARGS = {"epilogue_alignment_unchecked": {"residual_offset": 1},
+                    # SHAPES["deep_reduction"]: 18 reduction tiles, the last read from stage 1 of 4, which the staged
+                    # slices overlap (c40's last, stage 3, lies past them)
+                    "epilogue_block_barrier_dropped": dict(N=1, C=64, H=6, W=6, K=136, R=3, S=3, pad=1)}
 # What the emulation reports for each planted bug (the others: a wrong output).
 PLANTED_BUG_REPORT = {
     "k_major_swizzle_dropped": "ldmatrix phases have shared-memory bank conflicts",
@@ -178,6 +196,11 @@ PLANTED_BUG_REPORT = {
     "proxy_fence_dropped": "fence.proxy.async",  # an emulation check (abort)
     "proxy_fence_after_barrier": "fence.proxy.async",
     "wgmma_stride_offset_doubled": "wgmma operand outside the block's shared memory",  # (the last B stage's rows)
+    "epilogue_block_barrier_dropped": "shared-memory races",
+    "epilogue_slice_barrier_dropped": "shared-memory races",
+    "epilogue_staged_barrier_dropped": "shared-memory races",
+    "mainloop_barrier_dropped": "shared-memory races",
+    "wgmma_barrier_dropped": "shared-memory races",
 }
 
 

@@ -14,11 +14,15 @@
 //   wgmma.fence, fence.proxy.async  emu_wgmma_fence / emu_fence_proxy_async: bookkeeping that a wgmma checks
 //   st.global.v4.b32         emu_st_global_16: the staged epilogue's 16-byte stores (aligned, in bounds)
 //
+// Every shared-memory access of those wrappers (copies landing, ldmatrix rows, wgmma operands, the staged
+// epilogue's stores and loads) is also checked for races against the block's barriers: see note_shared_access.
+//
 // Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier, the warp-collective
 // instructions meet at a warp barrier. This is an emulation on the CPU, not a GPU run: it checks the
 // kernels' index math, fragment layouts, cp.async pipeline synchronisation and the alignment and bounds of
 // their cp.async / ldmatrix addresses (plus the bank-conflict-free shared-memory layouts the kernels
-// document, a property of the addresses: see bank_groups_conflict). It says nothing about speed, nor about
+// document, a property of the addresses: see bank_groups_conflict), and that their barriers order every pair of
+// shared-memory accesses that needs it (note_shared_access). It says nothing about speed, nor about
 // real hardware behaviour beyond the PTX ISA's documented semantics.
 #pragma once
 
@@ -36,6 +40,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -108,6 +113,28 @@ struct WarpgroupExchange {
   uint64_t desc[128][2];
 };
 
+// A block's shared memory in 8-byte granules (the smallest access a wrapper makes is an 8-byte staging store), each
+// with the last write and the reads of the latest epoch that read it, for the race check (note_shared_access). An
+// epoch counts the barriers a thread has passed; every thread passes the same ones, so it is the block's too.
+enum class SharedAccessKind : uint8_t {
+  kThread,  // one thread's load or store (the staged epilogue) or the landing of its cp.async
+  kWarp,    // an ldmatrix: warp-collective, its reads complete before any lane goes on
+  kWgmma,   // a wgmma's operand reads: warpgroup-collective and asynchronous, from its issue to its wait_group
+};
+struct SharedRead {
+  SharedAccessKind kind;
+  int unit;   // the thread, warp or warpgroup
+  int syncs;  // kThread: the __syncwarp calls its thread had made
+};
+struct SharedGranule {
+  static constexpr int kMaxReads = 8;  // distinct readers per epoch (an ldmatrix row: every warp of a tile's row)
+  int write_epoch = -1, writer = -1, writer_syncs = 0;
+  int read_epoch = -1, reads = 0;
+  SharedRead read[kMaxReads];
+};
+inline std::atomic<long> g_shared_races{0};
+inline char g_first_shared_race[512];  // written under the block's race_lock by the first race
+
 struct BlockContext;
 // Runs once per __syncthreads, after every thread arrived and before any leaves: notes whether every thread had
 // fenced its landed cp.async copies to the async proxy (what a wgmma reading them after the barrier needs).
@@ -126,6 +153,8 @@ struct BlockContext {
   std::vector<WarpgroupExchange> warpgroups;
   unsigned char* smem;
   size_t smem_bytes;
+  std::mutex race_lock;  // guards shadow
+  std::vector<SharedGranule> shadow;
 };
 
 inline thread_local BlockContext* t_block;
@@ -135,6 +164,7 @@ struct PendingCopy {
   void* dst;
   const void* src;
   bool valid;
+  int issued_at;  // the issuing thread's epoch: the copy may land any time from then to its wait_group
 };
 // A thread's asynchronous operations in commit groups, as cp.async and wgmma both track them: the open group
 // (issued since the last commit), then the committed groups, oldest first.
@@ -169,6 +199,8 @@ inline thread_local AsyncGroups<PendingCopy> t_copies;
 // This thread landed cp.async copies (the generic proxy) not yet fenced to the async proxy (fence.proxy.async),
 // which wgmma reads shared memory through.
 inline thread_local bool t_unfenced_copies = false;
+// The race check's clocks: the __syncthreads this thread has passed (its epoch), and its __syncwarp calls.
+inline thread_local int t_barriers = 0, t_warp_syncs = 0;
 
 inline void BarrierCompletion::operator()() noexcept {
   block->copies_fenced_at_last_barrier =
@@ -178,6 +210,7 @@ inline void BarrierCompletion::operator()() noexcept {
 inline void __syncthreads() {
   t_block->unfenced_at_barrier[threadIdx.x] = t_unfenced_copies;
   t_block->block_barrier->arrive_and_wait();
+  ++t_barriers;
 }
 
 // The shared-memory address of the block's first byte, as __cvta_generic_to_shared reports it: 16-byte aligned
@@ -206,6 +239,80 @@ inline bool bank_slots_conflict(const long* offsets, int lanes, int bytes) {
 // The 16-byte case (an ldmatrix matrix, a quarter of a warp's cp.async): 8 chunks in the 8 bank groups.
 inline bool bank_groups_conflict(const long (&offsets)[8]) { return bank_slots_conflict(offsets, 8, 16); }
 
+// ---- shared-memory races -------------------------------------------------------------------------------
+
+// Checks thread t's access to shared bytes [offset, offset + bytes) against each granule's last write and latest
+// reads, then records it. Two accesses to a granule, one of them a write, by different threads must be ordered:
+//   - by a __syncthreads between them: the earlier one's epoch is below the later one's window start, the epoch in
+//     which t issued it (the same as now, but for a cp.async landing and a wgmma reading, which may happen at any
+//     time from their issue to their wait_group);
+//   - or within a warp: by a __syncwarp between them (a thread's count of them is its warp's), or because the
+//     earlier one was an ldmatrix of t's warp (every lane has its result before any lane goes on);
+//   - or, for a write, because the earlier access was a wgmma read of t's warpgroup: t has waited for the group
+//     before writing (whether it had is the value checks': emu_wgmma_wait completes the MMAs as late as allowed).
+// A wgmma's reads are ordered after a write only by a barrier: the async proxy sees no warp's order.
+// What it cannot see: accesses outside the wrappers (no implicit-GEMM kernel makes any), and ordering that a kernel
+// would get from anything but barriers and warp collectives.
+inline void note_shared_access(long offset, int bytes, SharedAccessKind kind, bool write, int window_start, int unit) {
+  // (an access outside the shared memory is its caller's to report)
+  if (offset < 0 || offset + bytes > static_cast<long>(t_block->smem_bytes)) return;
+  const int t = static_cast<int>(threadIdx.x), warp = t / 32, group = t / 128;
+  const int epoch = t_barriers, syncs = t_warp_syncs;
+  // orders an earlier access of thread `other` (a write, or a kThread read) before this one
+  const auto after_in_warp = [&](int other, int other_syncs) {
+    return kind != SharedAccessKind::kWgmma && (other == t || (other / 32 == warp && other_syncs < syncs));
+  };
+  std::lock_guard<std::mutex> lock(t_block->race_lock);
+  for (long g = offset / 8; g <= (offset + bytes - 1) / 8; ++g) {
+    SharedGranule& s = t_block->shadow[g];
+    // the earlier access this one races with, if any: what it was (kind, write), whose (unit), when (epoch)
+    bool race = false, other_write = false;
+    SharedAccessKind other_kind = SharedAccessKind::kThread;
+    int other = -1, other_epoch = -1;
+    if (s.write_epoch >= window_start && !after_in_warp(s.writer, s.writer_syncs)) {
+      race = other_write = true;
+      other = s.writer, other_epoch = s.write_epoch;
+    }
+    if (write && s.read_epoch >= window_start) {
+      for (int i = 0; i < s.reads && !race; ++i) {
+        const SharedRead& r = s.read[i];
+        race = !(r.kind == SharedAccessKind::kThread ? after_in_warp(r.unit, r.syncs)
+                 : r.kind == SharedAccessKind::kWarp ? r.unit == warp
+                                                     : r.unit == group);
+        other_kind = r.kind, other = r.unit, other_epoch = s.read_epoch;
+      }
+    }
+    if (race && g_shared_races++ == 0) {
+      const auto what = [](SharedAccessKind k, bool w) {
+        return w ? "write" : k == SharedAccessKind::kThread ? "read" : k == SharedAccessKind::kWarp ? "ldmatrix"
+                                                                                                    : "wgmma read";
+      };
+      const auto whose = [](SharedAccessKind k) {
+        return k == SharedAccessKind::kThread ? "thread" : k == SharedAccessKind::kWarp ? "warp" : "warpgroup";
+      };
+      std::snprintf(g_first_shared_race, sizeof(g_first_shared_race),
+                    "%s %d's %s of shared offset %ld (epoch %d) after %s %d's %s (epoch %d, issued in epoch %d "
+                    "or later), no barrier between (block (%u, %u, %u))", whose(other_kind), other,
+                    what(other_kind, other_write), 8 * g, other_epoch, whose(kind), unit, what(kind, write), epoch,
+                    window_start, blockIdx.x, blockIdx.y, blockIdx.z);
+    }
+    if (write) {
+      s.write_epoch = epoch, s.writer = t, s.writer_syncs = syncs;
+      continue;
+    }
+    if (s.read_epoch != epoch) s.read_epoch = epoch, s.reads = 0;
+    int i = 0;
+    while (i < s.reads && !(s.read[i].kind == kind && s.read[i].unit == unit)) ++i;
+    if (i == s.reads) {
+      EMU_CHECK(s.reads < SharedGranule::kMaxReads, "more than %d distinct readers of a shared granule in one epoch "
+                "(raise SharedGranule::kMaxReads)", SharedGranule::kMaxReads);
+      s.read[s.reads++] = SharedRead{kind, unit, syncs};
+    } else {
+      s.read[i].syncs = std::max(s.read[i].syncs, syncs);
+    }
+  }
+}
+
 // ---- cp.async -----------------------------------------------------------------------------------------
 
 inline bool inside_global_buffer(const unsigned char* p, size_t bytes) {
@@ -216,6 +323,8 @@ inline bool inside_global_buffer(const unsigned char* p, size_t bytes) {
 
 inline void land(const PendingCopy& c) {
   t_unfenced_copies = true;
+  note_shared_access(static_cast<const unsigned char*>(c.dst) - t_block->smem, 16, SharedAccessKind::kThread, true,
+                     c.issued_at, static_cast<int>(threadIdx.x));
   if (c.valid) {
     std::memcpy(c.dst, c.src, 16);
   } else {
@@ -267,7 +376,7 @@ inline void emu_cp_async(void* dst, const void* src, bool valid) {
     }
   }
   t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read copy_dst before any lane reuses it
-  const PendingCopy c{dst, src, valid};
+  const PendingCopy c{dst, src, valid, t_barriers};
   if (g_cp_async_immediate) {
     land(c);
   } else {
@@ -282,7 +391,10 @@ inline void emu_wait(int n) { t_copies.retire(n, land); }
 
 // ---- the staged epilogue's shared-memory accesses ---------------------------------------------------------
 
-inline void __syncwarp(unsigned = 0xffffffffu) { t_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  t_block->warp_barriers[threadIdx.x / 32]->arrive_and_wait();
+  ++t_warp_syncs;
+}
 
 // A warp-wide shared-memory access of `bytes` (8 or 16) per lane at p: checked for alignment and bounds, and its
 // phases (16 lanes of 8 bytes, 8 lanes of 16) for bank conflicts (bank_slots_conflict).
@@ -308,11 +420,15 @@ inline void check_stage_access(const void* p, int bytes) {
 
 inline void emu_stage_store2(float* p, float a, float b) {
   check_stage_access(p, 8);
+  note_shared_access(reinterpret_cast<unsigned char*>(p) - t_block->smem, 8, SharedAccessKind::kThread, true,
+                     t_barriers, static_cast<int>(threadIdx.x));
   p[0] = a, p[1] = b;
 }
 
 inline void emu_stage_load4(float (&v)[4], const float* p) {
   check_stage_access(p, 16);
+  note_shared_access(reinterpret_cast<const unsigned char*>(p) - t_block->smem, 16, SharedAccessKind::kThread, false,
+                     t_barriers, static_cast<int>(threadIdx.x));
   for (int i = 0; i < 4; ++i) v[i] = p[i];
 }
 
@@ -334,6 +450,7 @@ inline void emu_ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   EMU_CHECK(offset >= 0 && offset + 16 <= static_cast<long>(t_block->smem_bytes),
             "ldmatrix row outside the block's shared memory (offset %ld)", offset);
   EMU_CHECK(offset % 16 == 0, "ldmatrix row not 16-byte aligned (shared offset %ld)", offset);
+  note_shared_access(offset, 16, SharedAccessKind::kWarp, false, t_barriers, warp);  // the row this lane names
   x.row[lane] = p;
   t_block->warp_barriers[warp]->arrive_and_wait();
   if (lane == 0) {
@@ -430,6 +547,7 @@ struct PendingWgmma {
   int n;
   bool bf16;
   uint64_t desc_a, desc_b;
+  int issued_at;  // the epoch it was issued in: it may read its operands any time from then to its wait_group
 };
 inline thread_local AsyncGroups<PendingWgmma> t_wgmmas;
 inline thread_local bool t_wgmma_fenced = false;  // a wgmma.fence since the accumulators were last touched
@@ -459,6 +577,15 @@ inline long wgmma_k_major_address(uint64_t desc, int row, int k, int element_byt
 inline void run_wgmma(const PendingWgmma& op) {
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
   const int g = lane / 4, t = lane % 4;
+  if (threadIdx.x % 128 == 0) {  // the warpgroup's operand reads, noted once: A's 64 rows and B's N, 16 k each
+    for (int row = 0; row < 64 + op.n; ++row)
+      for (int k = 0; k < 16; k += 4) {  // an 8-byte granule: 4 elements, contiguous under the swizzle
+        const long address = row < 64 ? wgmma_k_major_address(op.desc_a, row, k, 2)
+                                      : wgmma_k_major_address(op.desc_b, row - 64, k, 2);
+        note_shared_access(address - kSharedWindowBase, 8, SharedAccessKind::kWgmma, false, op.issued_at,
+                           static_cast<int>(threadIdx.x / 128));
+      }
+  }
   const auto element = [&](long address) -> float {  // a shared-memory address (kSharedWindowBase + offset)
     const long offset = address - kSharedWindowBase;
     EMU_CHECK(offset >= 0 && offset + 2 <= static_cast<long>(t_block->smem_bytes),
@@ -495,7 +622,7 @@ inline void emu_wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
     EMU_CHECK(x.desc[other][0] == desc_a && x.desc[other][1] == desc_b,
               "the threads of warpgroup %d issue a wgmma with different descriptors", group);
   t_block->warpgroup_barriers[group]->arrive_and_wait();  // all compared before any thread rewrites x.desc
-  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b};
+  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b, t_barriers};
   if (g_wgmma_immediate) {
     run_wgmma(op);
   } else {
@@ -540,6 +667,7 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
         // 128-byte aligned, as the hardware's shared window (the bank check reads offsets from here)
         block.smem = reinterpret_cast<unsigned char*>(std::aligned_alloc(128, (smem_bytes + 255) / 128 * 128));
         block.smem_bytes = smem_bytes;
+        block.shadow.resize((smem_bytes + 7) / 8);
         std::memset(block.smem, 0xff, smem_bytes);
         std::vector<std::thread> workers;
         for (int t = 0; t < threads; ++t)
@@ -552,6 +680,7 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
             t_unfenced_copies = false;
             t_wgmmas.clear();
             t_wgmma_fenced = false;
+            t_barriers = 0, t_warp_syncs = 0;
             kernel(args...);
             EMU_CHECK(!t_copies.outstanding(), "thread %d of block (%u, %u, %u) exits with cp.async copies not waited for",
                       t, x, y, z);

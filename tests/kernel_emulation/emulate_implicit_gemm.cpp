@@ -17,9 +17,9 @@
 //       [residual_offset=]                     (fprop: the residual starts this many elements into its buffer, as
 //                                               a view at an offset does: the epilogue's unaligned path)
 //
-// Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no write outside an output buffer. 1: a check
-// failed (the output says which). An emulation check (a misaligned or out-of-bounds address, copies not
-// waited for) aborts.
+// Exit status 0: bit-exact, no ldmatrix or cp.async bank conflict, no shared-memory race, no write outside an
+// output buffer. 1: a check failed (the output says which). An emulation check (a misaligned or out-of-bounds
+// address, copies not waited for) aborts.
 //
 // Why bit-exact works: every operand is k/8 with |k| <= 8, exact in fp16, bf16 and TF32, and the sums stay
 // far inside float's 24-bit mantissa, so any order of accumulation gives the same float; the epilogue's
@@ -590,7 +590,9 @@ int main(int argc, char** argv) {
   if (epilogue_conflicted != 0)
     std::printf("  %ld of %ld epilogue staging phases have shared-memory bank conflicts\n", epilogue_conflicted,
                 epilogue_phases);
-  const bool ok = failures == 0 && conflicted == 0 && copy_conflicted == 0 && epilogue_conflicted == 0;
+  const long races = g_shared_races.load();
+  if (races != 0) std::printf("  %ld shared-memory races; the first: %s\n", races, g_first_shared_race);
+  const bool ok = failures == 0 && conflicted == 0 && copy_conflicted == 0 && epilogue_conflicted == 0 && races == 0;
   std::printf("%s: %s (%ld ldmatrix phases, %ld cp.async phases, %ld epilogue staging phases)\n", c.text.c_str(),
               ok ? "bit-exact" : "FAILED", phases, copy_phases, epilogue_phases);
   return ok ? 0 : 1;

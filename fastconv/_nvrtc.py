@@ -90,6 +90,14 @@ class FpropTiling(ctypes.Structure):
                 ("k_blocks", i64), ("total_blocks", i64)]
 
 
+class DepthwiseWgradPlan(ctypes.Structure):
+    """csrc/cuda/conv2d_direct_wgrad_kernel.cu: the depthwise wgrad launch's plan. (The extension's: the build-free
+    path has no wgrad. tests/test_nvrtc_path.py launches the kernel in the CPU emulation with it.)"""
+
+    _fields_ = [("split_pixels", i64), ("k_lanes", i32), ("pixel_lanes", i32), ("k_blocks", i32), ("tap_chunks", i32),
+                ("splits", i32), ("channels_fastest", boolean)]
+
+
 class ResidualAddShape(ctypes.Structure):
     """csrc/residual_add_shape.h: the sizes of one residual add."""
 
@@ -100,6 +108,8 @@ class ResidualAddShape(ctypes.Structure):
 STRUCTS = {
     "conv2d_direct_fprop_kernel.cu": {"fastconv::Conv2dProblem": Conv2dProblem, "fastconv::Strides4": Strides4,
                                       "fastconv::FpropTiling": FpropTiling},
+    "conv2d_direct_wgrad_kernel.cu": {"fastconv::Conv2dProblem": Conv2dProblem, "fastconv::Strides4": Strides4,
+                                      "fastconv::DepthwiseWgradPlan": DepthwiseWgradPlan},
     "max_pool2d_kernel.cu": {"fastconv::Conv2dProblem": Conv2dProblem, "fastconv::Strides4": Strides4},
     "residual_add_kernel.cu": {"fastconv::ResidualAddShape": ResidualAddShape, "fastconv::Strides4": Strides4},
 }
@@ -110,12 +120,17 @@ SHARED_MEMORY_BUDGET = 48 * 1024  # launch.h kSharedMemoryBudgetBytes
 MAX_DIRECT_FILTER_TAPS = SHARED_MEMORY_BUDGET // 4
 DIRECT_MAX_TILE = 16
 DIRECT_MAX_CHANNEL_STEP = 16
+DEPTHWISE_WGRAD_TAPS = 9                            # kDepthwiseWgradTaps: a thread's taps
+DEPTHWISE_WGRAD_LANE_SUMS = THREADS + THREADS // 32  # kLaneSumsStride: floats per tap in its shared memory
 MIRRORED_CONSTANTS = {
     "conv2d_direct_fprop_kernel.cu": {"fastconv::kThreads": THREADS,
                                       "fastconv::kSharedMemoryBudgetBytes": SHARED_MEMORY_BUDGET,
                                       "fastconv::kMaxDirectFilterTaps": MAX_DIRECT_FILTER_TAPS,
                                       "fastconv::kMaxTile": DIRECT_MAX_TILE,
                                       "fastconv::kMaxChannelStep": DIRECT_MAX_CHANNEL_STEP},
+    "conv2d_direct_wgrad_kernel.cu": {"fastconv::kThreads": THREADS,
+                                      "fastconv::kDepthwiseWgradTaps": DEPTHWISE_WGRAD_TAPS,
+                                      "fastconv::kLaneSumsStride": DEPTHWISE_WGRAD_LANE_SUMS},
     "max_pool2d_kernel.cu": {"fastconv::kThreads": THREADS},
     "residual_add_kernel.cu": {"fastconv::kThreads": THREADS},
 }

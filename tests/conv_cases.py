@@ -41,6 +41,9 @@ CASES = [
     ConvCase("depthwise_multiplier2", (1, 3, 7, 7), (6, 1, 3, 3), groups=3, bias=False),
     # an R x 1 depthwise filter: its padded KRSC copy was once laid out R-fastest (the GPU read it wrong)
     ConvCase("depthwise_3x1", (2, 6, 6, 5), (6, 1, 3, 1), padding=(1, 0), groups=6),
+    # 800 positions and 25 taps: the depthwise wgrad kernel splits the positions over blocks (7 splits in
+    # channels_last, 2 in NCHW) and the taps into chunks of 9, 9 and 7; 40 filters fill a block of 32 and part of one
+    ConvCase("depthwise_5x5_split_positions", (2, 40, 20, 20), (40, 1, 5, 5), padding=2, groups=40),
     ConvCase("pointwise", (3, 8, 5, 5), (16, 8, 1, 1)),
     ConvCase("pointwise_stride2", (2, 8, 6, 7), (4, 8, 1, 1), stride=2, bias=False),
     ConvCase("stem_7x7_stride2", (1, 3, 17, 19), (8, 3, 7, 7), stride=2, padding=3),

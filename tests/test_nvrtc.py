@@ -28,10 +28,13 @@ KERNELS = {
     "batch_norm_relu_backward_kernel.cu": [f"batch_norm_relu_grad_partials_kernel<{t}>" for t in DTYPES]
     + [f"batch_norm_relu_grad_input_kernel<{t}>" for t in DTYPES] + ["batch_norm_relu_grad_finalize_kernel"],
     "conv2d_bias_grad_kernel.cu": [f"conv2d_bias_grad_kernel<{t}>" for t in DTYPES],
-    "conv2d_direct_dgrad_kernel.cu": [f"conv2d_direct_dgrad_kernel<{t}, {c}>" for t in DTYPES for c in (1, 8)],
+    "conv2d_direct_dgrad_kernel.cu": [f"conv2d_direct_dgrad_kernel<{t}, {c}>" for t in DTYPES for c in (1, 8)]
+    + [f"conv2d_depthwise_dgrad_kernel<{t}>" for t in DTYPES],
     "conv2d_direct_fprop_kernel.cu": [f"conv2d_direct_fprop_kernel<{t}, {k}, {s}>" for t in DTYPES for k in (1, 8)
-                                      for s in ("true", "false")],
-    "conv2d_direct_wgrad_kernel.cu": [f"conv2d_direct_wgrad_kernel<{t}, {n}>" for t in DTYPES for n in (1, 9)],
+                                      for s in ("true", "false")] + [f"conv2d_depthwise_fprop_kernel<{t}>" for t in DTYPES],
+    "conv2d_direct_wgrad_kernel.cu": [f"conv2d_direct_wgrad_kernel<{t}, {n}>" for t in DTYPES for n in (1, 9)]
+    + [f"conv2d_depthwise_wgrad_kernel<{t}, 9>" for t in DTYPES] + [f"conv2d_depthwise_wgrad_reduce_kernel<{t}>"
+                                                                     for t in DTYPES],
     "gemm_kernel.cu": [f"gemm_simt_kernel<{t}, {o}>" for t in DTYPES for o in sorted({t, "float"})]
     + [f"gemm_wmma_kernel<{t}, {o}>" for t in DTYPES[1:] for o in (t, "float")],
     "conv2d_implicit_gemm_fprop_kernel.cu": [f"conv2d_implicit_gemm_fprop_kernel<{t}, {c}, false>" for t in DTYPES

@@ -46,6 +46,10 @@ INSTANTIATIONS = {
     # not on the build-free path (which has no dgrad): the extension's depthwise dgrad kernel, launched as
     # launch_conv2d_direct_dgrad launches it (test_depthwise_dgrad_kernel_matches_torch)
     "conv2d_direct_dgrad_kernel.cu": [f"fastconv::conv2d_depthwise_dgrad_kernel<{t}>" for t in EMULATED_TYPES],
+    # and its depthwise wgrad kernels (test_depthwise_wgrad_kernels_match_torch)
+    "conv2d_direct_wgrad_kernel.cu": [f"fastconv::conv2d_depthwise_wgrad_kernel<{t}, {_nvrtc.DEPTHWISE_WGRAD_TAPS}>"
+                                      for t in EMULATED_TYPES]
+    + [f"fastconv::conv2d_depthwise_wgrad_reduce_kernel<{t}>" for t in EMULATED_TYPES],
     "max_pool2d_kernel.cu": [f"fastconv::max_pool2d_forward_kernel<{t}>" for t in EMULATED_TYPES],
     "residual_add_kernel.cu": [f"fastconv::residual_add_flat_kernel<{t}, {v}, {r}>" for t in EMULATED_TYPES
                                for v in (1, 4 if t == "float" else 8) for r in BOOLS]
@@ -228,6 +232,97 @@ def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult
     ref = torch.nn.grad.conv2d_input((n, c, h, w), weight.double(), dy.double(), stride=stride, padding=padding,
                                      dilation=dilation, groups=c)
     torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+
+
+def depthwise_wgrad_plan(pb, dy: torch.Tensor, sms: int) -> _nvrtc.DepthwiseWgradPlan:
+    """depthwise_wgrad_plan (conv2d_direct_wgrad_kernel.cu) on a GPU of `sms` SMs: about 4 blocks per SM, at least 16
+    positions per thread."""
+    channels_fastest = dy.stride(1) == 1 and pb.K > 1
+    k_lanes = _nvrtc.pow2_at_least(pb.K, 32) if channels_fastest else 8
+    pixel_lanes = _nvrtc.THREADS // k_lanes
+    k_blocks, tap_chunks = _nvrtc.ceil_div(pb.K, k_lanes), _nvrtc.ceil_div(pb.R * pb.S, _nvrtc.DEPTHWISE_WGRAD_TAPS)
+    pixels = pb.N * pb.P * pb.Q
+    splits = max(1, min(_nvrtc.ceil_div(4 * sms, k_blocks * tap_chunks), _nvrtc.ceil_div(pixels, 16 * pixel_lanes)))
+    split_pixels = _nvrtc.ceil_div(pixels, splits) if pixels > splits else 1
+    return _nvrtc.DepthwiseWgradPlan(split_pixels, k_lanes, pixel_lanes, k_blocks, tap_chunks,
+                                     _nvrtc.ceil_div(pixels, split_pixels) if pixels > 0 else 1, channels_fastest)
+
+
+def depthwise_wgrad_launches(pb, plan, dy: torch.Tensor, x: torch.Tensor, partial: torch.Tensor, dw: torch.Tensor):
+    """launch_conv2d_direct_wgrad's two launches for a depthwise filter: the partial sums per split, then their sum."""
+    t = _nvrtc.CUDA_TYPES[str(dy.dtype).replace("torch.", "")]
+    taps = _nvrtc.DEPTHWISE_WGRAD_TAPS
+    source = "conv2d_direct_wgrad_kernel.cu"
+    args = (pb, plan, _nvrtc.ptr(dy.data_ptr()), _nvrtc.Strides4(*dy.stride()), _nvrtc.ptr(x.data_ptr()),
+            _nvrtc.Strides4(*x.stride()), _nvrtc.ptr(partial.data_ptr()))
+    params = (_nvrtc.PROBLEM, "fastconv::DepthwiseWgradPlan", f"const {t}*", _nvrtc.STRIDES, f"const {t}*",
+              _nvrtc.STRIDES, "float*")
+    yield _nvrtc.Launch(source, f"fastconv::conv2d_depthwise_wgrad_kernel<{t}, {taps}>",
+                        plan.splits * plan.tap_chunks * plan.k_blocks, _nvrtc.THREADS,
+                        taps * _nvrtc.DEPTHWISE_WGRAD_LANE_SUMS * 4, args, params)
+    args = (pb, ctypes.c_int32(plan.splits), _nvrtc.ptr(partial.data_ptr()), _nvrtc.ptr(dw.data_ptr()),
+            _nvrtc.Strides4(*dw.stride()))
+    params = (_nvrtc.PROBLEM, "int", "const float*", f"{t}*", _nvrtc.STRIDES)
+    yield _nvrtc.Launch(source, f"fastconv::conv2d_depthwise_wgrad_reduce_kernel<{t}>",
+                        _nvrtc.ceil_div(pb.K * pb.R * pb.S, _nvrtc.THREADS), _nvrtc.THREADS, 0, args, params)
+
+
+DEPTHWISE_WGRAD_CASES = [  # (id, N, C, H, W, channel multiplier, R, S, kwargs)
+    ("3x3", 2, 6, 20, 20, 1, 3, 3, dict(padding=1)),
+    # 40 filters: two filter blocks of 32 in channels_last, five of 8 in NCHW
+    ("3x3_40_channels", 1, 40, 9, 7, 1, 3, 3, dict(padding=1)),
+    ("stride2_multiplier2", 1, 4, 9, 11, 2, 3, 3, dict(stride=2, padding=(2, 1), dilation=(2, 1))),
+    # 25 taps in chunks of 9, 9 and 7; rows of 9 positions against 32 or 256 / 8 position lanes
+    ("stride3_5x5", 2, 20, 7, 17, 1, 5, 5, dict(stride=(3, 2), padding=2)),
+    ("1x1", 3, 5, 4, 6, 1, 1, 1, {}),
+    ("empty_batch", 0, 6, 5, 5, 1, 3, 3, dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("n,c,h,w,mult,r,s,kwargs", [pytest.param(*case[1:], id=case[0]) for case in
+                                                      DEPTHWISE_WGRAD_CASES])
+def test_depthwise_wgrad_kernels_match_torch(emulated_kernels, n, c, h, w, mult, r, s, kwargs, layout, dtype):
+    """The direct algorithm's depthwise wgrad kernels (csrc/cuda/conv2d_direct_wgrad_kernel.cu), launched as
+    launch_conv2d_direct_wgrad does, against torch's weight gradient. Besides the launcher's plan for a GPU of 132
+    SMs and of 1, the kernel takes hand-made ones: splits of 1, 7 and 33 positions (splits ending mid-row and
+    mid-image, more splits than position lanes) and, in channels_last, filter blocks narrower than the filters."""
+    torch.manual_seed(0)
+    stride, padding, dilation = (_checks.pair(kwargs.get(name, default), name)
+                                 for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
+    k = c * mult
+    channels_last = layout == "channels_last"
+    x = randn(n, c, h, w, dtype=dtype, channels_last=channels_last)
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    dy = randn(n, k, p, q, dtype=dtype, channels_last=channels_last)
+    pb = _nvrtc.Conv2dProblem(n, c, h, w, k, r, s, p, q, padding[0], padding[1], stride[0], stride[1], dilation[0],
+                              dilation[1], c)
+    ref = torch.nn.grad.conv2d_weight(x.double(), (k, 1, r, s), dy.double(), stride=stride, padding=padding,
+                                      dilation=dilation, groups=c)
+    plans = [depthwise_wgrad_plan(pb, dy, sms) for sms in (132, 1)]
+    pixels = n * p * q
+    for split_pixels in (1, 7, 33):
+        plans.append(_nvrtc.DepthwiseWgradPlan(split_pixels, plans[0].k_lanes, plans[0].pixel_lanes, plans[0].k_blocks,
+                                               plans[0].tap_chunks, max(1, _nvrtc.ceil_div(pixels, split_pixels)),
+                                               plans[0].channels_fastest))
+    if plans[0].channels_fastest and k > 4:  # 4 filters per block: lanes of one block's filters, then the next's
+        plans.append(_nvrtc.DepthwiseWgradPlan(5, 4, _nvrtc.THREADS // 4, _nvrtc.ceil_div(k, 4), plans[0].tap_chunks,
+                                               max(1, _nvrtc.ceil_div(pixels, 5)), True))
+    for plan in plans:
+        partial = torch.full((plan.splits * k * r * s,), float("nan"))
+        dw = torch.full((k, 1, r, s), float("nan"), dtype=dtype)
+        if channels_last:
+            dw = dw.contiguous(memory_format=torch.channels_last)
+        launches = EmulatedLaunches(emulated_kernels)
+        for launch in depthwise_wgrad_launches(pb, plan, dy, x, partial, dw):
+            launches(launch)
+        torch.testing.assert_close(dw.double(), ref, **TOL[dtype], msg=lambda m: f"{m}\nplan {plan_text(plan)}")
+
+
+def plan_text(plan) -> str:
+    return ", ".join(f"{name} {getattr(plan, name)}" for name, _ in plan._fields_)
 
 
 @pytest.mark.parametrize("blocks", [1, 4, 7])

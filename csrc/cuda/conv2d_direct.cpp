@@ -71,10 +71,14 @@ at::Tensor conv2d_direct_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
   const c10::cuda::CUDAGuard guard(grad_output.device());
   at::Tensor dw = at::empty(weight_size, grad_output.options().memory_format(conv2d_output_format(grad_output, input)));
   if (dw.numel() == 0) return dw;
+  const Strides4 dys = strides_of(grad_output);
+  const int64_t workspace_floats = conv2d_direct_wgrad_workspace_floats(pb, dys);
+  const at::Tensor workspace = at::empty({workspace_floats}, grad_output.options().dtype(at::kFloat));
   check_launch(op, launch_conv2d_direct_wgrad(pb, cuda_dtype(op, grad_output.scalar_type()),
-                                              grad_output.const_data_ptr(), strides_of(grad_output),
-                                              input.const_data_ptr(), strides_of(input), dw.mutable_data_ptr(),
-                                              strides_of(dw), c10::cuda::getCurrentCUDAStream().stream()));
+                                              grad_output.const_data_ptr(), dys, input.const_data_ptr(),
+                                              strides_of(input), dw.mutable_data_ptr(), strides_of(dw),
+                                              workspace_floats > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
+                                              c10::cuda::getCurrentCUDAStream().stream()));
   return dw;
 }
 

@@ -58,8 +58,12 @@ cudaError_t launch_conv2d_direct_fprop(const Conv2dProblem& pb, DType dtype, con
 cudaError_t launch_conv2d_direct_dgrad(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
                                        const void* w, Strides4 ws, void* dx, Strides4 dxs, cudaStream_t stream);
 
+// workspace: conv2d_direct_wgrad_workspace_floats(pb, dys) floats (the depthwise kernel's partial sums per split;
+// none, and nullptr allowed, for other convolutions).
+int64_t conv2d_direct_wgrad_workspace_floats(const Conv2dProblem& pb, Strides4 dys);
 cudaError_t launch_conv2d_direct_wgrad(const Conv2dProblem& pb, DType dtype, const void* dy, Strides4 dys,
-                                       const void* x, Strides4 xs, void* dw, Strides4 dws, cudaStream_t stream);
+                                       const void* x, Strides4 xs, void* dw, Strides4 dws, float* workspace,
+                                       cudaStream_t stream);
 
 // db[k] = sum over n, p, q of dy[n, k, p, q] for a (N, K, P, Q) grad_output with the given strides.
 cudaError_t launch_conv2d_bias_grad(int64_t N, int64_t K, int64_t P, int64_t Q, DType dtype, const void* dy,

@@ -50,7 +50,8 @@ INSTANTIATIONS = {
     "conv2d_direct_wgrad_kernel.cu": [f"fastconv::conv2d_depthwise_wgrad_kernel<{t}, {_nvrtc.DEPTHWISE_WGRAD_TAPS}>"
                                       for t in EMULATED_TYPES]
     + [f"fastconv::conv2d_depthwise_wgrad_reduce_kernel<{t}>" for t in EMULATED_TYPES],
-    "max_pool2d_kernel.cu": [f"fastconv::max_pool2d_forward_kernel<{t}>" for t in EMULATED_TYPES],
+    "max_pool2d_kernel.cu": [f"fastconv::max_pool2d_{d}_kernel<{t}>" for t in EMULATED_TYPES
+                             for d in ("forward", "backward")],  # (backward: test_max_pool2d_backward_kernel_...)
     "residual_add_kernel.cu": [f"fastconv::residual_add_flat_kernel<{t}, {v}, {r}>" for t in EMULATED_TYPES
                                for v in (1, 4 if t == "float" else 8) for r in BOOLS]
     + [f"fastconv::residual_add_strided_kernel<{t}, {r}>" for t in EMULATED_TYPES for r in BOOLS],
@@ -406,7 +407,16 @@ POOL_CASES = [
     ("ceil_mode", (1, 3, 10, 7), dict(kernel_size=(3, 2), stride=2, ceil_mode=True)),
     ("dilation", (1, 4, 11, 11), dict(kernel_size=3, stride=1, padding=1, dilation=2)),
     ("default_stride", (2, 2, 8, 8), dict(kernel_size=2)),
+    # more taps than the kernels' unrolled path takes (kSmallWindow = 9): their runtime loop
+    ("window_4x3", (1, 3, 11, 10), dict(kernel_size=(4, 3), stride=(2, 1), padding=(2, 1))),
 ]
+
+
+def ties_and_nans(shape, dtype, channels_last):
+    """Values from {-1, 0, 1} (every window has ties) with a few NaNs: the first maximum and the last NaN win."""
+    x = torch.randint(-1, 2, shape).to(dtype)
+    x[torch.rand(shape) < 0.03] = float("nan")
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -419,6 +429,52 @@ def test_max_pool2d_matches_torch(rt, name, shape, kwargs, channels_last, dtype)
     ref, ref_idx = F.max_pool2d(x.float(), return_indices=True, **kwargs)
     assert torch.equal(tensor(out), ref.to(dtype)) and torch.equal(tensor(idx), ref_idx)
     assert tensor(out).is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("name,shape,kwargs", POOL_CASES, ids=[c[0] for c in POOL_CASES])
+def test_max_pool2d_keeps_the_first_maximum_and_the_last_nan(rt, name, shape, kwargs, channels_last):
+    torch.manual_seed(4)
+    x = ties_and_nans(shape, torch.float32, channels_last)
+    out, idx = _nvrtc_ops.max_pool2d(rt, arr(x), return_indices=True, **kwargs)
+    ref, ref_idx = F.max_pool2d(x, return_indices=True, **kwargs)
+    assert torch.equal(tensor(idx), ref_idx)
+    torch.testing.assert_close(tensor(out), ref, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("name,shape,kwargs", POOL_CASES, ids=[c[0] for c in POOL_CASES])
+def test_max_pool2d_backward_kernel_matches_torch(emulated_kernels, name, shape, kwargs, channels_last, dtype):
+    """The extension's max_pool2d backward kernel (the build-free path has no backward), launched as
+    launch_max_pool2d_backward does, on torch's indices of inputs with ties (overlapping windows that chose the
+    same element add their gradients), against torch's input gradient."""
+    torch.manual_seed(5)
+    x = ties_and_nans(shape, dtype, channels_last).nan_to_num(0.5).requires_grad_()
+    y, indices = F.max_pool2d(x.double(), return_indices=True, **kwargs)
+    dy = randn(*y.shape, dtype=dtype, channels_last=channels_last)
+    (ref,) = torch.autograd.grad(y, x, dy.double())
+    n, c, h, w = shape
+    stride = _checks.pair(kwargs.get("stride", kwargs["kernel_size"]), "stride")
+    r, s = _checks.pair(kwargs["kernel_size"], "kernel_size")
+    padding, dilation = (_checks.pair(kwargs.get(k, d), k) for k, d in (("padding", 0), ("dilation", 1)))
+    pb = _nvrtc.Conv2dProblem(n, c, h, w, c, r, s, y.shape[2], y.shape[3], padding[0], padding[1], stride[0],
+                              stride[1], dilation[0], dilation[1], c)
+    indices = indices.contiguous(memory_format=torch.channels_last) if channels_last else indices.contiguous()
+    dx = torch.full(shape, float("nan"), dtype=dtype)
+    if channels_last:
+        dx = dx.contiguous(memory_format=torch.channels_last)
+    t = _nvrtc.CUDA_TYPES[str(dtype).replace("torch.", "")]
+    total = n * c * h * w
+    args = (pb, ctypes.c_bool(channels_last), ctypes.c_bool(total <= 0xFFFFFFFF), _nvrtc.ptr(dy.data_ptr()),
+            _nvrtc.Strides4(*dy.stride()), _nvrtc.ptr(indices.data_ptr()), _nvrtc.Strides4(*indices.stride()),
+            _nvrtc.ptr(dx.data_ptr()), _nvrtc.Strides4(*dx.stride()))
+    params = (_nvrtc.PROBLEM, "bool", "bool", f"const {t}*", _nvrtc.STRIDES, "const int64_t*", _nvrtc.STRIDES,
+              f"{t}*", _nvrtc.STRIDES)
+    EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("max_pool2d_kernel.cu", f"fastconv::max_pool2d_backward_kernel<{t}>",
+                                                     _nvrtc.elementwise_blocks(total, _nvrtc.THREADS), _nvrtc.THREADS,
+                                                     0, args, params))
+    torch.testing.assert_close(dx.double(), ref.double(), **TOL[dtype])
 
 
 def test_max_pool2d_unbatched_and_errors(rt):

@@ -122,6 +122,7 @@ DIRECT_MAX_TILE = 16
 DIRECT_MAX_CHANNEL_STEP = 16
 DEPTHWISE_WGRAD_TAPS = 9                            # kDepthwiseWgradTaps: a thread's taps
 DEPTHWISE_WGRAD_LANE_SUMS = THREADS + THREADS // 32  # kLaneSumsStride: floats per tap in its shared memory
+DEPTHWISE_WGRAD_TARGET_BLOCKS = 512                 # kDepthwiseWgradTargetBlocks: the plan's aim
 MIRRORED_CONSTANTS = {
     "conv2d_direct_fprop_kernel.cu": {"fastconv::kThreads": THREADS,
                                       "fastconv::kSharedMemoryBudgetBytes": SHARED_MEMORY_BUDGET,
@@ -130,7 +131,8 @@ MIRRORED_CONSTANTS = {
                                       "fastconv::kMaxChannelStep": DIRECT_MAX_CHANNEL_STEP},
     "conv2d_direct_wgrad_kernel.cu": {"fastconv::kThreads": THREADS,
                                       "fastconv::kDepthwiseWgradTaps": DEPTHWISE_WGRAD_TAPS,
-                                      "fastconv::kLaneSumsStride": DEPTHWISE_WGRAD_LANE_SUMS},
+                                      "fastconv::kLaneSumsStride": DEPTHWISE_WGRAD_LANE_SUMS,
+                                      "fastconv::kDepthwiseWgradTargetBlocks": DEPTHWISE_WGRAD_TARGET_BLOCKS},
     "max_pool2d_kernel.cu": {"fastconv::kThreads": THREADS},
     "residual_add_kernel.cu": {"fastconv::kThreads": THREADS},
 }

@@ -66,6 +66,8 @@ PTX_WRAPPERS = [
      ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"], "emu_mma<T>(d, a, b);"),
     ("uint32_t to_tf32(float v)", ["cvt.rna.tf32.f32"], "r = emu_tf32(v);"),
+    # the TF32 fragments' shared-memory loads (plain C++ on the GPU; wrapped for the race check)
+    ("float load_shared_f32(const float* p)", ["v = *p;"], "v = emu_load_shared_f32(p);"),
     ("unsigned reread_block_index()", ["mov.u32 %0, %%ctaid.z;", "mov.u32 %0, %%ctaid.x;"],
      "v = Z ? blockIdx.z : blockIdx.x;"),
     # the staged epilogue's shared-memory accesses (plain C++ on the GPU; wrapped for the bank checks)
@@ -150,6 +152,9 @@ PLANTED_BUGS = {
     # the main loop's barrier gone: a warp reads a stage other threads' copies filled, and refills one another warp
     # may still be reading
     "mainloop_barrier_dropped": ("      __syncthreads();  // stage (t + 1) % STAGES is visible to all;", "      //"),
+    # the same in fp32 (TF32 fragments, loaded without ldmatrix), with copies landing at once: no value shows it
+    "tf32_mainloop_barrier_dropped": ("      __syncthreads();  // stage (t + 1) % STAGES is visible to all;",
+                                      "      //"),
 }
 WGMMA_PLANTED_BUGS = {
     # 1024 bytes between groups of 8 rows (a 128-byte-row layout's): the MMAs read the wrong rows
@@ -181,6 +186,9 @@ WGMMA_PLANTED_BUG_ORDER = {"wgmma_copies_waited_one_short": ("deferred", "immedi
 PLANTED_BUGS.update(WGMMA_PLANTED_BUGS)
 # The pass each planted bug is run in (the others: fprop).
 PLANTED_BUG_PASS = {"dgrad_tap_not_negated": "dgrad"}
+# The element type and cp.async completion each planted bug is run in (the others: fp16, deferred).
+PLANTED_BUG_DTYPE = {"tf32_mainloop_barrier_dropped": ("fp32", "immediate")}
+EMU_DTYPE_BITS = {"fp16": 1, "bf16": 2, "fp32": 4}
 # Arguments a planted bug's run adds (a misaligned residual view for the epilogue's alignment test).
 PLANTED_BUG_ARGS = {"epilogue_alignment_unchecked": {"residual_offset": 1},
                     # SHAPES["deep_reduction"]: 18 reduction tiles, the last read from stage 1 of 4, which the staged
@@ -200,6 +208,7 @@ PLANTED_BUG_REPORT = {
     "epilogue_slice_barrier_dropped": "shared-memory races",
     "epilogue_staged_barrier_dropped": "shared-memory races",
     "mainloop_barrier_dropped": "shared-memory races",
+    "tf32_mainloop_barrier_dropped": "shared-memory races",
     "wgmma_barrier_dropped": "shared-memory races",
 }
 
@@ -403,10 +412,12 @@ def test_kernel_matches_reference_bit_exactly(emulator, args):
 
 @pytest.mark.parametrize("bug", sorted(PLANTED_BUGS))
 def test_planted_bug_is_caught(tmp_path, bug):
-    # one pass in fp16 keeps this build short; deferred cp.async, so that a copy waited for too late is missed
+    # one pass in one dtype keeps this build short; deferred cp.async, so that a copy waited for too late is missed
     pass_ = PLANTED_BUG_PASS.get(bug, "fprop")
-    binary = build(tmp_path, planted_bug=bug, defines=[f"EMU_PASSES={1 if pass_ == 'fprop' else 2}", "EMU_DTYPES=1"])
-    args = {"pass": pass_, "dtype": "fp16", "tile": 2, "cp_async": "deferred", **SHAPES["c40"]}
+    dtype, cp_async = PLANTED_BUG_DTYPE.get(bug, ("fp16", "deferred"))
+    binary = build(tmp_path, planted_bug=bug,
+                   defines=[f"EMU_PASSES={1 if pass_ == 'fprop' else 2}", f"EMU_DTYPES={EMU_DTYPE_BITS[dtype]}"])
+    args = {"pass": pass_, "dtype": dtype, "tile": 2, "cp_async": cp_async, **SHAPES["c40"]}
     if bug in WGMMA_PLANTED_BUGS:
         cp_async, wgmma = WGMMA_PLANTED_BUG_ORDER.get(bug, ("immediate", "deferred"))
         args.update(tile=6, cp_async=cp_async, wgmma=wgmma, **SHAPES["deep_reduction"])

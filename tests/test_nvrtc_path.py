@@ -235,15 +235,16 @@ def test_depthwise_dgrad_kernel_matches_torch(emulated_kernels, n, c, h, w, mult
     torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
 
 
-def depthwise_wgrad_plan(pb, dy: torch.Tensor, sms: int) -> _nvrtc.DepthwiseWgradPlan:
-    """depthwise_wgrad_plan (conv2d_direct_wgrad_kernel.cu) on a GPU of `sms` SMs: about 4 blocks per SM, at least 16
-    positions per thread."""
+def depthwise_wgrad_plan(pb, dy: torch.Tensor, target_blocks=_nvrtc.DEPTHWISE_WGRAD_TARGET_BLOCKS):
+    """depthwise_wgrad_plan (conv2d_direct_wgrad_kernel.cu): about target_blocks blocks, at least 16 positions per
+    thread."""
     channels_fastest = dy.stride(1) == 1 and pb.K > 1
     k_lanes = _nvrtc.pow2_at_least(pb.K, 32) if channels_fastest else 8
     pixel_lanes = _nvrtc.THREADS // k_lanes
     k_blocks, tap_chunks = _nvrtc.ceil_div(pb.K, k_lanes), _nvrtc.ceil_div(pb.R * pb.S, _nvrtc.DEPTHWISE_WGRAD_TAPS)
     pixels = pb.N * pb.P * pb.Q
-    splits = max(1, min(_nvrtc.ceil_div(4 * sms, k_blocks * tap_chunks), _nvrtc.ceil_div(pixels, 16 * pixel_lanes)))
+    splits = max(1, min(_nvrtc.ceil_div(target_blocks, k_blocks * tap_chunks),
+                        _nvrtc.ceil_div(pixels, 16 * pixel_lanes)))
     split_pixels = _nvrtc.ceil_div(pixels, splits) if pixels > splits else 1
     return _nvrtc.DepthwiseWgradPlan(split_pixels, k_lanes, pixel_lanes, k_blocks, tap_chunks,
                                      _nvrtc.ceil_div(pixels, split_pixels) if pixels > 0 else 1, channels_fastest)
@@ -286,9 +287,10 @@ DEPTHWISE_WGRAD_CASES = [  # (id, N, C, H, W, channel multiplier, R, S, kwargs)
                                                       DEPTHWISE_WGRAD_CASES])
 def test_depthwise_wgrad_kernels_match_torch(emulated_kernels, n, c, h, w, mult, r, s, kwargs, layout, dtype):
     """The direct algorithm's depthwise wgrad kernels (csrc/cuda/conv2d_direct_wgrad_kernel.cu), launched as
-    launch_conv2d_direct_wgrad does, against torch's weight gradient. Besides the launcher's plan for a GPU of 132
-    SMs and of 1, the kernel takes hand-made ones: splits of 1, 7 and 33 positions (splits ending mid-row and
-    mid-image, more splits than position lanes) and, in channels_last, filter blocks narrower than the filters."""
+    launch_conv2d_direct_wgrad does, against torch's weight gradient. Besides the launcher's plan and the same aiming
+    at one block (a single split), the kernel takes hand-made ones: splits of 1, 7 and 33 positions (splits ending
+    mid-row and mid-image, more splits than position lanes) and, in channels_last, filter blocks narrower than the
+    filters."""
     torch.manual_seed(0)
     stride, padding, dilation = (_checks.pair(kwargs.get(name, default), name)
                                  for name, default in (("stride", 1), ("padding", 0), ("dilation", 1)))
@@ -302,7 +304,7 @@ def test_depthwise_wgrad_kernels_match_torch(emulated_kernels, n, c, h, w, mult,
                               dilation[1], c)
     ref = torch.nn.grad.conv2d_weight(x.double(), (k, 1, r, s), dy.double(), stride=stride, padding=padding,
                                       dilation=dilation, groups=c)
-    plans = [depthwise_wgrad_plan(pb, dy, sms) for sms in (132, 1)]
+    plans = [depthwise_wgrad_plan(pb, dy), depthwise_wgrad_plan(pb, dy, target_blocks=1)]
     pixels = n * p * q
     for split_pixels in (1, 7, 33):
         plans.append(_nvrtc.DepthwiseWgradPlan(split_pixels, plans[0].k_lanes, plans[0].pixel_lanes, plans[0].k_blocks,
@@ -471,7 +473,8 @@ def test_max_pool2d_backward_kernel_matches_torch(emulated_kernels, name, shape,
             _nvrtc.ptr(dx.data_ptr()), _nvrtc.Strides4(*dx.stride()))
     params = (_nvrtc.PROBLEM, "bool", "bool", f"const {t}*", _nvrtc.STRIDES, "const int64_t*", _nvrtc.STRIDES,
               f"{t}*", _nvrtc.STRIDES)
-    EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("max_pool2d_kernel.cu", f"fastconv::max_pool2d_backward_kernel<{t}>",
+    kernel = f"fastconv::max_pool2d_backward_kernel<{t}>"
+    EmulatedLaunches(emulated_kernels)(_nvrtc.Launch("max_pool2d_kernel.cu", kernel,
                                                      _nvrtc.elementwise_blocks(total, _nvrtc.THREADS), _nvrtc.THREADS,
                                                      0, args, params))
     torch.testing.assert_close(dx.double(), ref.double(), **TOL[dtype])

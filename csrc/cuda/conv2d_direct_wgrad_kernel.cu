@@ -86,6 +86,9 @@ struct DepthwiseWgradPlan {
 };
 
 constexpr int kDepthwiseWgradTaps = 9;  // a 3x3 filter in one chunk; 5x5 in 3, 7x7 in 6
+// The blocks the plan aims for: about 4 per SM of an H100 or H200 (132 SMs). A constant, not the device's count, so
+// that the splits, and with them the result's bits, are the same on every GPU.
+constexpr int kDepthwiseWgradTargetBlocks = 512;
 constexpr int kLaneSumsStride = kThreads + kThreads / 32;  // a tap's row of lane sums, one float of skew per warp
 
 template <typename T, int TAPS>
@@ -112,10 +115,11 @@ conv2d_depthwise_wgrad_kernel(Conv2dProblem pb, DepthwiseWgradPlan plan, const T
   int tap_h[TAPS], tap_w[TAPS];  // the taps' offsets from a position's window corner (r * dil_h, s * dil_w)
   int64_t tap_offset[TAPS];      // and the same in x's elements
   float acc[TAPS];
-  int r = chunk * TAPS / S, s = chunk * TAPS - r * S;  // the chunk's first tap, then stepped (taps past the end are
-#pragma unroll                                           // never read)
+  int r = chunk * TAPS / S, s = chunk * TAPS - r * S;  // the chunk's first tap, then stepped
+#pragma unroll
   for (int t = 0; t < TAPS; ++t) {
-    tap_h[t] = r * static_cast<int>(pb.dil_h), tap_w[t] = s * static_cast<int>(pb.dil_w);
+    // (taps past the filter's end are never read: 0, where r * dil_h could leave the 32 bits fits() bounds)
+    tap_h[t] = t < taps ? r * static_cast<int>(pb.dil_h) : 0, tap_w[t] = t < taps ? s * static_cast<int>(pb.dil_w) : 0;
     tap_offset[t] = tap_h[t] * xs.h + tap_w[t] * xs.w;
     acc[t] = 0.f;
     if (++s == S) s = 0, ++r;
@@ -209,15 +213,18 @@ cudaError_t launch_typed(const Conv2dProblem& pb, const T* dy, Strides4 dys, con
 }
 
 // Whether conv2d_depthwise_wgrad_kernel's 32-bit indices hold: the filters, an image's positions, rows and columns
-// (in x and dy, with the padding and the filter's reach) and the strides.
+// (in x and dy, with the padding and the filter's reach), the strides, and the grid (at most K x tap chunks x
+// kDepthwiseWgradTargetBlocks blocks, one per block index: the kernel has no grid-stride loop).
 bool depthwise_wgrad_kernel_fits(const Conv2dProblem& pb) {
   const int64_t limit = int64_t{1} << 30;
-  return pb.K < limit && pb.P * pb.Q < limit && pb.P * pb.stride_h + pb.H < limit && pb.Q * pb.stride_w + pb.W < limit &&
+  return pb.K * ceil_div(pb.R * pb.S, kDepthwiseWgradTaps) < limit / kDepthwiseWgradTargetBlocks &&
+         pb.P * pb.Q < limit && pb.P * pb.stride_h + pb.H < limit && pb.Q * pb.stride_w + pb.W < limit &&
          pb.pad_h < limit && pb.pad_w < limit && (pb.R - 1) * pb.dil_h < limit && (pb.S - 1) * pb.dil_w < limit &&
          pb.R * pb.S < limit;
 }
 
-// About 4 blocks per SM, each thread taking at least 16 positions (fewer splits mean fewer partial sums to add).
+// About kDepthwiseWgradTargetBlocks blocks, each thread taking at least 16 positions (fewer splits mean fewer
+// partial sums to add).
 DepthwiseWgradPlan depthwise_wgrad_plan(const Conv2dProblem& pb, Strides4 dys) {
   DepthwiseWgradPlan plan{};
   plan.channels_fastest = dys.c == 1 && pb.K > 1;  // dy's layout (x's in every PyTorch use)
@@ -226,7 +233,7 @@ DepthwiseWgradPlan depthwise_wgrad_plan(const Conv2dProblem& pb, Strides4 dys) {
   plan.k_blocks = static_cast<int>(ceil_div(pb.K, plan.k_lanes));
   plan.tap_chunks = static_cast<int>(ceil_div(pb.R * pb.S, kDepthwiseWgradTaps));
   const int64_t pixels = pb.N * pb.P * pb.Q, blocks_per_split = int64_t{plan.k_blocks} * plan.tap_chunks;
-  int64_t splits = ceil_div(4 * int64_t{multiprocessor_count()}, blocks_per_split);
+  int64_t splits = ceil_div(kDepthwiseWgradTargetBlocks, blocks_per_split);
   const int64_t most = ceil_div(pixels, 16 * int64_t{plan.pixel_lanes});  // 16 positions per thread at least
   if (splits > most) splits = most;
   if (splits < 1) splits = 1;  // (no positions: one split of zeros)

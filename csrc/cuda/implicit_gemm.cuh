@@ -199,6 +199,16 @@ __device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// A shared-memory load of one fp32 operand element (the TF32 fragments, which no ldmatrix loads). Plain C++ on the
+// GPU; wrapped so that the kernel emulation can check it for races (tests/kernel_emulation, emu.h).
+__device__ __forceinline__ float load_shared_f32(const float* p) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  v = *p;
+#endif
+  return v;
+}
+
 __device__ __forceinline__ uint32_t to_tf32(float v) {
   uint32_t r = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -533,15 +543,15 @@ struct WarpMma {
       const int a_k4 = ATile::add_k(a_lane, kk + 4), b_k4 = BTile::add_k(b_lane, kk + 4);
 #pragma unroll
       for (int mi = 0; mi < Cfg::MI; ++mi) {
-        f.a[mi][0] = to_tf32(As[ATile::add_rows(a_k, mi * 16)]);
-        f.a[mi][1] = to_tf32(As[ATile::add_rows(a_k, mi * 16 + 8)]);
-        f.a[mi][2] = to_tf32(As[ATile::add_rows(a_k4, mi * 16)]);
-        f.a[mi][3] = to_tf32(As[ATile::add_rows(a_k4, mi * 16 + 8)]);
+        f.a[mi][0] = to_tf32(load_shared_f32(As + ATile::add_rows(a_k, mi * 16)));
+        f.a[mi][1] = to_tf32(load_shared_f32(As + ATile::add_rows(a_k, mi * 16 + 8)));
+        f.a[mi][2] = to_tf32(load_shared_f32(As + ATile::add_rows(a_k4, mi * 16)));
+        f.a[mi][3] = to_tf32(load_shared_f32(As + ATile::add_rows(a_k4, mi * 16 + 8)));
       }
 #pragma unroll
       for (int ni = 0; ni < Cfg::NI; ++ni) {
-        f.b[ni][0] = to_tf32(Bs[BTile::add_rows(b_k, ni * 8)]);
-        f.b[ni][1] = to_tf32(Bs[BTile::add_rows(b_k4, ni * 8)]);
+        f.b[ni][0] = to_tf32(load_shared_f32(Bs + BTile::add_rows(b_k, ni * 8)));
+        f.b[ni][1] = to_tf32(load_shared_f32(Bs + BTile::add_rows(b_k4, ni * 8)));
       }
     }
   }

@@ -127,7 +127,7 @@ struct SharedRead {
   int syncs;  // kThread: the __syncwarp calls its thread had made
 };
 struct SharedGranule {
-  static constexpr int kMaxReads = 8;  // distinct readers per epoch (an ldmatrix row: every warp of a tile's row)
+  static constexpr int kMaxReads = 16;  // distinct readers per epoch (a TF32 element: 2 lanes of each of 4 warps)
   int write_epoch = -1, writer = -1, writer_syncs = 0;
   int read_epoch = -1, reads = 0;
   SharedRead read[kMaxReads];
@@ -165,6 +165,7 @@ struct PendingCopy {
   const void* src;
   bool valid;
   int issued_at;  // the issuing thread's epoch: the copy may land any time from then to its wait_group
+  bool landed;    // its bytes written at issue (g_cp_async_immediate); noted for the race check at the wait still
 };
 // A thread's asynchronous operations in commit groups, as cp.async and wgmma both track them: the open group
 // (issued since the last commit), then the committed groups, oldest first.
@@ -291,10 +292,10 @@ inline void note_shared_access(long offset, int bytes, SharedAccessKind kind, bo
         return k == SharedAccessKind::kThread ? "thread" : k == SharedAccessKind::kWarp ? "warp" : "warpgroup";
       };
       std::snprintf(g_first_shared_race, sizeof(g_first_shared_race),
-                    "%s %d's %s of shared offset %ld (epoch %d) after %s %d's %s (epoch %d, issued in epoch %d "
-                    "or later), no barrier between (block (%u, %u, %u))", whose(other_kind), other,
-                    what(other_kind, other_write), 8 * g, other_epoch, whose(kind), unit, what(kind, write), epoch,
-                    window_start, blockIdx.x, blockIdx.y, blockIdx.z);
+                    "%s %d's %s of shared offset %ld (issued in epoch %d, done by epoch %d) races with %s %d's %s "
+                    "(epoch %d): no barrier between (block (%u, %u, %u))", whose(kind), unit, what(kind, write), 8 * g,
+                    window_start, epoch, whose(other_kind), other, what(other_kind, other_write), other_epoch,
+                    blockIdx.x, blockIdx.y, blockIdx.z);
     }
     if (write) {
       s.write_epoch = epoch, s.writer = t, s.writer_syncs = syncs;
@@ -321,15 +322,21 @@ inline bool inside_global_buffer(const unsigned char* p, size_t bytes) {
   return false;
 }
 
-inline void land(const PendingCopy& c) {
+// Lands a copy (its wait_group retires it), or writes its bytes at issue (the caller, with g_cp_async_immediate).
+// Either way the race check sees the write at the wait, the last moment it may happen, checked back to its issue.
+inline void write_copy(const PendingCopy& c) {
   t_unfenced_copies = true;
-  note_shared_access(static_cast<const unsigned char*>(c.dst) - t_block->smem, 16, SharedAccessKind::kThread, true,
-                     c.issued_at, static_cast<int>(threadIdx.x));
   if (c.valid) {
     std::memcpy(c.dst, c.src, 16);
   } else {
     std::memset(c.dst, 0, 16);  // source size 0: zero-fill
   }
+}
+inline void land(const PendingCopy& c) {
+  if (!c.landed) write_copy(c);
+  t_unfenced_copies = true;
+  note_shared_access(static_cast<const unsigned char*>(c.dst) - t_block->smem, 16, SharedAccessKind::kThread, true,
+                     c.issued_at, static_cast<int>(threadIdx.x));
 }
 
 // st.global.v4.b32: the staged epilogue's 16-byte stores, aligned and inside a registered buffer.
@@ -376,12 +383,9 @@ inline void emu_cp_async(void* dst, const void* src, bool valid) {
     }
   }
   t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read copy_dst before any lane reuses it
-  const PendingCopy c{dst, src, valid, t_barriers};
-  if (g_cp_async_immediate) {
-    land(c);
-  } else {
-    t_copies.open.push_back(c);
-  }
+  const PendingCopy c{dst, src, valid, t_barriers, g_cp_async_immediate};
+  if (c.landed) write_copy(c);
+  t_copies.open.push_back(c);
 }
 
 inline void emu_commit() { t_copies.commit(); }
@@ -416,6 +420,15 @@ inline void check_stage_access(const void* p, int bytes) {
     }
   }
   t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read stage_at before any lane reuses it
+}
+
+// The TF32 fragments' scalar loads: a read of this thread's, for the race check.
+inline float emu_load_shared_f32(const float* p) {
+  const long offset = static_cast<long>(reinterpret_cast<const unsigned char*>(p) - t_block->smem);
+  EMU_CHECK(offset >= 0 && offset + 4 <= static_cast<long>(t_block->smem_bytes) && offset % 4 == 0,
+            "fp32 operand load outside the block's shared memory or misaligned (offset %ld)", offset);
+  note_shared_access(offset, 4, SharedAccessKind::kThread, false, t_barriers, static_cast<int>(threadIdx.x));
+  return *p;
 }
 
 inline void emu_stage_store2(float* p, float a, float b) {
@@ -548,6 +561,7 @@ struct PendingWgmma {
   bool bf16;
   uint64_t desc_a, desc_b;
   int issued_at;  // the epoch it was issued in: it may read its operands any time from then to its wait_group
+  bool ran;       // run at issue (g_wgmma_immediate); its reads noted for the race check at the wait still
 };
 inline thread_local AsyncGroups<PendingWgmma> t_wgmmas;
 inline thread_local bool t_wgmma_fenced = false;  // a wgmma.fence since the accumulators were last touched
@@ -577,15 +591,6 @@ inline long wgmma_k_major_address(uint64_t desc, int row, int k, int element_byt
 inline void run_wgmma(const PendingWgmma& op) {
   const int lane = threadIdx.x % 32, warp_in_group = (threadIdx.x / 32) % 4;
   const int g = lane / 4, t = lane % 4;
-  if (threadIdx.x % 128 == 0) {  // the warpgroup's operand reads, noted once: A's 64 rows and B's N, 16 k each
-    for (int row = 0; row < 64 + op.n; ++row)
-      for (int k = 0; k < 16; k += 4) {  // an 8-byte granule: 4 elements, contiguous under the swizzle
-        const long address = row < 64 ? wgmma_k_major_address(op.desc_a, row, k, 2)
-                                      : wgmma_k_major_address(op.desc_b, row - 64, k, 2);
-        note_shared_access(address - kSharedWindowBase, 8, SharedAccessKind::kWgmma, false, op.issued_at,
-                           static_cast<int>(threadIdx.x / 128));
-      }
-  }
   const auto element = [&](long address) -> float {  // a shared-memory address (kSharedWindowBase + offset)
     const long offset = address - kSharedWindowBase;
     EMU_CHECK(offset >= 0 && offset + 2 <= static_cast<long>(t_block->smem_bytes),
@@ -602,6 +607,21 @@ inline void run_wgmma(const PendingWgmma& op) {
              element(wgmma_k_major_address(op.desc_b, col, k, 2));
     op.d[i] = static_cast<float>(sum);
   }
+}
+
+// Completes a wgmma at the wait_group that retires it: runs it unless it ran at issue, and notes the warpgroup's
+// operand reads for the race check (once, by its first thread: A's 64 rows and B's N, 16 k each), checked back to
+// its issue.
+inline void complete_wgmma(const PendingWgmma& op) {
+  if (!op.ran) run_wgmma(op);
+  if (threadIdx.x % 128 != 0) return;
+  for (int row = 0; row < 64 + op.n; ++row)
+    for (int k = 0; k < 16; k += 4) {  // an 8-byte granule: 4 elements, contiguous under the swizzle
+      const long address = row < 64 ? wgmma_k_major_address(op.desc_a, row, k, 2)
+                                    : wgmma_k_major_address(op.desc_b, row - 64, k, 2);
+      note_shared_access(address - kSharedWindowBase, 8, SharedAccessKind::kWgmma, false, op.issued_at,
+                         static_cast<int>(threadIdx.x / 128));
+    }
 }
 
 // wgmma.mma_async (warpgroup-collective): every thread of the warpgroup issues it, with the same descriptors,
@@ -622,12 +642,9 @@ inline void emu_wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
     EMU_CHECK(x.desc[other][0] == desc_a && x.desc[other][1] == desc_b,
               "the threads of warpgroup %d issue a wgmma with different descriptors", group);
   t_block->warpgroup_barriers[group]->arrive_and_wait();  // all compared before any thread rewrites x.desc
-  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b, t_barriers};
-  if (g_wgmma_immediate) {
-    run_wgmma(op);
-  } else {
-    t_wgmmas.open.push_back(op);
-  }
+  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b, t_barriers, g_wgmma_immediate};
+  if (op.ran) run_wgmma(op);
+  t_wgmmas.open.push_back(op);
 }
 
 inline void emu_wgmma_commit() { t_wgmmas.commit(); }
@@ -635,7 +652,7 @@ inline void emu_wgmma_commit() { t_wgmmas.commit(); }
 // wgmma.wait_group n: every committed group but the newest n has completed; the accumulators may then be read
 // (and touched: a wgmma.fence is due before the next wgmma).
 inline void emu_wgmma_wait(int n) {
-  t_wgmmas.retire(n, run_wgmma);
+  t_wgmmas.retire(n, complete_wgmma);
   t_wgmma_fenced = false;
 }
 

@@ -22,17 +22,18 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kSmallWindow = 9;
-// Blocks per SM the kernels are compiled for: 3 (at most 85 registers). Without a minimum, CUDA 13's ptxas held the
-// unrolled paths to 64 registers and spilled; with 1 it took up to 88, 2 blocks per SM.
+// Blocks per SM the kernels are compiled for: 3 (at most 80 registers). Without a minimum, CUDA 13's ptxas held the
+// backward to 64 registers and spilled; with 1 the forward took up to 132, one block per SM.
 constexpr int kMinBlocks = 3;
 
 // Whether the unrolled path takes the window: at most kSmallWindow taps, planes whose flat positions (the indices)
-// fit in 31 bits, and windows whose corners and taps do too (within 2^30 of the plane).
+// fit in 31 bits, and windows whose corners and taps do too (within 2^30 of the plane; every unrolled tap's row is
+// computed, past R too).
 __device__ __forceinline__ bool small_window(const Conv2dProblem& pb) {
   const int64_t limit = int64_t{1} << 30;
   return pb.R * pb.S <= kSmallWindow && pb.H * pb.W <= 0x7fffffff && pb.P < limit && pb.Q < limit &&
          pb.P * pb.stride_h < limit && pb.Q * pb.stride_w < limit && pb.pad_h < limit && pb.pad_w < limit &&
-         pb.R * pb.dil_h < limit && pb.S * pb.dil_w < limit;
+         kSmallWindow * pb.dil_h < limit && kSmallWindow * pb.dil_w < limit;
 }
 
 // One window element, in scan order: keeps the first maximum, or the last NaN.

@@ -78,6 +78,21 @@ def test_nan_and_inf_like_torch(device):
         assert torch.equal(idx, ridx)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_like_torch(device):
+    """Values from {-1, 0, 1}: every window has ties, and torch keeps the first maximum. Overlapping windows that
+    chose the same element add their gradients there. Windows of up to 9 taps and a larger one (the CUDA kernels'
+    unrolled path and their loop)."""
+    torch.manual_seed(0)
+    x = torch.randint(-1, 2, (2, 3, 9, 10), device=device).float().requires_grad_()
+    for kwargs in (dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=2), dict(kernel_size=(4, 3), stride=2)):
+        y, idx = max_pool2d(x, **kwargs, return_indices=True)
+        ry, ridx = F.max_pool2d(x, **kwargs, return_indices=True)
+        assert torch.equal(y, ry) and torch.equal(idx, ridx), kwargs
+        gy = torch.randn_like(ry)
+        torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ry, x, gy)[0])
+
+
 def test_indices_work_with_max_unpool2d():
     x = torch.randn(2, 3, 8, 8)
     y, idx = max_pool2d(x, 2, return_indices=True)

@@ -212,6 +212,35 @@ def test_cuda_resnet_layer_shapes(shape, algo):
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16_cl"])
+@pytest.mark.parametrize("r,stride", [(3, 1), (5, 2)])
+def test_cuda_depthwise_layer_shapes(r, stride, dtype, channels_last):
+    """A MobileNet-sized depthwise layer on the direct kernels (auto's choice): many rows per block step, and the wgrad
+    kernel's positions in many splits (5x5: taps in 3 chunks). Forward and both gradients against torch in float64,
+    and the run repeated bit for bit."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(8, 96, 56, 56, device="cuda").to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    w = (torch.randn(96, 1, r, r, device="cuda") / r).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    runs, gy = [], None
+    for _ in range(2):
+        y = conv2d(x, w, None, stride=stride, padding=r // 2, groups=96)
+        gy = torch.randn_like(y) if gy is None else gy
+        runs.append((y, *torch.autograd.grad(y, (x, w), gy)))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    y, gx, gw = runs[0]
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.conv2d(x64, w64, None, stride=stride, padding=r // 2, groups=96)
+    rgx, rgw = torch.autograd.grad(ref, (x64, w64), gy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close_to(y.float(), ref.float(), tol, "output")
+    assert_close_to(gx.float(), rgx.float(), tol, "grad input")
+    assert_close_to(gw.float(), rgw.float(), tol * 10, "grad weight")
+
+
+@cuda
+@pytest.mark.cuda
 def test_cuda_uses_current_stream_and_device():
     s = torch.cuda.Stream()
     x = torch.randn(4, 8, 32, 32, device="cuda")

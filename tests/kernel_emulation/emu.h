@@ -121,14 +121,24 @@ enum class SharedAccessKind : uint8_t {
   kWarp,    // an ldmatrix: warp-collective, its reads complete before any lane goes on
   kWgmma,   // a wgmma's operand reads: warpgroup-collective and asynchronous, from its issue to its wait_group
 };
+// A thread's clocks at an access, or at the issue of an asynchronous one (see note_shared_access): the barriers it
+// had passed (the epoch), its __syncwarp calls, its ldmatrix calls, the wgmmas it had retired, and its shared-memory
+// operations so far (program order). Lanes of a warp count the same __syncwarp and ldmatrix calls, and threads of
+// a warpgroup the same wgmmas.
+struct ThreadClock {
+  int epoch, syncs, collectives, wgmmas_retired;
+  long seq;
+};
 struct SharedRead {
   SharedAccessKind kind;
-  int unit;   // the thread, warp or warpgroup
-  int syncs;  // kThread: the __syncwarp calls its thread had made
+  int unit;    // the thread, warp or warpgroup
+  int syncs;   // kThread: the __syncwarp calls its thread had made
+  long order;  // kThread: the thread's seq; kWarp: the lanes' ldmatrix count before it; kWgmma: the wgmma's index
 };
 struct SharedGranule {
   static constexpr int kMaxReads = 16;  // distinct readers per epoch (a TF32 element: 2 lanes of each of 4 warps)
-  int write_epoch = -1, writer = -1, writer_syncs = 0;
+  int write_epoch = -1, writer = -1, writer_syncs = 0;  // the last write, at its completion
+  long writer_seq = 0;
   int read_epoch = -1, reads = 0;
   SharedRead read[kMaxReads];
 };
@@ -164,7 +174,7 @@ struct PendingCopy {
   void* dst;
   const void* src;
   bool valid;
-  int issued_at;  // the issuing thread's epoch: the copy may land any time from then to its wait_group
+  ThreadClock issued;  // the issuing thread's clocks: the copy may land any time from then to its wait_group
   bool landed;    // its bytes written at issue (g_cp_async_immediate); noted for the race check at the wait still
 };
 // A thread's asynchronous operations in commit groups, as cp.async and wgmma both track them: the open group
@@ -200,8 +210,15 @@ inline thread_local AsyncGroups<PendingCopy> t_copies;
 // This thread landed cp.async copies (the generic proxy) not yet fenced to the async proxy (fence.proxy.async),
 // which wgmma reads shared memory through.
 inline thread_local bool t_unfenced_copies = false;
-// The race check's clocks: the __syncthreads this thread has passed (its epoch), and its __syncwarp calls.
-inline thread_local int t_barriers = 0, t_warp_syncs = 0;
+// The race check's clocks (ThreadClock): the __syncthreads this thread has passed (its epoch), its __syncwarp
+// calls, its ldmatrix calls, the wgmmas it has issued and retired, and its shared-memory operations.
+inline thread_local int t_barriers = 0, t_warp_syncs = 0, t_collectives = 0, t_wgmmas_issued = 0,
+                        t_wgmmas_retired = 0;
+inline thread_local long t_seq = 0;
+// Now, for a synchronous access or the issue of an asynchronous one; counts as one of the thread's operations.
+inline ThreadClock clock_now() {
+  return ThreadClock{t_barriers, t_warp_syncs, t_collectives, t_wgmmas_retired, t_seq++};
+}
 
 inline void BarrierCompletion::operator()() noexcept {
   block->copies_fenced_at_last_barrier =
@@ -243,25 +260,28 @@ inline bool bank_groups_conflict(const long (&offsets)[8]) { return bank_slots_c
 // ---- shared-memory races -------------------------------------------------------------------------------
 
 // Checks thread t's access to shared bytes [offset, offset + bytes) against each granule's last write and latest
-// reads, then records it. Two accesses to a granule, one of them a write, by different threads must be ordered:
-//   - by a __syncthreads between them: the earlier one's epoch is below the later one's window start, the epoch in
-//     which t issued it (the same as now, but for a cp.async landing and a wgmma reading, which may happen at any
-//     time from their issue to their wait_group);
-//   - or within a warp: by a __syncwarp between them (a thread's count of them is its warp's), or because the
-//     earlier one was an ldmatrix of t's warp (every lane has its result before any lane goes on);
-//   - or, for a write, because the earlier access was a wgmma read of t's warpgroup: t has waited for the group
-//     before writing (whether it had is the value checks': emu_wgmma_wait completes the MMAs as late as allowed).
-// A wgmma's reads are ordered after a write only by a barrier: the async proxy sees no warp's order.
+// reads, then records it. `at`: t's clocks when it issued the access (clock_now() for a synchronous one; a cp.async
+// may land, and a wgmma read, any time from its issue to the wait_group that retires it, where it is recorded).
+// Two accesses to a granule, one of them a write, by different threads, or an asynchronous one and another access
+// of the issuing thread, race unless the earlier one is ordered before the later one's issue:
+//   - by a __syncthreads between them: the earlier one's epoch is below the later one's issue epoch;
+//   - by program order, in the same thread: the earlier one completed before the later one was issued;
+//   - within a warp: by a __syncwarp between them (a thread's count of them is its warp's), or because the earlier
+//     one was an ldmatrix of t's warp that t had executed (every lane has its result before any lane goes on);
+//   - for a write, because the earlier access was a wgmma read of t's warpgroup that t had retired (wait_group).
+// Only a barrier orders a write before a wgmma's reads: the async proxy sees no warp's order.
 // What it cannot see: accesses outside the wrappers (no implicit-GEMM kernel makes any), and ordering that a kernel
-// would get from anything but barriers and warp collectives.
-inline void note_shared_access(long offset, int bytes, SharedAccessKind kind, bool write, int window_start, int unit) {
+// would get from anything but barriers, warp syncs, warp collectives and wgmma waits.
+inline void note_shared_access(long offset, int bytes, SharedAccessKind kind, bool write, const ThreadClock& at,
+                               int unit, long order = 0) {
   // (an access outside the shared memory is its caller's to report)
   if (offset < 0 || offset + bytes > static_cast<long>(t_block->smem_bytes)) return;
   const int t = static_cast<int>(threadIdx.x), warp = t / 32, group = t / 128;
-  const int epoch = t_barriers, syncs = t_warp_syncs;
-  // orders an earlier access of thread `other` (a write, or a kThread read) before this one
-  const auto after_in_warp = [&](int other, int other_syncs) {
-    return kind != SharedAccessKind::kWgmma && (other == t || (other / 32 == warp && other_syncs < syncs));
+  const int epoch = t_barriers, window_start = at.epoch;
+  // orders an earlier access of thread `other` (a write, or a kThread read) before this one's issue
+  const auto ordered_in_warp = [&](int other, int other_syncs, long other_seq) {
+    if (kind == SharedAccessKind::kWgmma) return false;
+    return other == t ? other_seq < at.seq : other / 32 == warp && other_syncs < at.syncs;
   };
   std::lock_guard<std::mutex> lock(t_block->race_lock);
   for (long g = offset / 8; g <= (offset + bytes - 1) / 8; ++g) {
@@ -270,16 +290,16 @@ inline void note_shared_access(long offset, int bytes, SharedAccessKind kind, bo
     bool race = false, other_write = false;
     SharedAccessKind other_kind = SharedAccessKind::kThread;
     int other = -1, other_epoch = -1;
-    if (s.write_epoch >= window_start && !after_in_warp(s.writer, s.writer_syncs)) {
+    if (s.write_epoch >= window_start && !ordered_in_warp(s.writer, s.writer_syncs, s.writer_seq)) {
       race = other_write = true;
       other = s.writer, other_epoch = s.write_epoch;
     }
     if (write && s.read_epoch >= window_start) {
       for (int i = 0; i < s.reads && !race; ++i) {
         const SharedRead& r = s.read[i];
-        race = !(r.kind == SharedAccessKind::kThread ? after_in_warp(r.unit, r.syncs)
-                 : r.kind == SharedAccessKind::kWarp ? r.unit == warp
-                                                     : r.unit == group);
+        race = !(r.kind == SharedAccessKind::kThread ? ordered_in_warp(r.unit, r.syncs, r.order)
+                 : r.kind == SharedAccessKind::kWarp ? r.unit == warp && r.order < at.collectives
+                                                     : r.unit == group && r.order < at.wgmmas_retired);
         other_kind = r.kind, other = r.unit, other_epoch = s.read_epoch;
       }
     }
@@ -293,23 +313,26 @@ inline void note_shared_access(long offset, int bytes, SharedAccessKind kind, bo
       };
       std::snprintf(g_first_shared_race, sizeof(g_first_shared_race),
                     "%s %d's %s of shared offset %ld (issued in epoch %d, done by epoch %d) races with %s %d's %s "
-                    "(epoch %d): no barrier between (block (%u, %u, %u))", whose(kind), unit, what(kind, write), 8 * g,
-                    window_start, epoch, whose(other_kind), other, what(other_kind, other_write), other_epoch,
+                    "(epoch %d): nothing orders them (block (%u, %u, %u))", whose(kind), unit, what(kind, write),
+                    8 * g, window_start, epoch, whose(other_kind), other, what(other_kind, other_write), other_epoch,
                     blockIdx.x, blockIdx.y, blockIdx.z);
     }
-    if (write) {
-      s.write_epoch = epoch, s.writer = t, s.writer_syncs = syncs;
+    if (write) {  // recorded as complete now: later accesses are ordered after it by what follows now
+      s.write_epoch = epoch, s.writer = t, s.writer_syncs = t_warp_syncs, s.writer_seq = t_seq - 1;
       continue;
     }
     if (s.read_epoch != epoch) s.read_epoch = epoch, s.reads = 0;
+    const int syncs = kind == SharedAccessKind::kThread ? at.syncs : 0;
+    const long read_order = kind == SharedAccessKind::kThread ? at.seq : order;
     int i = 0;
     while (i < s.reads && !(s.read[i].kind == kind && s.read[i].unit == unit)) ++i;
     if (i == s.reads) {
       EMU_CHECK(s.reads < SharedGranule::kMaxReads, "more than %d distinct readers of a shared granule in one epoch "
                 "(raise SharedGranule::kMaxReads)", SharedGranule::kMaxReads);
-      s.read[s.reads++] = SharedRead{kind, unit, syncs};
-    } else {
+      s.read[s.reads++] = SharedRead{kind, unit, syncs, read_order};
+    } else {  // (a later write must follow every read of the unit: keep the latest)
       s.read[i].syncs = std::max(s.read[i].syncs, syncs);
+      s.read[i].order = std::max(s.read[i].order, read_order);
     }
   }
 }
@@ -335,8 +358,9 @@ inline void write_copy(const PendingCopy& c) {
 inline void land(const PendingCopy& c) {
   if (!c.landed) write_copy(c);
   t_unfenced_copies = true;
+  ++t_seq;  // (the landing: an operation of the thread's, after everything it did before the wait)
   note_shared_access(static_cast<const unsigned char*>(c.dst) - t_block->smem, 16, SharedAccessKind::kThread, true,
-                     c.issued_at, static_cast<int>(threadIdx.x));
+                     c.issued, static_cast<int>(threadIdx.x));
 }
 
 // st.global.v4.b32: the staged epilogue's 16-byte stores, aligned and inside a registered buffer.
@@ -383,7 +407,7 @@ inline void emu_cp_async(void* dst, const void* src, bool valid) {
     }
   }
   t_block->warp_barriers[warp]->arrive_and_wait();  // lane 0 has read copy_dst before any lane reuses it
-  const PendingCopy c{dst, src, valid, t_barriers, g_cp_async_immediate};
+  const PendingCopy c{dst, src, valid, clock_now(), g_cp_async_immediate};
   if (c.landed) write_copy(c);
   t_copies.open.push_back(c);
 }
@@ -427,21 +451,21 @@ inline float emu_load_shared_f32(const float* p) {
   const long offset = static_cast<long>(reinterpret_cast<const unsigned char*>(p) - t_block->smem);
   EMU_CHECK(offset >= 0 && offset + 4 <= static_cast<long>(t_block->smem_bytes) && offset % 4 == 0,
             "fp32 operand load outside the block's shared memory or misaligned (offset %ld)", offset);
-  note_shared_access(offset, 4, SharedAccessKind::kThread, false, t_barriers, static_cast<int>(threadIdx.x));
+  note_shared_access(offset, 4, SharedAccessKind::kThread, false, clock_now(), static_cast<int>(threadIdx.x));
   return *p;
 }
 
 inline void emu_stage_store2(float* p, float a, float b) {
   check_stage_access(p, 8);
   note_shared_access(reinterpret_cast<unsigned char*>(p) - t_block->smem, 8, SharedAccessKind::kThread, true,
-                     t_barriers, static_cast<int>(threadIdx.x));
+                     clock_now(), static_cast<int>(threadIdx.x));
   p[0] = a, p[1] = b;
 }
 
 inline void emu_stage_load4(float (&v)[4], const float* p) {
   check_stage_access(p, 16);
   note_shared_access(reinterpret_cast<const unsigned char*>(p) - t_block->smem, 16, SharedAccessKind::kThread, false,
-                     t_barriers, static_cast<int>(threadIdx.x));
+                     clock_now(), static_cast<int>(threadIdx.x));
   for (int i = 0; i < 4; ++i) v[i] = p[i];
 }
 
@@ -463,7 +487,8 @@ inline void emu_ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
   EMU_CHECK(offset >= 0 && offset + 16 <= static_cast<long>(t_block->smem_bytes),
             "ldmatrix row outside the block's shared memory (offset %ld)", offset);
   EMU_CHECK(offset % 16 == 0, "ldmatrix row not 16-byte aligned (shared offset %ld)", offset);
-  note_shared_access(offset, 16, SharedAccessKind::kWarp, false, t_barriers, warp);  // the row this lane names
+  // the row this lane names; the warp's reads are done before any lane goes on (t_collectives counts them)
+  note_shared_access(offset, 16, SharedAccessKind::kWarp, false, clock_now(), warp, t_collectives++);
   x.row[lane] = p;
   t_block->warp_barriers[warp]->arrive_and_wait();
   if (lane == 0) {
@@ -560,8 +585,9 @@ struct PendingWgmma {
   int n;
   bool bf16;
   uint64_t desc_a, desc_b;
-  int issued_at;  // the epoch it was issued in: it may read its operands any time from then to its wait_group
-  bool ran;       // run at issue (g_wgmma_immediate); its reads noted for the race check at the wait still
+  ThreadClock issued;  // at its issue: it may read its operands any time from then to its wait_group
+  int index;           // the issuing thread's count of wgmmas before it (the same in every thread of the warpgroup)
+  bool ran;            // run at issue (g_wgmma_immediate); its reads noted for the race check at the wait still
 };
 inline thread_local AsyncGroups<PendingWgmma> t_wgmmas;
 inline thread_local bool t_wgmma_fenced = false;  // a wgmma.fence since the accumulators were last touched
@@ -614,13 +640,14 @@ inline void run_wgmma(const PendingWgmma& op) {
 // its issue.
 inline void complete_wgmma(const PendingWgmma& op) {
   if (!op.ran) run_wgmma(op);
+  ++t_wgmmas_retired;
   if (threadIdx.x % 128 != 0) return;
   for (int row = 0; row < 64 + op.n; ++row)
     for (int k = 0; k < 16; k += 4) {  // an 8-byte granule: 4 elements, contiguous under the swizzle
       const long address = row < 64 ? wgmma_k_major_address(op.desc_a, row, k, 2)
                                     : wgmma_k_major_address(op.desc_b, row - 64, k, 2);
-      note_shared_access(address - kSharedWindowBase, 8, SharedAccessKind::kWgmma, false, op.issued_at,
-                         static_cast<int>(threadIdx.x / 128));
+      note_shared_access(address - kSharedWindowBase, 8, SharedAccessKind::kWgmma, false, op.issued,
+                         static_cast<int>(threadIdx.x / 128), op.index);
     }
 }
 
@@ -642,7 +669,8 @@ inline void emu_wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
     EMU_CHECK(x.desc[other][0] == desc_a && x.desc[other][1] == desc_b,
               "the threads of warpgroup %d issue a wgmma with different descriptors", group);
   t_block->warpgroup_barriers[group]->arrive_and_wait();  // all compared before any thread rewrites x.desc
-  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b, t_barriers, g_wgmma_immediate};
+  const PendingWgmma op{&d[0][0], N, std::is_same_v<T, __nv_bfloat16>, desc_a, desc_b, clock_now(), t_wgmmas_issued++,
+                        g_wgmma_immediate};
   if (op.ran) run_wgmma(op);
   t_wgmmas.open.push_back(op);
 }
@@ -697,7 +725,8 @@ void emu_launch(dim3 grid, int threads, size_t smem_bytes, Kernel kernel, Args..
             t_unfenced_copies = false;
             t_wgmmas.clear();
             t_wgmma_fenced = false;
-            t_barriers = 0, t_warp_syncs = 0;
+            t_barriers = 0, t_warp_syncs = 0, t_collectives = 0, t_wgmmas_issued = 0, t_wgmmas_retired = 0;
+            t_seq = 0;
             kernel(args...);
             EMU_CHECK(!t_copies.outstanding(), "thread %d of block (%u, %u, %u) exits with cp.async copies not waited for",
                       t, x, y, z);

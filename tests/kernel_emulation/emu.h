@@ -488,7 +488,8 @@ inline void emu_ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
             "ldmatrix row outside the block's shared memory (offset %ld)", offset);
   EMU_CHECK(offset % 16 == 0, "ldmatrix row not 16-byte aligned (shared offset %ld)", offset);
   // the row this lane names; the warp's reads are done before any lane goes on (t_collectives counts them)
-  note_shared_access(offset, 16, SharedAccessKind::kWarp, false, clock_now(), warp, t_collectives++);
+  const ThreadClock at = clock_now();
+  note_shared_access(offset, 16, SharedAccessKind::kWarp, false, at, warp, t_collectives++);
   x.row[lane] = p;
   t_block->warp_barriers[warp]->arrive_and_wait();
   if (lane == 0) {
@@ -682,6 +683,9 @@ inline void emu_wgmma_commit() { t_wgmmas.commit(); }
 inline void emu_wgmma_wait(int n) {
   t_wgmmas.retire(n, complete_wgmma);
   t_wgmma_fenced = false;
+  // wait_group is .aligned: the whole warpgroup executes it. Meeting here puts the first thread's record of the
+  // retired wgmmas' reads before any thread of the warpgroup goes on to write over their operands.
+  if (!t_block->warpgroups.empty()) t_block->warpgroup_barriers[threadIdx.x / 128]->arrive_and_wait();
 }
 
 // ---- launch -------------------------------------------------------------------------------------------

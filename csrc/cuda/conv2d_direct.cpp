@@ -73,11 +73,13 @@ at::Tensor conv2d_direct_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
   if (dw.numel() == 0) return dw;
   const Strides4 dys = strides_of(grad_output);
   const int64_t workspace_floats = conv2d_direct_wgrad_workspace_floats(pb, dys);
-  const at::Tensor workspace = at::empty({workspace_floats}, grad_output.options().dtype(at::kFloat));
+  // (the depthwise kernels' partial sums; no allocation for the others)
+  at::Tensor workspace;
+  if (workspace_floats > 0) workspace = at::empty({workspace_floats}, grad_output.options().dtype(at::kFloat));
   check_launch(op, launch_conv2d_direct_wgrad(pb, cuda_dtype(op, grad_output.scalar_type()),
                                               grad_output.const_data_ptr(), dys, input.const_data_ptr(),
                                               strides_of(input), dw.mutable_data_ptr(), strides_of(dw),
-                                              workspace_floats > 0 ? workspace.mutable_data_ptr<float>() : nullptr,
+                                              workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr,
                                               c10::cuda::getCurrentCUDAStream().stream()));
   return dw;
 }

@@ -48,6 +48,13 @@ FASTCONV_HD int64_t pool_output_extent(int64_t in, int64_t pad, int64_t dil, int
   return out;
 }
 
+// The first tap of a window at or after 0, from the window's start and its dilation: where torch's max pooling
+// begins its scan (it steps a start in the padding forward by the dilation), so its index for a window with no
+// element inside the input (dilation can put every tap in the padding or past the end).
+FASTCONV_HD int64_t pool_first_tap_from_zero(int64_t start, int64_t dil) {
+  return start >= 0 ? start : start + (-start + dil - 1) / dil * dil;
+}
+
 // Also the geometry of a pooling window (max_pool2d): K = C, groups = C, R x S the window, no filter.
 struct Conv2dProblem {
   int64_t N, C, H, W;  // activation
@@ -64,6 +71,12 @@ struct Conv2dProblem {
   // Input row / column read by output row p (column q) through tap r (s); may lie in the padding.
   FASTCONV_HD int64_t input_row(int64_t p, int64_t r) const { return p * stride_h - pad_h + r * dil_h; }
   FASTCONV_HD int64_t input_col(int64_t q, int64_t s) const { return q * stride_w - pad_w + s * dil_w; }
+  // torch's max-pooling index of output (p, q) when its window has no element inside the input (the value is
+  // -inf): h * W + w of the first taps at or after row and column 0, which may lie past the end (or alias another
+  // element). Backward gathers only over the elements a window covers, so such a window passes no gradient.
+  FASTCONV_HD int64_t pool_empty_window_index(int64_t p, int64_t q) const {
+    return pool_first_tap_from_zero(input_row(p, 0), dil_h) * W + pool_first_tap_from_zero(input_col(q, 0), dil_w);
+  }
 
   // dgrad's inverse: the output row that reads input row h through tap r, or -1 if none does (the tap
   // falls between strides or outside the output).

@@ -274,13 +274,35 @@ def _max_pool2d_backward(ctx, grad_output, _grad_indices):
 
 
 def _max_pool2d_backward_setup(ctx, inputs, output):
+    ctx.geometry = inputs[2:]  # input_size, kernel_size, stride, padding, dilation
     ctx.save_for_backward(inputs[1])
 
 
+def _empty_pool_windows(indices, input_size, kernel_size, stride, padding, dilation):
+    """Where a window has no element inside the input (dilation can put all its taps in the padding or past the
+    end), as a bool (P, Q) tensor, or None when every window has one. Such a window's output is -inf whatever the
+    input, and its index (torch's) may lie outside the plane or alias another element."""
+    def covered(out, size, taps, step, pad, dil):
+        return [any(0 <= o * step - pad + t * dil < size for t in range(taps)) for o in range(out)]
+
+    rows = covered(indices.shape[-2], input_size[-2], kernel_size[0], stride[0], padding[0], dilation[0])
+    cols = covered(indices.shape[-1], input_size[-1], kernel_size[1], stride[1], padding[1], dilation[1])
+    if all(rows) and all(cols):
+        return None
+    rows, cols = (torch.tensor(v, device=indices.device) for v in (rows, cols))
+    return ~(rows[:, None] & cols[None, :])
+
+
 def _max_pool2d_double_backward(ctx, grad_grad_input):
-    # max_pool2d_backward is linear in grad_output: a scatter by indices, whose adjoint is the gather.
+    # max_pool2d_backward is linear in grad_output: a scatter by indices, whose adjoint is the gather. Windows with
+    # no element inside the input pass no gradient (backward gathers only over covered elements): zero there.
     (indices,) = ctx.saved_tensors
+    empty = _empty_pool_windows(indices, *ctx.geometry)
+    if empty is not None:
+        indices = indices.masked_fill(empty, 0)
     gathered = grad_grad_input.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+    if empty is not None:
+        gathered = gathered.masked_fill(empty, 0)
     return gathered, None, None, None, None, None, None
 
 

@@ -93,6 +93,52 @@ def test_ties_like_torch(device):
         torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ry, x, gy)[0])
 
 
+# Dilation can put every tap of a window in the padding or past the end: the window's value is -inf and torch
+# records the first taps at or after row and column 0 (here past the end of each row, so the index names an element
+# of the next row, or lies past the plane). 2 and 10 taps: the CUDA kernels' unrolled path and their loop.
+EMPTY_WINDOW_CASES = [
+    ("2x2_dilation3", (2, 3, 6, 2), dict(kernel_size=2, stride=1, padding=1, dilation=3)),
+    ("5x2_dilation_1x3", (1, 2, 7, 2), dict(kernel_size=(5, 2), stride=1, padding=(2, 1), dilation=(1, 3))),
+    ("rows_and_cols_empty", (2, 2, 1, 1), dict(kernel_size=2, stride=1, padding=1, dilation=2)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("name,shape,kwargs", EMPTY_WINDOW_CASES, ids=[c[0] for c in EMPTY_WINDOW_CASES])
+def test_windows_wholly_in_padding_like_torch(name, shape, kwargs, channels_last, device):
+    """Values and indices are torch's. The gradient is torch's for every window with an element inside the input,
+    and nothing from the others: their -inf does not depend on the input (torch's backward adds their gradient
+    at the recorded index, an unrelated element)."""
+    torch.manual_seed(6)
+    x = torch.randn(shape, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y, idx = max_pool2d(x, **kwargs, return_indices=True)
+    ry, ridx = F.max_pool2d(x, **kwargs, return_indices=True)
+    empty = ry == float("-inf")  # (randn inputs: -inf only where a window has no element)
+    assert empty.any() and torch.equal(y, ry) and torch.equal(idx, ridx)
+    gy = torch.randn_like(ry)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    (rgx,) = torch.autograd.grad(ry, x, gy.masked_fill(empty, 0))
+    torch.testing.assert_close(gx, rgx, rtol=1e-6, atol=1e-6)
+    # double backward: the gather of the gradient's gradient, zero at the empty windows
+    gy.requires_grad_()
+    (gx,) = torch.autograd.grad(max_pool2d(x, **kwargs), x, gy, create_graph=True)
+    ggx = torch.randn_like(gx)
+    (ggy,) = torch.autograd.grad(gx, gy, ggx)
+    expected = ggx.flatten(2).gather(2, ridx.clamp(max=shape[-1] * shape[-2] - 1).flatten(2)).view_as(ry)
+    torch.testing.assert_close(ggy, expected.masked_fill(empty, 0))
+
+
+def test_windows_wholly_in_padding_gradcheck():
+    x = torch.randperm(2 * 6 * 2, dtype=torch.float64).view(1, 2, 6, 2).div_(10).requires_grad_()
+    fn = lambda t: max_pool2d(t, 2, 1, 1, dilation=3).clamp(min=-1e3)  # noqa: E731  (the -inf windows: constant)
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
 def test_indices_work_with_max_unpool2d():
     x = torch.randn(2, 3, 8, 8)
     y, idx = max_pool2d(x, 2, return_indices=True)

@@ -411,6 +411,9 @@ POOL_CASES = [
     ("default_stride", (2, 2, 8, 8), dict(kernel_size=2)),
     # more taps than the kernels' unrolled path takes (kSmallWindow = 9): their runtime loop
     ("window_4x3", (1, 3, 11, 10), dict(kernel_size=(4, 3), stride=(2, 1), padding=(2, 1))),
+    # every window's taps in the padding or past the end (-inf and torch's index), with 2 and 10 taps
+    ("empty_windows_2x2", (2, 3, 6, 2), dict(kernel_size=2, stride=1, padding=1, dilation=3)),
+    ("empty_windows_5x2", (1, 2, 7, 2), dict(kernel_size=(5, 2), stride=1, padding=(2, 1), dilation=(1, 3))),
 ]
 
 
@@ -450,12 +453,13 @@ def test_max_pool2d_keeps_the_first_maximum_and_the_last_nan(rt, name, shape, kw
 def test_max_pool2d_backward_kernel_matches_torch(emulated_kernels, name, shape, kwargs, channels_last, dtype):
     """The extension's max_pool2d backward kernel (the build-free path has no backward), launched as
     launch_max_pool2d_backward does, on torch's indices of inputs with ties (overlapping windows that chose the
-    same element add their gradients), against torch's input gradient."""
+    same element add their gradients), against torch's input gradient (but for windows wholly in the padding)."""
     torch.manual_seed(5)
     x = ties_and_nans(shape, dtype, channels_last).nan_to_num(0.5).requires_grad_()
     y, indices = F.max_pool2d(x.double(), return_indices=True, **kwargs)
     dy = randn(*y.shape, dtype=dtype, channels_last=channels_last)
-    (ref,) = torch.autograd.grad(y, x, dy.double())
+    # (a window with no element inside x passes no gradient; torch adds it at the window's recorded index)
+    (ref,) = torch.autograd.grad(y, x, dy.double().masked_fill(y == float("-inf"), 0))
     n, c, h, w = shape
     stride = _checks.pair(kwargs.get("stride", kwargs["kernel_size"]), "stride")
     r, s = _checks.pair(kwargs["kernel_size"], "kernel_size")

@@ -1,6 +1,7 @@
 // CPU twin of max pooling. Forward: each output scans its window (rows outer, columns inner, as torch
 // does) and keeps the first maximum, or the last NaN (NaN propagates, as in torch), recording the flat
-// h * W + w index in its plane; padding never wins (it acts as -inf). Backward gathers: each input
+// h * W + w index in its plane; padding never wins (it acts as -inf; a window wholly in the padding gives -inf and
+// torch's index, Conv2dProblem::pool_empty_window_index). Backward gathers: each input
 // element sums the gradients of the windows whose recorded index is its own, so no two tasks write one
 // element and the result does not depend on the thread count.
 #include <ATen/core/Tensor.h>
@@ -45,7 +46,7 @@ void max_pool2d_cpu_kernel(const Conv2dProblem& pb, const scalar_t* x, scalar_t*
           }
           const int64_t o = plane * PQ + p * pb.Q + q;
           y[o] = best >= 0 ? x_plane[best] : static_cast<scalar_t>(-std::numeric_limits<acc_t>::infinity());
-          indices[o] = best;
+          indices[o] = best >= 0 ? best : pb.pool_empty_window_index(p, q);
         }
       }
     }

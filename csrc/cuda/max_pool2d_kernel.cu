@@ -2,7 +2,8 @@
 //
 // Forward: one thread per output element (grid-stride loop) scans its window, rows outer and columns
 // inner as torch does, keeping the first maximum or the last NaN (NaN propagates like torch's), and
-// writes the value (copied, never rounded) and its flat index h * W + w in the plane. Padding never wins.
+// writes the value (copied, never rounded) and its flat index h * W + w in the plane. Padding never wins; a window
+// with no tap inside x writes -inf and torch's index for it (Conv2dProblem::pool_empty_window_index).
 // Backward gathers instead of scattering: one thread per input element visits the windows that can
 // contain it (Conv2dProblem::output_row/col, the same inverse as conv dgrad) and sums the gradients of
 // those whose recorded index is its own. No atomics, so overlapping windows stay deterministic.
@@ -99,7 +100,7 @@ max_pool2d_forward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32b
       }
     }
     y[ys.offset(n, c, p, q)] = best_raw;
-    indices[is.offset(n, c, p, q)] = best;
+    indices[is.offset(n, c, p, q)] = best >= 0 ? best : pb.pool_empty_window_index(p, q);  // (no tap inside x)
   }
 }
 

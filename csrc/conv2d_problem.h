@@ -78,6 +78,23 @@ struct Conv2dProblem {
     return pool_first_tap_from_zero(input_row(p, 0), dil_h) * W + pool_first_tap_from_zero(input_col(q, 0), dil_w);
   }
 
+  // The taps r in [*begin, *end) through which output row p reads a row inside the input (likewise columns). Max
+  // pooling scans only these, so a huge window over a small input costs its overlap, not its size.
+  FASTCONV_HD void taps_inside_rows(int64_t p, int64_t* begin, int64_t* end) const {
+    taps_inside(input_row(p, 0), dil_h, R, H, begin, end);
+  }
+  FASTCONV_HD void taps_inside_cols(int64_t q, int64_t* begin, int64_t* end) const {
+    taps_inside(input_col(q, 0), dil_w, S, W, begin, end);
+  }
+  // The taps r in [*begin, *end) through which some output row can read input row h (output_row(h, r) may still
+  // be -1 within them: between strides). Max pooling's backward visits only these.
+  FASTCONV_HD void taps_reaching_row(int64_t h, int64_t* begin, int64_t* end) const {
+    taps_reaching(h + pad_h, dil_h, stride_h, P, R, begin, end);
+  }
+  FASTCONV_HD void taps_reaching_col(int64_t w, int64_t* begin, int64_t* end) const {
+    taps_reaching(w + pad_w, dil_w, stride_w, Q, S, begin, end);
+  }
+
   // dgrad's inverse: the output row that reads input row h through tap r, or -1 if none does (the tap
   // falls between strides or outside the output).
   FASTCONV_HD int64_t output_row(int64_t h, int64_t r) const {
@@ -111,6 +128,27 @@ struct Conv2dProblem {
     }
     if (o * stride != t) return -1;
     return o < extent ? o : -1;
+  }
+  // Taps t in [0, taps) with 0 <= start + t * dil < extent.
+  FASTCONV_HD static void taps_inside(int64_t start, int64_t dil, int64_t taps, int64_t extent, int64_t* begin,
+                                      int64_t* end) {
+    int64_t lo = start >= 0 ? 0 : (-start + dil - 1) / dil;
+    int64_t hi = start >= extent ? 0 : (extent - 1 - start) / dil + 1;
+    if (hi > taps) hi = taps;
+    if (lo > hi) lo = hi;
+    *begin = lo;
+    *end = hi;
+  }
+  // Taps t in [0, taps) with 0 <= offset - t * dil <= (out - 1) * stride, for offset >= 0.
+  FASTCONV_HD static void taps_reaching(int64_t offset, int64_t dil, int64_t stride, int64_t out, int64_t taps,
+                                        int64_t* begin, int64_t* end) {
+    const int64_t beyond = offset - (out - 1) * stride;  // t * dil must reach at least this far back
+    int64_t lo = beyond <= 0 ? 0 : (beyond + dil - 1) / dil;
+    int64_t hi = offset / dil + 1;
+    if (hi > taps) hi = taps;
+    if (lo > hi) lo = hi;
+    *begin = lo;
+    *end = hi;
   }
   // Solve 0 <= o * stride + offset < in for o in [0, out).
   FASTCONV_HD static void valid_range(int64_t offset, int64_t stride, int64_t in, int64_t out,

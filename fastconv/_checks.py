@@ -6,6 +6,7 @@ tests/test_conv2d_errors.py runs every bad input through both to keep them in st
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -27,9 +28,12 @@ def pair(value, name: str, op: str = "fastconv.conv2d") -> tuple[int, int]:
             values = values * 2
     else:
         values = (value, value)
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    return values
+    if len(values) == 2 and not any(isinstance(v, bool) for v in values):
+        try:  # integers of other types too (numpy's, a 0-d integer tensor), as torch takes them
+            return tuple(operator.index(v) for v in values)
+        except TypeError:
+            pass
+    raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
 
 
 def same_padding(filter_size, stride, dilation, op: str = "fastconv.conv2d") -> tuple[tuple[int, int], tuple[int, int]]:
@@ -319,10 +323,15 @@ def _pool_output_extent(size, pad, dil, taps, stride, ceil_mode):
     return out
 
 
-def _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, ceil_mode) -> list:
+def _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, ceil_mode, check_output=True) -> list:
     if not (len(kernel_size) == 2 and len(stride) == 2 and len(padding) == 2 and len(dilation) == 2):
         raise ValueError(
             f"{op}: kernel_size, stride, padding and dilation must have 2 entries each, got {list(kernel_size)}, "
+            f"{list(stride)}, {list(padding)}, {list(dilation)}"
+        )
+    if any(v > 0x7FFFFFFF for v in (*kernel_size, *stride, *padding, *dilation)):  # torch's 32-bit ints
+        raise ValueError(
+            f"{op}: kernel_size, stride, padding and dilation must fit in 32 bits, got {list(kernel_size)}, "
             f"{list(stride)}, {list(padding)}, {list(dilation)}"
         )
     if any(v <= 0 for v in kernel_size):
@@ -346,7 +355,7 @@ def _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, c
         )
     p = _pool_output_extent(h, padding[0], dilation[0], kernel_size[0], stride[0], ceil_mode)
     q = _pool_output_extent(w, padding[1], dilation[1], kernel_size[1], stride[1], ceil_mode)
-    if p <= 0 or q <= 0:
+    if check_output and (p <= 0 or q <= 0):
         raise ValueError(f"{op}: output size is too small: input {h} x {w} gives {p} x {q} windows")
     return [n, c, p, q]
 
@@ -366,9 +375,11 @@ def check_max_pool2d_backward(op, grad_output, indices, input_size, kernel_size,
     if indices.shape != grad_output.shape:
         raise ValueError(f"{op}: indices has shape {list(indices.shape)} but grad_output has shape {list(grad_output.shape)}")
     _check_size4(op, input_size, "input_size")
-    n, c, p, q = _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, False)
+    # the forward's ceil_mode is not known: the floor or the ceil mode's extents (the floor's may be 0)
+    n, c, p, q = _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, False, False)
+    _, _, p_ceil, q_ceil = _pool_output_shape(op, input_size, kernel_size, stride, padding, dilation, True, False)
     go = list(grad_output.shape)
-    if not (go[0] == n and go[1] == c and p <= go[2] <= p + 1 and q <= go[3] <= q + 1):
+    if not (go[0] == n and go[1] == c and go[2] > 0 and go[3] > 0 and go[2] in (p, p_ceil) and go[3] in (q, q_ceil)):
         raise ValueError(f"{op}: grad_output of shape {go} does not fit input_size {list(input_size)}")
 
 

@@ -264,12 +264,16 @@ def _max_pool2d_setup(ctx, inputs, output):
     input, kernel_size, stride, padding, dilation, _ceil_mode = inputs  # ceil_mode shows in the output shape
     ctx.window = (kernel_size, stride, padding, dilation)
     ctx.input_size = input.shape
+    ctx.input_format = suggest_memory_format(input)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
 def _max_pool2d_backward(ctx, grad_output, _grad_indices):
     (indices,) = ctx.saved_tensors
+    if suggest_memory_format(grad_output) != ctx.input_format:
+        # the input's gradient takes the input's layout, as torch's does (the kernel follows grad_output's)
+        grad_output = grad_output.contiguous(memory_format=ctx.input_format)
     return call(max_pool2d_backward, grad_output, indices, ctx.input_size, *ctx.window), None, None, None, None, None
 
 

@@ -139,6 +139,54 @@ def test_windows_wholly_in_padding_gradcheck():
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ceil_mode_backward_where_floor_mode_has_no_window(device):
+    """A 3 x 3 window of stride 2 over 2 x 2 has one window in ceil mode and none in floor mode (GoogLeNet-style
+    pools on small maps): backward must take grad_output's extents, not the floor mode's."""
+    x = torch.randn(2, 3, 2, 2, device=device, requires_grad=True)
+    for kwargs in (dict(kernel_size=3, stride=2, ceil_mode=True), dict(kernel_size=(3, 1), stride=2, ceil_mode=True)):
+        y, ry = max_pool2d(x, **kwargs), F.max_pool2d(x, **kwargs)
+        assert torch.equal(y, ry)
+        gy = torch.randn_like(ry)
+        torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ry, x, gy)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_far_larger_than_the_input(device):
+    """Windows of 2e7 x 2e7 taps over 4 x 5: the kernels scan only the taps inside the input (and backward only
+    those that can reach an element), so this is as quick as torch's."""
+    x = torch.randn(1, 2, 4, 5, device=device, requires_grad=True)
+    kwargs = dict(kernel_size=2 * 10**7, stride=(1, 3), padding=10**7, return_indices=True)
+    (y, idx), (ry, ridx) = max_pool2d(x, **kwargs), F.max_pool2d(x, **kwargs)
+    assert torch.equal(y, ry) and torch.equal(idx, ridx)
+    gy = torch.randn_like(ry)
+    torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ry, x, gy)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_input_gradient_takes_the_input_layout(device):
+    """As torch's: the input's gradient is laid out like the input, whatever grad_output's layout (here the
+    expanded gradient of a sum, and a channels_last gradient for an NCHW input)."""
+    base = torch.randn(2, 8, 6, 6, device=device)
+    for fmt, other in ((torch.channels_last, torch.contiguous_format), (torch.contiguous_format, torch.channels_last)):
+        x = base.to(memory_format=fmt).requires_grad_()
+        gy = torch.randn(2, 8, 3, 3, device=device).to(memory_format=other)
+        for grad in (lambda f: torch.autograd.grad(f(x, 2).sum(), x)[0],
+                     lambda f: torch.autograd.grad(f(x, 2), x, gy)[0]):
+            ours, ref = grad(max_pool2d), grad(F.max_pool2d)
+            assert ours.is_contiguous(memory_format=fmt) and ref.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(ours, ref)
+
+
+def test_integer_like_window_arguments():
+    """numpy integers and 0-d integer tensors pass as ints, as torch takes them."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(1, 2, 7, 7)
+    torch.testing.assert_close(max_pool2d(x, np.int64(3), torch.tensor(2), [np.int32(1)]), F.max_pool2d(x, 3, 2, 1))
+    with pytest.raises(ValueError, match=r"kernel_size must be an int or a pair"):
+        max_pool2d(x, 2.0)
+
+
 def test_indices_work_with_max_unpool2d():
     x = torch.randn(2, 3, 8, 8)
     y, idx = max_pool2d(x, 2, return_indices=True)
@@ -186,6 +234,10 @@ BAD = [
     ("window_too_big", (1, 1, 3, 3), dict(kernel_size=4), ValueError, r"output size is too small: input 3 x 3 gives 0 x 0"),
     ("zero_channels", (2, 0, 4, 4), dict(kernel_size=2), ValueError, r"non-zero channels, height and width"),
     ("kernel_three_entries", (1, 1, 4, 4), dict(kernel_size=(2, 2, 2)), ValueError, r"kernel_size must be an int or a pair"),
+    # torch takes the window's arguments as 32-bit ints (a larger dilation had wrapped the window's arithmetic)
+    ("dilation_over_32_bits", (1, 1, 4, 4), dict(kernel_size=3, dilation=2**63 - 1), ValueError, r"must fit in 32 bits"),
+    ("kernel_over_32_bits", (1, 1, 4, 4), dict(kernel_size=2**62, padding=2**61), ValueError, r"must fit in 32 bits"),
+    ("stride_over_32_bits", (1, 1, 4, 4), dict(kernel_size=2, stride=2**31), ValueError, r"must fit in 32 bits"),
 ]
 
 

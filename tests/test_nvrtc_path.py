@@ -411,6 +411,8 @@ POOL_CASES = [
     ("default_stride", (2, 2, 8, 8), dict(kernel_size=2)),
     # more taps than the kernels' unrolled path takes (kSmallWindow = 9): their runtime loop
     ("window_4x3", (1, 3, 11, 10), dict(kernel_size=(4, 3), stride=(2, 1), padding=(2, 1))),
+    # windows far larger than the input: the runtime loop scans (and backward visits) only the taps that can matter
+    ("window_41x41", (1, 2, 4, 5), dict(kernel_size=41, stride=(1, 3), padding=20)),
     # every window's taps in the padding or past the end (-inf and torch's index), with 2 and 10 taps
     ("empty_windows_2x2", (2, 3, 6, 2), dict(kernel_size=2, stride=1, padding=1, dilation=3)),
     ("empty_windows_5x2", (1, 2, 7, 2), dict(kernel_size=(5, 2), stride=1, padding=(2, 1), dilation=(1, 3))),

@@ -31,12 +31,13 @@ void max_pool2d_cpu_kernel(const Conv2dProblem& pb, const scalar_t* x, scalar_t*
         for (int64_t q = 0; q < pb.Q; ++q) {
           int64_t best = -1;
           acc_t best_val = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t r = 0; r < pb.R; ++r) {
+          int64_t r_begin, r_end, s_begin, s_end;  // the taps inside x
+          pb.taps_inside_rows(p, &r_begin, &r_end);
+          pb.taps_inside_cols(q, &s_begin, &s_end);
+          for (int64_t r = r_begin; r < r_end; ++r) {
             const int64_t h = pb.input_row(p, r);
-            if (h < 0 || h >= pb.H) continue;
-            for (int64_t s = 0; s < pb.S; ++s) {
+            for (int64_t s = s_begin; s < s_end; ++s) {
               const int64_t w = pb.input_col(q, s);
-              if (w < 0 || w >= pb.W) continue;
               const acc_t v = static_cast<acc_t>(x_plane[h * pb.W + w]);
               if (best < 0 || v > best_val || std::isnan(v)) {
                 best_val = v;
@@ -65,10 +66,13 @@ void max_pool2d_backward_cpu_kernel(const Conv2dProblem& pb, const scalar_t* dy,
       for (int64_t h = 0; h < pb.H; ++h) {
         for (int64_t w = 0; w < pb.W; ++w) {
           acc_t acc = 0;
-          for (int64_t r = 0; r < pb.R; ++r) {
+          int64_t r_begin, r_end, s_begin, s_end;  // the taps through which some window can reach (h, w)
+          pb.taps_reaching_row(h, &r_begin, &r_end);
+          pb.taps_reaching_col(w, &s_begin, &s_end);
+          for (int64_t r = r_begin; r < r_end; ++r) {
             const int64_t p = pb.output_row(h, r);
             if (p < 0) continue;
-            for (int64_t s = 0; s < pb.S; ++s) {
+            for (int64_t s = s_begin; s < s_end; ++s) {
               const int64_t q = pb.output_col(w, s);
               if (q >= 0 && idx_plane[p * pb.Q + q] == h * pb.W + w) acc += static_cast<acc_t>(dy_plane[p * pb.Q + q]);
             }

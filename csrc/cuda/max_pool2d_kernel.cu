@@ -89,12 +89,13 @@ max_pool2d_forward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32b
         if (++s == S) s = 0, ++r;
       }
     } else {
-      for (int64_t r = 0; r < pb.R; ++r) {
+      int64_t r_begin, r_end, s_begin, s_end;  // the taps inside x
+      pb.taps_inside_rows(p, &r_begin, &r_end);
+      pb.taps_inside_cols(q, &s_begin, &s_end);
+      for (int64_t r = r_begin; r < r_end; ++r) {
         const int64_t h = pb.input_row(p, r);
-        if (h < 0 || h >= pb.H) continue;
-        for (int64_t s = 0; s < pb.S; ++s) {
+        for (int64_t s = s_begin; s < s_end; ++s) {
           const int64_t w = pb.input_col(q, s);
-          if (w < 0 || w >= pb.W) continue;
           take_max(x[xs.offset(n, c, h, w)], h * pb.W + w, best_val, best_raw, best);
         }
       }
@@ -135,10 +136,13 @@ max_pool2d_backward_kernel(Conv2dProblem pb, bool channels_fastest, bool fits_32
       for (int t = 0; t < kSmallWindow; ++t)
         if (chose[t]) acc += g[t];
     } else {
-      for (int64_t r = 0; r < pb.R; ++r) {
+      int64_t r_begin, r_end, s_begin, s_end;  // the taps through which some window can reach (h, w)
+      pb.taps_reaching_row(h, &r_begin, &r_end);
+      pb.taps_reaching_col(w, &s_begin, &s_end);
+      for (int64_t r = r_begin; r < r_end; ++r) {
         const int64_t p = pb.output_row(h, r);
         if (p < 0) continue;
-        for (int64_t s = 0; s < pb.S; ++s) {
+        for (int64_t s = s_begin; s < s_end; ++s) {
           const int64_t q = pb.output_col(w, s);
           if (q >= 0 && indices[is.offset(n, c, p, q)] == me) acc += to_float(dy[dys.offset(n, c, p, q)]);
         }

@@ -267,6 +267,13 @@ def conv_bn_relu(
     check_no_forward_ad(op, input, weight, bias, running_mean, running_var, bn_weight, bn_bias, residual)
     if residual is not None and not isinstance(residual, torch.Tensor):
         raise TypeError(f"{op}: residual must be a tensor or None")
+    # torch's batch_norm rules (a zero eps in training divides a constant channel by zero)
+    if training and not eps > 0:
+        raise ValueError(f"{op}: eps must be positive during training, got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must either both be None or neither be None")
     conv_args = (stride, padding, dilation, groups, algo)
     if not training:
         if running_mean is None or running_var is None:

@@ -100,7 +100,8 @@ class ConvBNReLU(torch.nn.Module):
     ``state_dict`` keys are ``conv.weight``, ``bn.weight``, ``bn.bias``, ``bn.running_mean``,
     ``bn.running_var``, ``bn.num_batches_tracked`` (and ``conv.bias`` with ``bias=True``), and every
     BatchNorm option (``momentum`` including ``None`` for the cumulative average, ``eps``, ``affine``,
-    ``track_running_stats``) behaves as in torch. ``relu=False`` gives conv + BatchNorm only.
+    ``track_running_stats``) behaves as in torch, as does the conv's ``padding_mode`` (these three are
+    keyword-only here). ``relu=False`` gives conv + BatchNorm only.
 
     Training normalises with the batch's biased variance and updates ``running_var`` with the unbiased one,
     exactly as ``torch.nn.BatchNorm2d`` does (some texts normalise with 1/(B-1); a drop-in follows torch).
@@ -128,6 +129,9 @@ class ConvBNReLU(torch.nn.Module):
         momentum: float | None = 0.1,
         relu: bool = True,
         *,
+        padding_mode: str = "zeros",
+        affine: bool = True,
+        track_running_stats: bool = True,
         algo: str = "auto",
         device=None,
         dtype=None,
@@ -135,8 +139,9 @@ class ConvBNReLU(torch.nn.Module):
         check_algo(algo)
         super().__init__()
         self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                           algo=algo, device=device, dtype=dtype)
-        self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+                           padding_mode, algo=algo, device=device, dtype=dtype)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
+                                       track_running_stats=track_running_stats, device=device, dtype=dtype)
         self.relu = bool(relu)
         self.algo = algo
         self._fold_cache = FoldCache()

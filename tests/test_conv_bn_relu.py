@@ -359,13 +359,21 @@ def test_module_trains_and_evaluates_like_torch_float64(name, args, kwargs, shap
         assert_grads_close([gx] + gps, [rgx] + rgps, "eval-mode gradients")
 
 
+@pytest.mark.parametrize("construct", ["from_modules", "constructor"])
 @pytest.mark.parametrize("bn_kwargs", [dict(affine=False), dict(track_running_stats=False),
                                        dict(affine=False, track_running_stats=False)], ids=str)
-def test_from_modules_with_every_batch_norm_option(bn_kwargs):
-    conv = torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
-    bn = torch.nn.BatchNorm2d(4, dtype=torch.float64, **bn_kwargs)
-    fused = ConvBNReLU.from_modules(conv, bn)
-    ref = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64),
+def test_every_batch_norm_option(bn_kwargs, construct):
+    """affine and track_running_stats, through from_modules and through ConvBNReLU's own keywords (with the conv's
+    padding_mode too)."""
+    padding_mode = "zeros" if construct == "from_modules" else "reflect"
+    if construct == "from_modules":
+        conv = torch.nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+        bn = torch.nn.BatchNorm2d(4, dtype=torch.float64, **bn_kwargs)
+        fused = ConvBNReLU.from_modules(conv, bn)
+    else:
+        fused = ConvBNReLU(3, 4, 3, padding=1, bias=True, padding_mode=padding_mode, dtype=torch.float64, **bn_kwargs)
+    ref = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 4, 3, padding=1,
+                                                               padding_mode=padding_mode, dtype=torch.float64),
                                           bn=torch.nn.BatchNorm2d(4, dtype=torch.float64, **bn_kwargs),
                                           relu=torch.nn.ReLU()))
     ref.load_state_dict(fused.state_dict())
@@ -462,6 +470,23 @@ def test_module_errors_and_from_modules_checks():
         ConvBNReLU.from_modules(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(5))
     with pytest.raises(TypeError, match=r"bn must be a torch.nn.BatchNorm2d"):
         ConvBNReLU.from_modules(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm1d(4))
+
+
+def test_batch_norm_argument_rules_like_torch():
+    """torch's batch_norm rules: eps positive in training (a zero eps divides a constant channel by zero) and
+    non-negative in eval, and the running statistics both given or both None."""
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    mean, var = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match=r"eps must be positive during training, got 0.0"):
+        conv_bn_relu(x, w, None, mean, var, training=True, eps=0.0)
+    with pytest.raises(ValueError, match=r"eps must be positive during training"):
+        ConvBNReLU(3, 4, 3, eps=0.0)(x)
+    with pytest.raises(ValueError, match=r"eps must be non-negative, got -1.0"):
+        conv_bn_relu(x, w, None, mean, var, training=False, eps=-1.0)
+    torch.testing.assert_close(conv_bn_relu(x, w, None, mean, var, training=False, eps=0.0),
+                               F.relu(F.conv2d(x, w)))  # eval with eps 0 is allowed, as in torch
+    with pytest.raises(ValueError, match=r"running_mean and running_var must either both be None or neither"):
+        conv_bn_relu(x, w, None, mean, None, training=True)
 
 
 def test_from_modules_shares_parameters_and_padding_modes():

@@ -513,6 +513,10 @@ def test_residual_add_matches_torch(rt, case, relu, dtype):
     shortcut = F.pad(s[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, r.shape[1] - s.shape[1]))
     ref = (r.float() + shortcut.float()).to(dtype)  # one rounding, as torch's add
     assert torch.equal(tensor(out), torch.relu(ref) if relu else ref)
+    if case == "strided_padded":  # the padded channels add +0.0, as torch's r + pad(s): -0.0 comes out +0.0
+        r[:, 3:] = -0.0
+        out = tensor(_nvrtc_ops.residual_add(rt, arr(r), arr(s), stride=stride, relu=relu))
+        assert not out[:, 3:].signbit().any()
     kernel = rt.launch.launches[-1].kernel
     assert ("flat" in kernel) == (case in ("flat", "flat_unaligned", "channels_last"))
     assert (", 1, " in kernel) == (case == "flat_unaligned")

@@ -79,6 +79,17 @@ def test_relu_nan_and_zero_like_torch(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_channels_add_a_zero_like_torch(device):
+    """torch's r + pad(s) adds +0.0 in the padded channels, so a -0.0 there comes out +0.0 (the sign shows in
+    1 / x and copysign, not in ==)."""
+    r = torch.full((1, 4, 2, 2), -0.0, device=device)
+    s = torch.full((1, 2, 4, 4), -0.0, device=device)
+    for relu in (False, True):
+        out, ref = residual_add(r, s, stride=2, relu=relu), reference(r, s, 2, relu)
+        assert torch.equal(out.signbit(), ref.signbit()) and not out[:, 2:].signbit().any()
+
+
 @pytest.mark.parametrize("relu", [False, True])
 def test_gradcheck_and_gradgradcheck_float64(relu):
     r = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)

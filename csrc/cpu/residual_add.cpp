@@ -27,7 +27,8 @@ void residual_add_cpu_kernel(const ResidualAddShape& sh, const scalar_t* r, cons
       for (int64_t p = 0; p < sh.P; ++p) {
         for (int64_t q = 0; q < sh.Q; ++q) {
           acc_t v = static_cast<acc_t>(r[plane * PQ + p * sh.Q + q]);
-          if (s_plane) v += static_cast<acc_t>(s_plane[p * sh.stride * sh.W + q * sh.stride]);
+          // (the padded channels add a zero too, as torch's r + pad(s) does: -0.0 becomes +0.0)
+          v += s_plane ? static_cast<acc_t>(s_plane[p * sh.stride * sh.W + q * sh.stride]) : acc_t(0);
           out[plane * PQ + p * sh.Q + q] = static_cast<scalar_t>(relu && v < 0 ? acc_t(0) : v);  // NaN passes, as torch's
         }
       }

@@ -88,7 +88,8 @@ residual_add_strided_kernel(ResidualAddShape sh, bool channels_fastest, bool fit
     const Nchw o = split_nchw(i, sh.C, sh.P, sh.Q, channels_fastest, fits_32bit);
     const int64_t n = o.n, j = o.c, p = o.h, q = o.w;
     float v = to_float(r[rs.offset(n, j, p, q)]);
-    if (j < sh.J) v += to_float(s[ss.offset(n, j, p * sh.stride, q * sh.stride)]);
+    // (the padded channels add a zero too, as torch's r + pad(s) does: -0.0 becomes +0.0)
+    v += j < sh.J ? to_float(s[ss.offset(n, j, p * sh.stride, q * sh.stride)]) : 0.f;
     out[os.offset(n, j, p, q)] = from_float<T>(activate<RELU>(v));
   }
 }

@@ -1,5 +1,6 @@
 #include "conv2d_args.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <utility>
@@ -51,6 +52,7 @@ Conv2dProblem make_problem(const char* op, at::IntArrayRef input_size, at::IntAr
                     groups, " expects ", weight_size[1] * groups, " input channels, but the input has ", pb.C);
   TORCH_CHECK_VALUE(pb.R > 0 && pb.S > 0, op, ": the filter must have at least one tap, got shape ",
                     weight_size);
+  TORCH_CHECK_VALUE(pb.K > 0, op, ": the weight must have at least one output channel, got shape ", weight_size);
   const int64_t eff_r = pb.dil_h * (pb.R - 1) + 1, eff_s = pb.dil_w * (pb.S - 1) + 1;
   TORCH_CHECK_VALUE(pb.H + 2 * pb.pad_h >= eff_r && pb.W + 2 * pb.pad_w >= eff_s, op,
                     ": padded input (", pb.H + 2 * pb.pad_h, " x ", pb.W + 2 * pb.pad_w,
@@ -172,7 +174,15 @@ Conv2dProblem check_conv2d_implicit_gemm_fprop(const char* op, c10::DeviceType b
 
 at::Tensor conv2d_output_from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format) {
   const at::Tensor v = nhwc.permute({0, 3, 1, 2});  // channels_last strides
-  return format == at::MemoryFormat::ChannelsLast ? v : v.contiguous();
+  // (.contiguous() hands the view back when it is already contiguous: one output channel, or one pixel)
+  return as_owned(format == at::MemoryFormat::ChannelsLast ? v : v.contiguous());
+}
+
+at::Tensor as_owned(const at::Tensor& t) {
+  if (!t.is_view()) return t;
+  at::Tensor out = at::empty({0}, t.options());
+  out.set_(t.storage(), t.storage_offset(), t.sizes(), t.strides());
+  return out;
 }
 
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b) {

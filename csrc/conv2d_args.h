@@ -47,9 +47,13 @@ Conv2dProblem check_conv2d_implicit_gemm_fprop(const char* op, c10::DeviceType b
                                                const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                                int64_t tile, bool shift_is_bias);
-// A dense (N, H, W, C) result as the (N, C, H, W) tensor torch's conv returns in `format` (a view when that
-// is channels_last, one copy otherwise): the implicit-GEMM twins compute channels-last.
+// A dense (N, H, W, C) result as the (N, C, H, W) tensor torch's conv returns in `format` (the same memory when
+// that is channels_last, one copy otherwise; never a view): the implicit-GEMM twins compute channels-last.
 at::Tensor conv2d_output_from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format);
+// `t`, or where it is a view, a tensor of its own on the same memory with the same sizes and strides. An op must
+// not return a view: in eager mode autograd would refuse in-place updates of it, which the op's fake (a fresh
+// tensor) allows under torch.compile.
+at::Tensor as_owned(const at::Tensor& t);
 
 // channels_last if any of the tensors suggests it (torch's rule for its own conv outputs), else NCHW.
 at::MemoryFormat conv2d_output_format(const at::Tensor& a, const at::Tensor& b);

@@ -85,7 +85,8 @@ at::Tensor implicit_gemm_unpad_wgrad(const at::Tensor& dw_padded, const Conv2dPr
   return dw_padded.reshape({pb.groups, Kg, pb.R, pb.S, Cg})
       .slice(1, 0, pb.K_per_group())
       .slice(4, 0, pb.C_per_group())
-      .reshape({pb.K, pb.R, pb.S, pb.C_per_group()});  // copies the kept part, dense KRSC
+      .reshape({pb.K, pb.R, pb.S, pb.C_per_group()})
+      .contiguous();  // dense KRSC (reshape copies, except where 1 x 1 filters let it return a view)
 }
 
 }  // namespace fastconv

@@ -76,9 +76,21 @@ def conv2d_params(op: str, weight_shape, stride, padding, dilation, groups):
             raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}")
     else:
         padding = pair(padding, "padding", op)
-    if not isinstance(groups, int) or isinstance(groups, bool):
-        raise ValueError(f"{op}: groups must be an int, got {groups!r}")
+    conv_groups(op, groups)
     return stride, padding, dilation, extra
+
+
+def conv_groups(op: str, groups) -> int:
+    """groups as an int: an integer of another type too (numpy's, a 0-d integer tensor), as torch takes it; not a
+    bool."""
+    if type(groups) is int:
+        return groups
+    if not isinstance(groups, bool):
+        try:
+            return operator.index(groups)
+        except TypeError:
+            pass
+    raise ValueError(f"{op}: groups must be an int, got {groups!r}")
 
 
 def pool2d_params(op: str, kernel_size, stride, padding, dilation):
@@ -200,6 +212,8 @@ def conv2d_output_shape(op: str, input_size: Sequence[int], weight_size: Sequenc
         )
     if r <= 0 or s <= 0:
         raise ValueError(f"{op}: the filter must have at least one tap, got shape {list(weight_size)}")
+    if k <= 0:  # (as torch's conv2d)
+        raise ValueError(f"{op}: the weight must have at least one output channel, got shape {list(weight_size)}")
     eff_r, eff_s = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
     if h + 2 * padding[0] < eff_r or w + 2 * padding[1] < eff_s:
         raise ValueError(
@@ -275,10 +289,21 @@ IMPLICIT_GEMM_MMA_SYNC_TILES = 6
 IMPLICIT_GEMM_WGMMA_TILES = (6, 7)
 
 
-def check_algo_args(op, algo: str, extra) -> None:
-    """The algorithm-specific arguments after groups: im2col's workspace_bytes, implicit_gemm's tile."""
+def check_algo_args(op, algo: str, extra, im2col_image=None) -> None:
+    """The algorithm-specific arguments after groups: im2col's workspace_bytes, implicit_gemm's tile.
+    ``im2col_image`` = (C, R, S, P, Q, stride, padding, dtype) also checks that one image's im2col matrix fits the
+    workspace, as csrc/conv2d_args.cpp's check_im2col_workspace does."""
     if algo == "im2col" and extra and extra[0] <= 0:
         raise ValueError(f"{op}: workspace_bytes must be positive, got {extra[0]}")
+    if algo == "im2col" and extra and im2col_image is not None:
+        c, r, s, p, q, stride, padding, dtype = im2col_image
+        pointwise = r == 1 and s == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+        per_image = p * q * c * r * s * (8 if dtype == torch.float64 else 4)
+        if not pointwise and per_image > extra[0]:
+            raise ValueError(
+                f"{op}: one image's im2col matrix needs {per_image} bytes, more than the workspace limit of "
+                f"{extra[0]} bytes; raise it (fastconv.backends.set_workspace_limit) or use algo='direct'"
+            )
     if algo == "implicit_gemm" and extra:
         check_implicit_gemm_tile(op, extra[0])
 
@@ -445,8 +470,8 @@ def _check_channel_vector(op, input, t, name, stats) -> None:
 
 
 def _check_eps(op, eps) -> None:
-    if eps < 0:
-        raise ValueError(f"{op}: eps must be non-negative, got {eps}")
+    if not eps >= 0:  # (NaN too, as the C++ check)
+        raise ValueError(f"{op}: eps must be non-negative, got {eps:g}")  # (:g prints as the C++ check does)
 
 
 def check_batch_norm_relu(op, input, weight, bias, eps) -> None:

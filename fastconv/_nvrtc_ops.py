@@ -111,6 +111,7 @@ def conv2d(rt: Runtime, input, weight, bias=None, stride=1, padding=0, dilation=
         return out[0]
     stride, padding, dilation, (extra_h, extra_w) = _checks.conv2d_params(op, w.shape, stride, padding, dilation,
                                                                           groups)
+    groups = _checks.conv_groups(op, groups)
     if extra_h or extra_w:
         _checks.check_devices(op, input=x, weight=w, bias=b)
         x = _pad_bottom_right(rt, x, extra_h, extra_w)

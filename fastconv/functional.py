@@ -94,7 +94,7 @@ def _conv2d(op, input, weight, bias, stride, padding, dilation, groups, algo, re
                                                                           groups)
     if extra_h or extra_w:  # padding='same' with an odd total: the extra zeros at the bottom/right, as torch
         input = F.pad(input, (0, extra_w, 0, extra_h))
-    args = (input, weight, bias, stride, padding, dilation, groups)
+    args = (input, weight, bias, stride, padding, dilation, _checks.conv_groups(op, groups))
     choice = algo
     if algo == "auto":
         def candidates():

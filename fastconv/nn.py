@@ -284,17 +284,23 @@ def run_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, input: torch.Te
         padding = 0
     # BatchNorm2d.forward's bookkeeping, verbatim in meaning.
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    counted = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if counted:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     bias, running_mean, running_var, bn_weight, bn_bias = conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias
     batch_stats = bn.training or (running_mean is None and running_var is None)
     tracked = not bn.training or bn.track_running_stats
-    folded = None if batch_stats else cache.get(weight, bias, running_mean, running_var, bn_weight, bn_bias, bn.eps)
-    return conv_bn_relu(
-        input, weight, bias,
-        running_mean if tracked else None, running_var if tracked else None, bn_weight, bn_bias,
-        stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
-        training=batch_stats, momentum=factor, eps=bn.eps, relu=relu, algo=algo,
-        folded=folded, residual=residual,
-    )
+    try:
+        folded = None if batch_stats else cache.get(weight, bias, running_mean, running_var, bn_weight, bn_bias, bn.eps)
+        return conv_bn_relu(
+            input, weight, bias,
+            running_mean if tracked else None, running_var if tracked else None, bn_weight, bn_bias,
+            stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
+            training=batch_stats, momentum=factor, eps=bn.eps, relu=relu, algo=algo,
+            folded=folded, residual=residual,
+        )
+    except Exception:
+        if counted:  # torch's conv raises before its BatchNorm counts the batch: a failed call leaves no trace
+            bn.num_batches_tracked.sub_(1)
+        raise

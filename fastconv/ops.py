@@ -60,18 +60,71 @@ def call(op: torch._ops.OpOverload, *args):
         return op(*args)
     if _functorch_level() is not None:
         # inside vmap/grad transforms a wrapper reports requires_grad=False while the tensor it wraps needs a
-        # gradient, and the dispatch-key state set here would reach the unwrapped call: let autograd decide
-        return op(*args)
+        # gradient, and the dispatch-key state set here would reach the unwrapped call. The autograd.Function
+        # that register_autograd generates has no setup_context, which torch.func's transforms require: the op
+        # goes through one that has (same setup and backward, see _FunctorchFunction).
+        function = _functorch_function(op)
+        return function.apply(*args) if function is not None and torch._C.is_grad_enabled() else op(*args)
     if torch._C.is_grad_enabled() and (_any_requires_grad is None or _any_requires_grad(*args)):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 
 
+# ---- autograd registration, and its twin for torch.func ---------------------------------------------------
+
+# op -> (setup_context, backward), as given to register_autograd
+_AUTOGRAD_RULES: dict = {}
+_FUNCTORCH_FUNCTIONS: dict = {}
+
+
+def register_autograd(op: torch._ops.OpOverload, backward, *, setup_context) -> None:
+    """``torch.library.register_autograd``, and the same rule kept for :func:`_functorch_function`."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    _AUTOGRAD_RULES[op] = (setup_context, backward)
+
+
+def _functorch_function(op: torch._ops.OpOverload):
+    """An ``autograd.Function`` with ``setup_context`` (as torch.func's grad, vjp, jacrev and vmap need) that
+    runs ``op`` and differentiates it by the op's registered setup and backward; None for ops without one.
+    ``generate_vmap_rule``: under vmap its forward runs the op under vmap (the ops' batching fallback)."""
+    function = _FUNCTORCH_FUNCTIONS.get(op)
+    if function is None and op in _AUTOGRAD_RULES:
+        setup, backward = _AUTOGRAD_RULES[op]
+        schema = op._schema
+
+        def forward(*args):
+            return op(*args)  # (grad mode is off here: the op runs its kernel, or the transforms' fallbacks)
+
+        def setup_context(ctx, inputs, output):
+            ctx.num_inputs = len(inputs)
+            args, _ = torch._library.utils.fill_defaults(schema, inputs, {})  # the rules see every argument
+            setup(ctx, tuple(args), output)
+
+        def backward_(ctx, *grads):
+            grads_in = backward(ctx, *grads)
+            grads_in = grads_in if isinstance(grads_in, tuple) else (grads_in,)
+            return grads_in[:ctx.num_inputs]  # (a defaulted argument left out of the call has no gradient)
+
+        function = type(f"{op._schema.name.split('::')[-1]}_functorch", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward_), "generate_vmap_rule": True,
+        })
+        _FUNCTORCH_FUNCTIONS[op] = function
+    return function
+
+
 def output_memory_format(a: torch.Tensor, b: torch.Tensor) -> torch.memory_format:
     """channels_last if either operand suggests it: the rule torch's own conv2d follows for its output."""
     cl = torch.channels_last in (suggest_memory_format(a), suggest_memory_format(b))
     return torch.channels_last if cl else torch.contiguous_format
+
+
+def in_memory_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``t`` in ``memory_format`` when it suggests another one. The backward kernels lay their results out like
+    grad_output, and torch lays the input's and weight's gradients out like the forward's output, whatever layout
+    grad_output arrives in (the expanded gradient of a sum, a permuted view): this makes the two agree."""
+    return t if suggest_memory_format(t) == memory_format else t.contiguous(memory_format=memory_format)
 
 
 def _empty(shape, like: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -89,21 +142,24 @@ def _register_fakes(algo: str, ops: ConvOps) -> None:
         op = f"fastconv::conv2d_{algo}"
         shape = _checks.check_conv2d_fprop(op, input, weight, bias, stride, padding, dilation, groups)
         # (the dispatcher may leave out trailing arguments equal to their defaults, relu=False and tile=-1)
-        _checks.check_algo_args(op, algo, extra_and_relu[:len(backends.algo_args(algo))])
+        _checks.check_algo_args(op, algo, extra_and_relu[:len(backends.algo_args(algo))],
+                                (input.shape[1], *weight.shape[2:], *shape[2:], stride, padding, input.dtype))
         return _empty(shape, input, output_memory_format(input, weight))
 
     @torch.library.register_fake(ops.dgrad)
     def _dgrad_fake(grad_output, weight, input_size, stride, padding, dilation, groups, *extra):
         op = f"fastconv::conv2d_{algo}_dgrad"
         _checks.check_conv2d_dgrad(op, grad_output, weight, input_size, stride, padding, dilation, groups)
-        _checks.check_algo_args(op, algo, extra)
+        _checks.check_algo_args(op, algo, extra, (input_size[1], *weight.shape[2:], *grad_output.shape[2:], stride,
+                                                  padding, grad_output.dtype))
         return _empty(input_size, grad_output, output_memory_format(grad_output, weight))
 
     @torch.library.register_fake(ops.wgrad)
     def _wgrad_fake(grad_output, input, weight_size, stride, padding, dilation, groups, *extra):
         op = f"fastconv::conv2d_{algo}_wgrad"
         _checks.check_conv2d_wgrad(op, grad_output, input, weight_size, stride, padding, dilation, groups)
-        _checks.check_algo_args(op, algo, extra)
+        _checks.check_algo_args(op, algo, extra, (input.shape[1], *weight_size[2:], *grad_output.shape[2:], stride,
+                                                  padding, input.dtype))
         return _empty(weight_size, grad_output, output_memory_format(grad_output, input))
 
 
@@ -130,9 +186,11 @@ def _register_autograd(ops: ConvOps) -> None:
         ctx.save_for_backward(input, weight, output if relu else None)  # the output is the ReLU's mask
         ctx.conv_args = conv_args
         ctx.has_bias = bias is not None
+        ctx.output_format = output_memory_format(input, weight)
 
     def fprop_backward(ctx, grad_output):
         input, weight, output = ctx.saved_tensors
+        grad_output = in_memory_format(grad_output, ctx.output_format)
         if output is not None:
             # torch's relu mask (threshold_backward): blocked where output <= 0, so a NaN output passes
             grad_output = torch.where(output <= 0, torch.zeros_like(grad_output), grad_output)
@@ -173,9 +231,9 @@ def _register_autograd(ops: ConvOps) -> None:
             d_input = call(ops.dgrad, grad_output, grad_grad_weight, input.shape, *ctx.conv_args)
         return (d_grad_output, d_input, None) + (None,) * len(ctx.conv_args)
 
-    torch.library.register_autograd(ops.fprop, fprop_backward, setup_context=fprop_setup)
-    torch.library.register_autograd(ops.dgrad, dgrad_backward, setup_context=dgrad_setup)
-    torch.library.register_autograd(ops.wgrad, wgrad_backward, setup_context=wgrad_setup)
+    register_autograd(ops.fprop, fprop_backward, setup_context=fprop_setup)
+    register_autograd(ops.dgrad, dgrad_backward, setup_context=dgrad_setup)
+    register_autograd(ops.wgrad, wgrad_backward, setup_context=wgrad_setup)
 
 
 def _bias_grad_setup(ctx, inputs, output):
@@ -186,7 +244,7 @@ def _bias_grad_backward(ctx, grad_grad_bias):
     return grad_grad_bias.view(1, -1, 1, 1).expand(ctx.grad_output_shape)
 
 
-torch.library.register_autograd(bias_grad, _bias_grad_backward, setup_context=_bias_grad_setup)
+register_autograd(bias_grad, _bias_grad_backward, setup_context=_bias_grad_setup)
 
 for _name, _ops in CONV_OPS.items():
     _register_fakes(_name, _ops)
@@ -212,11 +270,13 @@ def _implicit_gemm_fused_setup(ctx, inputs, output):
     input, weight, scale, shift, residual, *conv_args, relu = inputs
     ctx.conv_args = conv_args  # stride, padding, dilation, groups, tile
     ctx.has = (scale is not None, shift is not None, residual is not None)
+    ctx.output_format = output_memory_format(input, weight)
     ctx.save_for_backward(input, weight, scale, output if relu else None)
 
 
 def _implicit_gemm_fused_backward(ctx, grad_output):
     input, weight, scale, output = ctx.saved_tensors
+    grad_output = in_memory_format(grad_output, ctx.output_format)
     ops = CONV_OPS["implicit_gemm"]
     g = grad_output if output is None else torch.where(output <= 0, torch.zeros_like(grad_output), grad_output)
     has_scale, has_shift, has_residual = ctx.has
@@ -236,7 +296,7 @@ def _implicit_gemm_fused_backward(ctx, grad_output):
     return (grad_input, grad_weight, grad_scale, grad_shift, grad_residual) + (None,) * (len(ctx.conv_args) + 1)
 
 
-torch.library.register_autograd(implicit_gemm_fused, _implicit_gemm_fused_backward,
+register_autograd(implicit_gemm_fused, _implicit_gemm_fused_backward,
                                 setup_context=_implicit_gemm_fused_setup)
 
 
@@ -271,9 +331,7 @@ def _max_pool2d_setup(ctx, inputs, output):
 
 def _max_pool2d_backward(ctx, grad_output, _grad_indices):
     (indices,) = ctx.saved_tensors
-    if suggest_memory_format(grad_output) != ctx.input_format:
-        # the input's gradient takes the input's layout, as torch's does (the kernel follows grad_output's)
-        grad_output = grad_output.contiguous(memory_format=ctx.input_format)
+    grad_output = in_memory_format(grad_output, ctx.input_format)  # (the input's gradient in the input's layout)
     return call(max_pool2d_backward, grad_output, indices, ctx.input_size, *ctx.window), None, None, None, None, None
 
 
@@ -310,8 +368,8 @@ def _max_pool2d_double_backward(ctx, grad_grad_input):
     return gathered, None, None, None, None, None, None
 
 
-torch.library.register_autograd(max_pool2d, _max_pool2d_backward, setup_context=_max_pool2d_setup)
-torch.library.register_autograd(max_pool2d_backward, _max_pool2d_double_backward,
+register_autograd(max_pool2d, _max_pool2d_backward, setup_context=_max_pool2d_setup)
+register_autograd(max_pool2d_backward, _max_pool2d_double_backward,
                                 setup_context=_max_pool2d_backward_setup)
 
 
@@ -335,13 +393,17 @@ def _residual_add_backward_fake(grad_output, output, shortcut_size, stride):
 
 
 def _residual_add_setup(ctx, inputs, output):
-    _, shortcut, ctx.stride, relu = inputs
+    residual, shortcut, ctx.stride, relu = inputs
     ctx.shortcut_size = shortcut.shape
+    ctx.output_format = suggest_memory_format(residual)  # the output's layout
     ctx.save_for_backward(output if relu else None)  # the ReLU mask is all backward needs
 
 
 def _residual_add_backward(ctx, grad_output):
     (output,) = ctx.saved_tensors
+    # the gradients in the forward's layout whatever grad_output's (the kernel follows grad_output's), so that
+    # eager and compiled runs (where AOT may choose grad_output's layout) agree
+    grad_output = in_memory_format(grad_output, ctx.output_format)
     grad_residual, grad_shortcut = call(residual_add_backward, grad_output, output, ctx.shortcut_size, ctx.stride)
     return grad_residual, grad_shortcut, None, None
 
@@ -365,8 +427,8 @@ def _residual_add_double_backward(ctx, grad_grad_residual, grad_grad_shortcut):
     return total, None, None, None
 
 
-torch.library.register_autograd(residual_add, _residual_add_backward, setup_context=_residual_add_setup)
-torch.library.register_autograd(residual_add_backward, _residual_add_double_backward,
+register_autograd(residual_add, _residual_add_backward, setup_context=_residual_add_setup)
+register_autograd(residual_add_backward, _residual_add_double_backward,
                                 setup_context=_residual_add_backward_setup)
 
 
@@ -443,6 +505,9 @@ def _batch_norm_relu_double_backward(ctx, gg_input, gg_weight, gg_bias):
     # Double backward treats mean and var as the batch statistics of `input` (what autograd of
     # batch_norm_relu passes): the reference recomputes them, so their derivatives flow into the input's.
     grad_output, input, weight, bias = ctx.saved_tensors
+    if input.numel() == 0:  # no element: every derivative is zero (the reference's statistics would divide by 0)
+        zeros = [torch.zeros_like(t) if t is not None else None for t in (grad_output, input, weight, bias)]
+        return zeros[0], zeros[1], None, None, zeros[2], zeros[3], None, None
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_output, input, weight, bias)]
         outs = reference_batch_norm_relu_backward(*leaves, ctx.eps, ctx.relu)
@@ -455,6 +520,6 @@ def _batch_norm_relu_double_backward(ctx, gg_input, gg_weight, gg_bias):
     return d_grad_output, d_input, None, None, d_weight, d_bias, None, None
 
 
-torch.library.register_autograd(batch_norm_relu, _batch_norm_relu_backward, setup_context=_batch_norm_relu_setup)
-torch.library.register_autograd(batch_norm_relu_backward, _batch_norm_relu_double_backward,
+register_autograd(batch_norm_relu, _batch_norm_relu_backward, setup_context=_batch_norm_relu_setup)
+register_autograd(batch_norm_relu_backward, _batch_norm_relu_double_backward,
                                 setup_context=_batch_norm_relu_backward_setup)

@@ -1,5 +1,7 @@
 """Bad input raises a clear Python exception naming the problem: in eager mode (the C++ checks), under
 FakeTensor (the Python fakes torch.compile uses) and, where it makes sense, from the CUDA implementation."""
+import contextlib
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -41,6 +43,8 @@ BAD_CONV2D = [
     ("padding_three_entries", t(1, 2, 5, 5), t(4, 2, 3, 3), None, {"padding": (1, 1, 1)}, ValueError, r"padding must be an int or a pair of ints"),
     ("padding_float", t(1, 2, 5, 5), t(4, 2, 3, 3), None, {"padding": 1.5}, ValueError, r"padding must be an int or a pair of ints"),
     ("unknown_algo", t(1, 2, 5, 5), t(4, 2, 3, 3), None, {"algo": "winograd"}, ValueError, r"unknown algo 'winograd'"),
+    ("no_output_channels", t(1, 2, 5, 5), t(0, 2, 3, 3), None, {}, ValueError, r"the weight must have at least one output channel"),
+    ("numpy_float_groups", t(1, 2, 5, 5), t(4, 2, 3, 3), None, {"groups": 1.0}, ValueError, r"groups must be an int"),
     ("devices_differ", t(1, 2, 5, 5), torch.empty(4, 2, 3, 3, device="meta"), None, {}, ValueError, r"input is on cpu but weight is on meta"),
 ]
 
@@ -78,6 +82,10 @@ def test_valid_input_under_fake_tensors_matches_eager():
 BAD_BACKWARD = [
     ("dgrad_wrong_grad_shape", lambda: OPS.conv2d_direct_dgrad(t(1, 4, 3, 3), t(4, 2, 3, 3), [1, 2, 6, 6], [1, 1], [0, 0], [1, 1], 1), r"grad_output has shape \[1, 4, 3, 3\] but the convolution's output shape is \[1, 4, 4, 4\]"),
     ("dgrad_input_size_3", lambda: OPS.conv2d_direct_dgrad(t(1, 4, 4, 4), t(4, 2, 3, 3), [1, 2, 6], [1, 1], [0, 0], [1, 1], 1), r"input_size must have 4 entries, got \[1, 2, 6\]"),
+    # one image's im2col matrix larger than the workspace: the fakes (torch.compile) refuse it as the kernels do
+    ("im2col_workspace_fprop", lambda: OPS.conv2d_im2col(t(1, 8, 8, 8), t(8, 8, 3, 3), None, [1, 1], [1, 1], [1, 1], 1, 64), r"one image's im2col matrix needs 18432 bytes, more than the workspace limit of 64 bytes"),
+    ("im2col_workspace_dgrad", lambda: OPS.conv2d_im2col_dgrad(t(1, 8, 8, 8), t(8, 8, 3, 3), [1, 8, 8, 8], [1, 1], [1, 1], [1, 1], 1, 64), r"one image's im2col matrix needs 18432 bytes"),
+    ("im2col_workspace_wgrad", lambda: OPS.conv2d_im2col_wgrad(t(1, 8, 8, 8), t(1, 8, 8, 8), [8, 8, 3, 3], [1, 1], [1, 1], [1, 1], 1, 64), r"one image's im2col matrix needs 18432 bytes"),
     ("wgrad_weight_size_negative", lambda: OPS.conv2d_direct_wgrad(t(1, 4, 4, 4), t(1, 2, 6, 6), [4, 2, -3, 3], [1, 1], [0, 0], [1, 1], 1), r"weight_size must be non-negative"),
     ("wgrad_wrong_grad_channels", lambda: OPS.conv2d_direct_wgrad(t(1, 5, 4, 4), t(1, 2, 6, 6), [4, 2, 3, 3], [1, 1], [0, 0], [1, 1], 1), r"grad_output has shape"),
     ("bias_grad_3d", lambda: OPS.conv2d_bias_grad(t(4, 3, 3)), r"expected grad_output to be 4-D"),
@@ -85,10 +93,12 @@ BAD_BACKWARD = [
 ]
 
 
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
 @pytest.mark.parametrize("name,call,pattern", BAD_BACKWARD, ids=[c[0] for c in BAD_BACKWARD])
-def test_bad_backward_op_input_raises(name, call, pattern):
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
-        call()
+def test_bad_backward_op_input_raises(name, call, pattern, fake):
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+            call()
 
 
 @pytest.mark.skipif(not fastconv.WITH_CUDA, reason="CPU-only build has no CUDA implementation")

@@ -101,6 +101,46 @@ def test_opcheck_fused_and_tile_argument(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_outputs_are_not_views(device, layout):
+    """The kernels compute NHWC and return the (N, C, H, W) tensor on the same memory: as a tensor of its own, so
+    that in-place updates work in eager mode as under torch.compile (a view output refused them). Also where
+    .contiguous() is a no-op: one filter, one pixel."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for x_shape, w_shape in (((2, 4, 5, 5), (4, 4, 3, 3)), ((2, 4, 5, 5), (1, 4, 3, 3)), ((2, 4, 3, 3), (6, 4, 3, 3))):
+        x = torch.randn(x_shape, device=device).to(memory_format=fmt).requires_grad_()
+        w = torch.randn(w_shape, device=device, requires_grad=True)
+        outs = [IG.fprop(x, w, None, [1, 1], [1, 1], [1, 1], 1),
+                FUSED(x, w, None, torch.randn(w_shape[0], device=device), None, [1, 1], [1, 1], [1, 1], 1)]
+        for y in outs:
+            assert not y._is_view()
+            y.relu_()
+            y.sum().backward()
+        gy = torch.randn(outs[0].shape, device=device)
+        for g in (IG.dgrad(gy, w, list(x.shape), [1, 1], [1, 1], [1, 1], 1),
+                  IG.wgrad(gy, x, list(w.shape), [1, 1], [1, 1], [1, 1], 1)):
+            assert not g._is_view()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_wgrad_of_padded_channels_is_dense(device, layout, kernel):
+    """3 channels per group are padded to 8 for the GEMM and cut back: the filter gradient must be a dense tensor
+    laid out as its fake says (a 1 x 1 filter's cut had been a strided view, which broke compiled training)."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 3, 6, 5, device=device).to(memory_format=fmt)
+    w = torch.randn(4, 3, kernel, kernel, device=device)
+    gy = torch.randn(2, 4, 7 - kernel, 6 - kernel, device=device).to(memory_format=fmt)
+    args = (gy, x, list(w.shape), [1, 1], [0, 0], [1, 1], 1, -1)
+    gw = IG.wgrad(*args)
+    assert gw.is_contiguous(memory_format=fmt) and gw._is_view() is False
+    assert torch._prims_common.is_non_overlapping_and_dense_or_false(gw)
+    torch.testing.assert_close(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy))
+    torch.library.opcheck(IG.wgrad, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tile", [-2, IMPLICIT_GEMM_TILES])
 def test_bad_tile_raises_on_real_and_fake_tensors(device, tile):
     x, w = torch.randn(1, 8, 5, 5, device=device), torch.randn(8, 8, 3, 3, device=device)

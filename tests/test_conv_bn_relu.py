@@ -212,6 +212,21 @@ def test_batch_norm_relu_empty_batch(device):
     assert x.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4)], ids=["no_images", "no_channels"])
+def test_batch_norm_relu_double_backward_of_empty_input(shape):
+    """Empty inputs have zero derivatives of every order (the reference backward's statistics would divide by
+    zero elements)."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    out, _, _ = OPS.batch_norm_relu(x, w, b, 1e-5, True)
+    gy = torch.randn_like(out, requires_grad=True)
+    grads = torch.autograd.grad(out, (x, w, b), gy, create_graph=True)
+    second = torch.autograd.grad([g.sum() for g in grads], (x, w, b, gy), allow_unused=True)
+    for g in second:
+        assert g is None or (torch.isfinite(g).all() and not g.any())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_new_ops(device):
     x = make_activation((3, 4, 5, 6), "channels_last", device, torch.float32).requires_grad_()
@@ -242,7 +257,9 @@ BAD_BN = [
     ("weight_length", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), t(4), None, 1e-5, True), ValueError, r"weight must be 1-D with 3 elements"),
     ("bias_2d", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), None, t(3, 1), 1e-5, True), ValueError, r"bias must be 1-D with 3 elements"),
     ("weight_dtype", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), t(3, dtype=torch.float16), None, 1e-5, True), TypeError, r"weight has dtype torch.float16; expected torch.float32 or the input's dtype"),
-    ("negative_eps", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), None, None, -1.0, True), ValueError, r"eps must be non-negative"),
+    ("negative_eps", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), None, None, -1.0, True), ValueError, r"eps must be non-negative, got -1$"),
+    ("large_negative_eps", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), None, None, -1e6, True), ValueError, r"eps must be non-negative, got -1e\+06$"),
+    ("nan_eps", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), None, None, float("nan"), True), ValueError, r"eps must be non-negative, got nan$"),
     ("devices_differ", lambda: OPS.batch_norm_relu(t(2, 3, 2, 2), torch.empty(3, device="meta"), None, 1e-5, True), ValueError, r"input is on cpu but weight is on meta"),
     ("backward_grad_shape", lambda: OPS.batch_norm_relu_backward(t(2, 3, 2, 3), t(2, 3, 2, 2), t(3), t(3), None, None, 1e-5, True), ValueError, r"grad_output has shape \[2, 3, 2, 3\] but input has shape \[2, 3, 2, 2\]"),
     ("backward_mean_dtype", lambda: OPS.batch_norm_relu_backward(t(2, 3, 2, 2), t(2, 3, 2, 2), t(3, dtype=torch.float64), t(3), None, None, 1e-5, True), TypeError, r"mean has dtype torch.float64; expected torch.float32 for a torch.float32 input"),
@@ -470,6 +487,18 @@ def test_module_errors_and_from_modules_checks():
         ConvBNReLU.from_modules(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(5))
     with pytest.raises(TypeError, match=r"bn must be a torch.nn.BatchNorm2d"):
         ConvBNReLU.from_modules(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm1d(4))
+
+
+def test_failed_call_leaves_the_batch_count_alone():
+    """torch's conv raises before its BatchNorm counts the batch; with momentum=None the count is the running
+    average's weight, so a failed call must not bump it."""
+    fused = ConvBNReLU(3, 4, 3, momentum=None)
+    for bad in (torch.randn(2, 5, 8, 8), torch.randn(2, 3, 8, 8, dtype=torch.float64)):
+        with pytest.raises((ValueError, TypeError)):
+            fused(bad)
+    assert fused.bn.num_batches_tracked.item() == 0
+    fused(torch.randn(2, 3, 8, 8))
+    assert fused.bn.num_batches_tracked.item() == 1
 
 
 def test_batch_norm_argument_rules_like_torch():

@@ -163,6 +163,9 @@ half = x.shape[0] // world
 out = ddp(x[rank * half:(rank + 1) * half])
 (out.square().sum() / half).backward()  # local mean; DDP averages the ranks: the global mean
 torch.save([p.grad for p in model.parameters()], os.path.join(os.path.dirname(init_file), f"grads{rank}.pt"))
+# both ranks done before either tears gloo down (a rank destroying its group while the other still talked to it
+# aborted once, "terminate called without an active exception", in a loaded CI run)
+dist.barrier()
 dist.destroy_process_group()
 '''
 

@@ -80,6 +80,18 @@ def test_relu_nan_and_zero_like_torch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gradients_take_the_forward_layout(device):
+    """Both gradients are laid out as the output whatever grad_output's layout, so eager and compiled runs (where
+    AOT may pick grad_output's layout) agree."""
+    for fmt, other in ((torch.channels_last, torch.contiguous_format), (torch.contiguous_format, torch.channels_last)):
+        r = torch.randn(2, 6, 4, 4, device=device).to(memory_format=fmt).requires_grad_()
+        s = torch.randn(2, 6, 4, 4, device=device).to(memory_format=fmt).requires_grad_()
+        gy = torch.randn(2, 6, 4, 4, device=device).to(memory_format=other)
+        for g in torch.autograd.grad(residual_add(r, s, relu=True), (r, s), gy):
+            assert g.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_padded_channels_add_a_zero_like_torch(device):
     """torch's r + pad(s) adds +0.0 in the padded channels, so a -0.0 there comes out +0.0 (the sign shows in
     1 / x and copysign, not in ==)."""

@@ -71,8 +71,7 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 // change are both no-ops (a 1x1 output, fp32) `.to().contiguous()` would hand back a view, and an op's
 // output must not be one (autograd would refuse in-place updates of it).
 at::Tensor owned_result(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
-  at::Tensor out = t.to(dtype).contiguous(format);
-  return out.is_view() ? out.clone(format) : out;
+  return as_owned(t.to(dtype).contiguous(format));
 }
 
 // A (N, C, H, W) tensor as the (N * H * W) x C matrix of its pixels.

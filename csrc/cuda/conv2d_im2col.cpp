@@ -198,7 +198,7 @@ at::Tensor conv2d_im2col_wgrad_cuda(const at::Tensor& grad_output, const at::Ten
     }
   }
   const at::Tensor dw32 = partial.sum(0).view(weight_size);
-  return dw32.to(grad_output.scalar_type()).contiguous(format);
+  return as_owned(dw32.to(grad_output.scalar_type()).contiguous(format));
 }
 
 }  // namespace

@@ -217,6 +217,25 @@ def test_training_step_runs_on_fastconv_kernels(name, shape):
 
 
 @pytest.mark.slow
+def test_torch_export_of_a_model_runs_fastconv_ops():
+    """torch.export sees the fastconv ops through their fakes, with a dynamic batch: the exported program calls
+    them (it does not decompose them into aten convolutions) and matches eager, in eval and in training mode."""
+    torch.manual_seed(0)
+    model = models.resnet20().eval()
+    x = torch.randn(3, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    for train in (False, True):
+        model.train(train)
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert any(t.startswith("fastconv.") for t in targets), targets
+        assert not any("convolution" in t for t in targets), targets
+        if not train:
+            for n in (3, 5):
+                xn = torch.randn(n, 3, 32, 32)
+                torch.testing.assert_close(program.module()(xn), model(xn), rtol=1e-4, atol=1e-5)
+
+
 def test_digits_demo_reaches_97_percent():
     pytest.importorskip("sklearn")
     from fastconv import demo

@@ -62,7 +62,7 @@ def call(op: torch._ops.OpOverload, *args):
         # inside vmap/grad transforms a wrapper reports requires_grad=False while the tensor it wraps needs a
         # gradient, and the dispatch-key state set here would reach the unwrapped call. The autograd.Function
         # that register_autograd generates has no setup_context, which torch.func's transforms require: the op
-        # goes through one that has (same setup and backward, see _FunctorchFunction).
+        # goes through one that has (same setup and backward, see _functorch_function).
         function = _functorch_function(op)
         return function.apply(*args) if function is not None and torch._C.is_grad_enabled() else op(*args)
     if torch._C.is_grad_enabled() and (_any_requires_grad is None or _any_requires_grad(*args)):
